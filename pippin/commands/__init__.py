@@ -1,0 +1,1 @@
+"""One module per `pippin` subcommand (see pippin.cli)."""

@@ -1,0 +1,175 @@
+"""The Engine: owns a model and its preallocated KV cache, and generates token ids for batches of prompts.
+
+Rows may have different prompt lengths (right-padded prefill, per-row decode positions) and finish at
+different times (stop tokens, per-row). `generate` is a generator yielding one `Step` per produced
+token position, so callers can stream; it checks limits up front (prompt plus max_new_tokens must fit
+the context) and raises a `PippinError` that says what to do. Text and stop strings are the job of
+pippin.engine.stream. `compile=True` compiles the decode step with torch.compile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache
+from pippin.engine.sampling import SamplingParams, sample
+from pippin.errors import PippinError
+from pippin.model.transformer import Transformer
+
+
+@dataclass(kw_only=True)
+class Step:
+    """One generation step: the new token of every row, and which rows are finished."""
+
+    tokens: torch.Tensor
+    """(B,) token ids produced at this step (meaningless for rows already done before it)."""
+    done: torch.Tensor
+    """(B,) bool: the row has finished (at this step or before)."""
+    active: torch.Tensor
+    """(B,) bool: the row produced a real token at this step."""
+
+
+@dataclass(kw_only=True)
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    """Time to first token: prefill plus the first sample."""
+    prefill_tok_s: float
+    decode_tok_s: float
+    """Tokens per second after the first token, per row."""
+    total_s: float
+    finish_reasons: list[str] = field(default_factory=list)
+    """Per row: 'stop' (stop token or string) or 'length' (max_new_tokens)."""
+
+
+class Engine:
+    """Batched generation over one model with an engine-owned, in-place KV cache."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        compile: bool = False,
+        cache_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model = model.eval()
+        cfg = model.config
+        self.max_len = min(cfg.max_seq_len, max_len or 4096)
+        self.cache_dtype = cache_dtype
+        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, dtype=cache_dtype)
+        self.eos_ids = list(cfg.eos_token_ids)
+        self._decode = decode_step
+        if compile:
+            self._decode = torch.compile(decode_step, dynamic=True)
+        self.last_stats: GenerationStats | None = None
+
+    def _cache_for(self, batch: int) -> KVCache:
+        if batch > self.cache.batch_size:  # grow once; later calls reuse the bigger buffer
+            self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len, dtype=self.cache_dtype)
+        if batch == self.cache.batch_size:
+            self.cache.lengths = torch.zeros(batch, dtype=torch.long)
+            return self.cache
+        # Fewer rows than allocated: a view of the first rows, still in place in the same buffer.
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.cache.k[:, :batch], self.cache.v[:, :batch]
+        view.max_len, view.batch_size = self.max_len, batch
+        view.lengths = torch.zeros(batch, dtype=torch.long)
+        view._start, view._positions, view._end = None, None, 0
+        return view
+
+    def check_prompt(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt == 0:
+            raise PippinError("The prompt is empty; give at least one token of text.")
+        if n_prompt + max_new_tokens > self.max_len:
+            raise PippinError(
+                f"The prompt has {n_prompt} tokens and max_new_tokens is {max_new_tokens}, which exceeds the "
+                f"context of {self.max_len} tokens; shorten the prompt or lower max_new_tokens."
+            )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Iterator[Step]:
+        """Yield one Step per generated position until every row is done. Stats land in `last_stats`."""
+        B = len(prompts)
+        if B == 0:
+            return
+        for p in prompts:
+            self.check_prompt(len(p), params.max_new_tokens)
+        if params.max_new_tokens == 0:
+            self.last_stats = GenerationStats(
+                prompt_tokens=sum(map(len, prompts)), generated_tokens=0, ttft_s=0.0, prefill_tok_s=0.0,
+                decode_tok_s=0.0, total_s=0.0, finish_reasons=["length"] * B,
+            )
+            return
+        stop = torch.tensor([] if params.ignore_eos else list(stop_ids if stop_ids is not None else self.eos_ids), dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])
+        T = int(lengths.max())
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # Repetition-penalty history: pad with each row's first token so padding adds nothing new.
+        history = torch.where(torch.arange(T) < lengths.unsqueeze(1), tokens, tokens[:, :1]) if params.repetition_penalty != 1.0 else None
+
+        cache = self._cache_for(B)
+        t0 = time.perf_counter()
+        logits = prefill(self.model, tokens, lengths, cache)
+        done = torch.zeros(B, dtype=torch.bool)
+        n_gen = torch.zeros(B, dtype=torch.long)
+        reasons = ["length"] * B
+        t_first = t0
+        try:
+            for step in range(params.max_new_tokens):
+                nxt = sample(logits, params, generator=gen, history=history)
+                active = ~done
+                n_gen += active.long()
+                hit = active & torch.isin(nxt, stop)
+                for i in hit.nonzero().flatten().tolist():
+                    reasons[i] = "stop"
+                done = done | hit
+                if step == 0:
+                    t_first = time.perf_counter()
+                if step == params.max_new_tokens - 1:
+                    done = torch.ones_like(done)
+                yield Step(tokens=nxt, done=done.clone(), active=active)
+                if bool(done.all()):
+                    break
+                if history is not None:
+                    history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
+                logits = self._decode(self.model, nxt, cache)
+        finally:  # also when the caller stops early (stop string, client gone): stats stay truthful
+            t_end = time.perf_counter()
+            n_decode = int(n_gen.max()) - 1
+            self.last_stats = GenerationStats(
+                prompt_tokens=int(lengths.sum()),
+                generated_tokens=int(n_gen.sum()),
+                ttft_s=t_first - t0,
+                prefill_tok_s=float(lengths.sum()) / max(t_first - t0, 1e-9),
+                decode_tok_s=n_decode / (t_end - t_first) if n_decode > 0 else 0.0,
+                total_s=t_end - t0,
+                finish_reasons=reasons,
+            )
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams, **kw) -> list[list[int]]:
+        """All generated ids per row (stop tokens excluded)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for st in self.generate(prompts, params, **kw):
+            stop = set(self.eos_ids) if not params.ignore_eos else set()
+            for i in st.active.nonzero().flatten().tolist():
+                t = int(st.tokens[i])
+                if t not in stop:
+                    out[i].append(t)
+        return out

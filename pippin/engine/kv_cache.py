@@ -1,0 +1,91 @@
+"""A preallocated KV cache, owned by the engine and updated in place.
+
+One buffer per layer of shape (B, H_kv, S_max, D) for keys and for values. The engine tells the cache
+where the new tokens go (`positions`, shape (B, T)); attention then calls `update(layer, k, v)`, which
+writes the new keys/values into their slots and returns a view over the filled prefix to attend over.
+No concatenation, no reallocation: decode touches only the new slots. Rows may sit at different
+positions (batched requests of different lengths); the causal-by-position mask from `attention_mask`
+hides stale slots. The cache can be trimmed (speculative decoding rolls back rejected tokens) and
+cloned (n samples that share one prefill). Follows gpt-fast's static cache, but the cache is passed
+into the model rather than attached to it (nanochat, mlx-lm).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pippin.model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, *, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        """Valid tokens per row (the next free position); the engine sets it after each step."""
+        self._start: int | None = None  # all rows write at the same offset (fast path)
+        self._positions: torch.Tensor | None = None  # (B, T) per-row slots otherwise
+        self._end = 0  # attend over slots [0, _end)
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Declare where this forward's T new tokens go: positions (B, T), contiguous per row."""
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end - 1} >= capacity {self.max_len}.")
+        first = positions[:, 0]
+        uniform = bool((first == first[0]).all())
+        self._start = int(first[0]) if uniform else None
+        self._positions = None if uniform else positions
+        self._end = end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H_kv, T, D) at the declared slots; return keys/values over [0, end)."""
+        kl, vl = self.k[layer], self.v[layer]
+        if self._start is not None:
+            t = k.shape[2]
+            kl[:, :, self._start : self._start + t] = k
+            vl[:, :, self._start : self._start + t] = v
+        else:
+            rows = torch.arange(k.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
+            kl[rows, :, self._positions] = k.transpose(1, 2).to(kl.dtype)
+            vl[rows, :, self._positions] = v.transpose(1, 2).to(vl.dtype)
+        return kl[:, :, : self._end], vl[:, :, : self._end]
+
+    def uniform_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(k, v, start) buffers of one layer when every row writes at the same offset, for fused kernels
+        that write the cache themselves; None when rows are ragged or the buffers are not plain fp32."""
+        if self._start is None or self.k.dtype != torch.float32:
+            return None
+        return self.k[layer], self.v[layer], self._start
+
+    def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Bool (B, 1, T, S) mask, True where query at position p may see slot j (j <= p).
+
+        None when no mask is needed: a single uniform decode step (every slot < end is visible), or a
+        uniform prefill from slot 0 (plain causal).
+        """
+        T = positions.shape[1]
+        if self._positions is None and (T == 1 or self._start == 0):
+            return None
+        slots = torch.arange(self._end)
+        return (slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1))
+
+    def trim(self, lengths: torch.Tensor | int) -> None:
+        """Forget tokens past `lengths` (per row or one int): rolled-back slots get overwritten later."""
+        self.lengths = torch.minimum(self.lengths, torch.as_tensor(lengths).expand_as(self.lengths))
+
+    def clone_rows(self, row: int, n: int) -> KVCache:
+        """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
+        new = KVCache.__new__(KVCache)
+        new.k = self.k[:, row : row + 1].repeat(1, n, 1, 1, 1)
+        new.v = self.v[:, row : row + 1].repeat(1, n, 1, 1, 1)
+        new.max_len, new.batch_size = self.max_len, n
+        new.lengths = self.lengths[row : row + 1].repeat(n)
+        new._start, new._positions, new._end = None, None, 0
+        return new
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

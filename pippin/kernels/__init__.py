@@ -1,0 +1,61 @@
+"""pippin's CPU kernels, compiled once on first use and cached under $PIPPIN_HOME/kernels.
+
+`ops()` returns `torch.ops.pippin` (gemv, rms_norm, silu_mul) or None where the kernels cannot be used:
+no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
+reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
+the build takes about half a minute once per machine and torch version, never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).parent / "csrc" / "ops.cpp"
+_state: dict[str, object] = {}
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+
+
+def build_dir() -> Path:
+    from pippin.model.checkpoint import pippin_home
+
+    tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return pippin_home() / "kernels" / tag
+
+
+def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or None
+    """Load (building if needed) the kernels; None if unavailable. Cached per process."""
+    if "ops" in _state:
+        return _state["ops"]
+    result = None
+    if os.environ.get("PIPPIN_KERNELS", "1") != "0" and _cpu_has_avx2():
+        try:
+            from torch.utils import cpp_extension
+
+            d = build_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(
+                name="pippin_ops",
+                sources=[str(_SRC)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                build_directory=str(d),
+                is_python_module=False,
+                verbose=verbose,
+            )
+            result = torch.ops.pippin
+        except Exception as e:  # no compiler, no ninja, ...: fall back, but say why once
+            log.warning("pippin kernels unavailable, using the PyTorch reference path: %s", e)
+    _state["ops"] = result
+    return result
