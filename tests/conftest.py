@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             else:
-                p.normal_(0, 0.08 if "embed" not in name else 1.0)
+                p.normal_(0, 0.08 if "embed" not in name else 0.3)
     return model.eval()
 
 

@@ -1,0 +1,71 @@
+"""Each CPU kernel against its PyTorch reference, and the kernel model path against the reference model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pippin.engine.engine import Engine
+from pippin.engine.sampling import SamplingParams
+from pippin.kernels import ops
+from pippin.kernels.modules import KernelBlock, KernelLinear, use_kernels_
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-4), (torch.bfloat16, 1e-4)])
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 576), (3, 576, 1536), (8, 192, 576), (2, 7, 13), (1, 5, 40), (16, 33, 31)])
+def test_gemv_matches_linear(dtype, tol, m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g).to(dtype)
+    ref = F.linear(x, w.float())
+    torch.testing.assert_close(ops().gemv(x, w), ref, atol=tol * k**0.5, rtol=1e-4)
+    assert ops().gemv(x.view(m, 1, k), w).shape == (m, 1, n)
+
+
+def test_rms_norm_silu_mul_rope():
+    x, w = torch.randn(3, 5, 64), torch.rand(64) + 0.5
+    torch.testing.assert_close(ops().rms_norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    g, u = torch.randn(4, 100), torch.randn(4, 100)
+    torch.testing.assert_close(ops().silu_mul(g, u), F.silu(g) * u, atol=1e-5, rtol=1e-5)
+    from pippin.model.transformer import apply_rope, rope_tables
+
+    cos, sin = rope_tables(16, 32, 10000.0)
+    pos = torch.tensor([[3, 4], [7, 8]])
+    qk = torch.randn(2, 2, 3 * 16)  # 3 heads of 16 per (b, t)
+    ref = apply_rope(qk.view(2, 2, 3, 16).transpose(1, 2), cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)).transpose(1, 2)
+    ops().rope_(qk, cos[pos], sin[pos], 3, 16)
+    torch.testing.assert_close(qk.view(2, 2, 3, 16), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False), (4, True)])
+def test_kernel_model_generates_like_reference(kv_heads, tied):
+    ref_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied)
+    fast_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied)
+    assert use_kernels_(fast_model)
+    assert isinstance(fast_model.layers[0], KernelBlock) and isinstance(fast_model.layers[0].mlp.down_proj, KernelLinear)
+    prompts = [[1, 2, 3, 4], list(range(50, 70))]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    for batch in ([prompts[0]], prompts):  # uniform (fused block) and ragged (module path) positions
+        ref = Engine(ref_model, max_batch=2, max_len=64)
+        fast = Engine(fast_model, max_batch=2, max_len=64)
+        assert fast.generate_ids(batch, params) == ref.generate_ids(batch, params)
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_model(tokens), ref_model(tokens), atol=1e-5, rtol=1e-5)
+    # State dict is untouched by the swap (names and values), and it switches back.
+    assert ref_model.state_dict().keys() == fast_model.state_dict().keys()
+    use_kernels_(fast_model, enable=False)
+    assert type(fast_model.layers[0]).__name__ == "Block"
+
+
+def test_fused_path_steps_aside_when_a_projection_is_replaced():
+    model = tiny_model()
+    use_kernels_(model)
+    ref = tiny_model()
+    # Replacing a projection's weight (as loading a new checkpoint with assign=True would) breaks the fused view.
+    new_w = torch.randn_like(model.layers[0].self_attn.q_proj.weight)
+    model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(new_w.clone())
+    ref.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(new_w.clone())
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    assert Engine(model, max_len=32).generate_ids([[3, 4, 5]], params) == Engine(ref, max_len=32).generate_ids([[3, 4, 5]], params)

@@ -1,0 +1,31 @@
+"""Dependencies point one way (DESIGN.md): model <- kernels <- engine <- api/cli. Checked by reading imports."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "pippin"
+# For each package, the pippin packages it must not import.
+FORBIDDEN = {
+    "model": {"engine", "kernels", "commands", "api", "cli"},
+    "kernels": {"engine", "commands", "api", "cli"},
+    "engine": {"commands", "api", "cli"},
+}
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pippin."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pippin.")}
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_point_one_way(package):
+    for f in (PKG / package).rglob("*.py"):
+        bad = imports(f) & FORBIDDEN[package]
+        assert not bad, f"{f.relative_to(PKG)} imports pippin.{sorted(bad)}"
