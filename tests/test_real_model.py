@@ -45,7 +45,7 @@ def test_greedy_generation_matches_transformers(real_model, hf_real):
     for p, ours in zip(prompts, ours_ref):
         with torch.no_grad():
             out = hf.generate(torch.tensor([p]), generation_config=config)
-        assert ours == out[0, len(p):].tolist()
+        assert ours == out[0, len(p) :].tolist()
     # The kernel fast path (fused blocks, AVX2 matvecs) produces the same tokens.
     use_kernels_(real_model.model)
     try:
@@ -59,11 +59,54 @@ def varied_strings(n: int = 1200) -> list[str]:
     """Unicode, code, whitespace runs, digits and special tokens, plus real prompts from shared/data."""
     rng = random.Random(1234)
     pieces = [
-        "Hello", " world", "naïve café", "Ünïcödé", "日本語のテキスト", "中文", "한국어", "Привет мир", "مرحبا", "🙂👍🏽",
-        "e\u0301", "\u200b", "def f(x):\n    return x**2", "for (int i = 0; i < n; ++i) {", "</div>", "x_1 = 42",
-        "  ", "    ", "\t", "\n", "\n\n", "\r\n", " \n ", "3.14159", "1,000,000", "2026-11-27", "v0.3.36",
-        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "user", "assistant", "it's", "don't", "WE'LL", "'s",
-        "$100", "50%", "#tag", "@user", "http://example.com/a?b=c", "C++", "a\u00a0b", "ﬁ", "…", "—", "'", '"',
+        "Hello",
+        " world",
+        "naïve café",
+        "Ünïcödé",
+        "日本語のテキスト",
+        "中文",
+        "한국어",
+        "Привет мир",
+        "مرحبا",
+        "🙂👍🏽",
+        "e\u0301",
+        "\u200b",
+        "def f(x):\n    return x**2",
+        "for (int i = 0; i < n; ++i) {",
+        "</div>",
+        "x_1 = 42",
+        "  ",
+        "    ",
+        "\t",
+        "\n",
+        "\n\n",
+        "\r\n",
+        " \n ",
+        "3.14159",
+        "1,000,000",
+        "2026-11-27",
+        "v0.3.36",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "user",
+        "assistant",
+        "it's",
+        "don't",
+        "WE'LL",
+        "'s",
+        "$100",
+        "50%",
+        "#tag",
+        "@user",
+        "http://example.com/a?b=c",
+        "C++",
+        "a\u00a0b",
+        "ﬁ",
+        "…",
+        "—",
+        "'",
+        '"',
     ]
     out = []
     for _ in range(n):
@@ -107,7 +150,12 @@ def test_digit_splitting_matches_llama_cpp(real_model):
 
 def test_chat_template_matches_transformers(real_model, hf_real):
     _, hf_tok = hf_real
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
     for m in (msgs, msgs[1:2]):
         ref = hf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
         assert real_model.tokenizer.render_chat(m) == ref

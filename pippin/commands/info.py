@@ -14,7 +14,9 @@ import torch
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="checkpoint path, 'default', or a preset name (tiny, smollm2-135m, afm-on-device)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint path, 'default', or a preset name (tiny, smollm2-135m, afm-on-device)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -66,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         f"{'tied' if c['tie_embeddings'] else 'untied'} embeddings{', QK-norm' if c['qk_norm'] else ''}, context {c['max_seq_len']}"
     )
     p = info["params"]
-    print(f"  parameters: {p['non_embedding'] / 1e9:.3f}B non-embedding + {p['embedding'] / 1e9:.3f}B embedding = {info['total_params'] / 1e6:.1f}M")
+    print(
+        f"  parameters: {p['non_embedding'] / 1e9:.3f}B non-embedding + {p['embedding'] / 1e9:.3f}B embedding"
+        f" = {info['total_params'] / 1e6:.1f}M"
+    )
     print(f"  {'group':<10} {'params':>14} {'MB':>10}")
     for g, v in sorted(info["groups"].items(), key=lambda kv: -kv[1]["bytes"]):
         print(f"  {g:<10} {v['params']:>14,} {v['bytes'] / 1e6:>10.1f}")

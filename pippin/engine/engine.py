@@ -110,8 +110,13 @@ class Engine:
             self.check_prompt(len(p), params.max_new_tokens)
         if params.max_new_tokens == 0:
             self.last_stats = GenerationStats(
-                prompt_tokens=sum(map(len, prompts)), generated_tokens=0, ttft_s=0.0, prefill_tok_s=0.0,
-                decode_tok_s=0.0, total_s=0.0, finish_reasons=["length"] * B,
+                prompt_tokens=sum(map(len, prompts)),
+                generated_tokens=0,
+                ttft_s=0.0,
+                prefill_tok_s=0.0,
+                decode_tok_s=0.0,
+                total_s=0.0,
+                finish_reasons=["length"] * B,
             )
             return
         stop = torch.tensor([] if params.ignore_eos else list(stop_ids if stop_ids is not None else self.eos_ids), dtype=torch.long)

@@ -71,7 +71,7 @@ class KVCache:
         if self._positions is None and (T == 1 or self._start == 0):
             return None
         slots = torch.arange(self._end)
-        return (slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1))
+        return slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1)
 
     def trim(self, lengths: torch.Tensor | int) -> None:
         """Forget tokens past `lengths` (per row or one int): rolled-back slots get overwritten later."""

@@ -102,7 +102,7 @@ class KernelAttention(Attention):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -128,9 +128,21 @@ class KernelBlock(Block):
             return super().forward(x, cos, sin, cache, mask)
         k, v, start = slots
         return ops().decode_block(
-            x, self.input_layernorm.weight, attn._qkv, attn.o_proj.weight, self.post_attention_layernorm.weight,
-            mlp._gate_up, mlp.down_proj.weight, cos.squeeze(1), sin.squeeze(1), k, v, start,
-            attn.n_heads, attn.n_kv_heads, self.input_layernorm.eps,
+            x,
+            self.input_layernorm.weight,
+            attn._qkv,
+            attn.o_proj.weight,
+            self.post_attention_layernorm.weight,
+            mlp._gate_up,
+            mlp.down_proj.weight,
+            cos.squeeze(1),
+            sin.squeeze(1),
+            k,
+            v,
+            start,
+            attn.n_heads,
+            attn.n_kv_heads,
+            self.input_layernorm.eps,
         )
 
 

@@ -253,7 +253,9 @@ def save_pippin(loaded: LoadedModel, path: str | os.PathLike, *, extra_meta: dic
     meta = {k: v for k, v in loaded.meta.items() if k not in ("format", "format_version", "model")}
     meta.update(extra_meta or {})
     # config.json last: its presence marks a complete checkpoint.
-    write_json_atomic(path / "config.json", {"format": "pippin", "format_version": FORMAT_VERSION, "model": loaded.model.config.to_dict(), **meta})
+    write_json_atomic(
+        path / "config.json", {"format": "pippin", "format_version": FORMAT_VERSION, "model": loaded.model.config.to_dict(), **meta}
+    )
     return path
 
 

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pippin.errors import PippinError
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -110,5 +112,5 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset; unknown names raise with the list of choices."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
+        raise PippinError(f"Unknown model preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.")
     return copy.deepcopy(PRESETS[name])

@@ -33,9 +33,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre == "smollm":
         # SmolLM / SmolLM2 (the cosmo2 tokenizer): every digit alone, then GPT-2 splitting.
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), byte_level])
     if pre in ("default", "gpt2", "gpt-2"):
@@ -60,9 +58,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.special = special  # bos_token, eos_token, pad_token, add_bos_token (JSON-friendly)
         self._template = (
-            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template)
-            if chat_template
-            else None
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template) if chat_template else None
         )
 
     # --- construction -------------------------------------------------------------------------------

@@ -9,7 +9,13 @@ from pippin.model.transformer import Transformer
 def test_afm_on_device_parameter_counts_on_meta():
     cfg = get_preset("afm-on-device")
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size) == (
-        26, 3072, 24, 8, 128, 8064, 49152,
+        26,
+        3072,
+        24,
+        8,
+        128,
+        8064,
+        49152,
     )
     assert cfg.qk_norm and cfg.tie_embeddings and cfg.rope_theta == 5e5
     with torch.device("meta"):
@@ -30,7 +36,7 @@ def test_smollm2_preset_matches_real_shape():
 
 
 def test_unknown_preset_names_choices():
-    with pytest.raises(ValueError, match="afm-on-device"):
+    with pytest.raises(PippinError, match="afm-on-device"):
         get_preset("llama-9000")
 
 
