@@ -272,8 +272,7 @@ def main() -> None:
             f"{100 * r['decode_tok_s'] / r['decode_limit_tok_s']:.0f} % | {r.get('peak_rss_mb', float('nan')):.0f} |"
         )
     print(
-        f"\nread bandwidth {bw:.1f} GB/s; max foreign load in any sample "
-        f"{max(r['max_foreign_cores'] for r in results.values()):.2f} cores"
+        f"\nread bandwidth {bw:.1f} GB/s; max foreign load in any sample {max(r['max_foreign_cores'] for r in results.values()):.2f} cores"
     )
     if args.out:
         from pippin.io import write_json_atomic

@@ -17,8 +17,21 @@ from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.engine.stream import Final, complete
 from pippin.errors import PippinError
-from pippin.model.checkpoint import load_model
+from pippin.model.checkpoint import LoadedModel, load_model
 from pippin.model.tokenizer import Tokenizer
+
+
+def _prepare(model: torch.nn.Module, meta: dict) -> None:
+    """Rebuild compressed module layouts recorded in a checkpoint's config.json."""
+    if "quantization" in meta:
+        from pippin.quant.compress import apply_structure_
+
+        apply_structure_(model, meta["quantization"])
+
+
+def load_any(model: str | os.PathLike | None = None, *, progress: bool = False) -> LoadedModel:
+    """Like pippin.model.checkpoint.load_model, but also loads compressed (palettized) checkpoints."""
+    return load_model(model, progress=progress, prepare=_prepare)
 
 
 def load_engine(
@@ -33,7 +46,7 @@ def load_engine(
     """Load a checkpoint (None = the default model) and wrap it in an Engine with its tokenizer."""
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(model, progress=progress)
+    loaded = load_any(model, progress=progress)
     if loaded.tokenizer is None:
         raise PippinError(f"{loaded.path} has no tokenizer; convert it with `pippin convert` from a source that has one.")
     if kernels:

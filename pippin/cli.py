@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": "Load the default model and stream one chat answer with its timings (the `make run` job).",
     "convert": "Convert a GGUF file or Hugging Face folder to pippin's format.",
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
+    "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
 }
 
 

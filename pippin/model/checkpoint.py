@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,22 @@ def pippin_home() -> Path:
 # --- state dict plumbing ----------------------------------------------------------------------------
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, source: str) -> Transformer:
-    """A model on the meta device filled with `state` (HF names without the `model.` prefix)."""
+def build_model(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    prepare: Callable[[Transformer], None] | None = None,
+) -> Transformer:
+    """A model on the meta device filled with `state` (HF names without the `model.` prefix).
+
+    `prepare` may restructure the empty model first (e.g. swap in compressed modules recorded in the
+    checkpoint's config); the model package itself knows nothing about them.
+    """
     with torch.device("meta"):
         model = Transformer(cfg)
+        if prepare is not None:
+            prepare(model)
     expected = set(model.state_dict().keys())
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
@@ -66,7 +79,9 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, source: str
     for name, p in model.state_dict().items():
         if tuple(state[name].shape) != tuple(p.shape):
             raise PippinError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}.")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    # Each tensor takes the dtype the (possibly restructured) model declares: fp32 weights, uint8 indices, fp16 LUTs.
+    dtypes = {k: t.dtype for k, t in model.state_dict().items()}
+    model.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, assign=True)
     # Non-persistent buffers (RoPE tables) were created on meta; rebuild them for real.
     model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     return model.eval()
@@ -259,7 +274,7 @@ def save_pippin(loaded: LoadedModel, path: str | os.PathLike, *, extra_meta: dic
     return path
 
 
-def load_pippin(path: Path) -> LoadedModel:
+def load_pippin(path: Path, *, prepare: Callable[[Transformer, dict[str, Any]], None] | None = None) -> LoadedModel:
     cfg_file = path / "config.json"
     try:
         raw = json.loads(cfg_file.read_text())
@@ -274,7 +289,10 @@ def load_pippin(path: Path) -> LoadedModel:
     state = _read_safetensors(weights)
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     meta = {k: v for k, v in raw.items() if k != "model"}
-    return LoadedModel(model=build_model(cfg, state, source=str(path)), tokenizer=tokenizer, path=path, meta=meta)
+    if "quantization" in meta and prepare is None:
+        raise PippinError(f"{path} is a compressed checkpoint; load it with pippin.load_engine or pippin.api.load_any.")
+    hook = (lambda m: prepare(m, meta)) if prepare is not None else None
+    return LoadedModel(model=build_model(cfg, state, source=str(path), prepare=hook), tokenizer=tokenizer, path=path, meta=meta)
 
 
 # --- entry points -----------------------------------------------------------------------------------
@@ -313,7 +331,12 @@ def prepare_default(*, progress: bool = True) -> Path:
     return out
 
 
-def load_model(path: str | os.PathLike | None = None, *, progress: bool = False) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    prepare: Callable[[Transformer, dict[str, Any]], None] | None = None,
+) -> LoadedModel:
     """Load any supported checkpoint: a pippin or HF folder, a .gguf file, or None for the default model."""
     if path is None or str(path) in ("default", DEFAULT_MODEL):
         path = prepare_default(progress=progress)
@@ -330,5 +353,5 @@ def load_model(path: str | os.PathLike | None = None, *, progress: bool = False)
             fmt = json.loads(cfg_file.read_text()).get("format")
         except json.JSONDecodeError as e:
             raise PippinError(f"{cfg_file} is not valid JSON ({e}).") from e
-        return load_pippin(path) if fmt == "pippin" else load_hf(path)
+        return load_pippin(path, prepare=prepare) if fmt == "pippin" else load_hf(path)
     raise PippinError(f"{path} has no config.json; it is not a model folder.")

@@ -4,6 +4,7 @@
 //            Memory-bound: each weight row is streamed once and reused for all M rows of x.
 // rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w, one pass per row.
 // silu_mul:  y = silu(g) * u (the SwiGLU gate).
+// lut_gemv:  y = x @ W^T for palettized W (packed indices + per-group LUTs), never materialising W.
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
 // decode_block: a whole decoder block for a few tokens (decode), built from the above.
 // Each has a slow reference in Python (F.linear, F.rms_norm, F.silu) and a test that they agree.
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <vector>
 
@@ -119,6 +122,139 @@ at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
   return y;
 }
 
+
+// ---- palettized weights -------------------------------------------------------------------------
+// packed (N, K*BITS/8): a little-endian bitstream of LUT indices per row (see pippin/quant/pack.py);
+// lut (N / group, 2^BITS) fp32. y (M, N) = x (M, K) @ W^T where W[n, k] = lut[n / group][idx(n, k)].
+// The dense matrix is never materialised: 8 indices are decoded into a vector register, looked up with
+// in-register permutes (<= 16 entries) or a gather (64 / 256 entries), and FMA'd for each of the M rows.
+template <int BITS>
+inline __m256 lut_lookup8(const uint8_t* p, const float* lut, __m256 l0, __m256 l1) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, BITS);  // 8 indices = exactly BITS bytes
+  const uint32_t lo = uint32_t(v), hi = uint32_t(v >> (4 * BITS));
+  const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
+  __m256i idx = _mm256_srlv_epi32(_mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi), shifts);
+  idx = _mm256_and_si256(idx, _mm256_set1_epi32((1 << BITS) - 1));
+  if constexpr (BITS <= 3) {
+    return _mm256_permutevar8x32_ps(l0, idx);
+  } else if constexpr (BITS == 4) {
+    const __m256 a = _mm256_permutevar8x32_ps(l0, idx), b = _mm256_permutevar8x32_ps(l1, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+  } else {
+    return _mm256_i32gather_ps(lut, idx, 4);
+  }
+}
+
+template <int BITS>
+void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y, int64_t M, int64_t N, int64_t K,
+              int64_t group, int64_t n0, int64_t n1) {
+  constexpr int64_t MAXM = 16;
+  const int64_t row_bytes = K * BITS / 8, L = 1 << BITS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* lut = luts + (n / group) * L;
+    __m256 l0 = _mm256_setzero_ps(), l1 = _mm256_setzero_ps();
+    if constexpr (BITS <= 4) {
+      float tmp[16] = {0};
+      std::copy(lut, lut + L, tmp);
+      l0 = _mm256_loadu_ps(tmp);
+      l1 = _mm256_loadu_ps(tmp + 8);
+    }
+    const uint8_t* row = packed + n * row_bytes;
+    __m256 acc[MAXM];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 w8 = lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1);
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+  }
+}
+
+at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_gemv: packed must be contiguous uint8 (N, K*bits/8)");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8 / bits;
+  TORCH_CHECK(K % 8 == 0 && x_in.size(-1) == K, "lut_gemv: x has ", x_in.size(-1), " features, weight has ", K);
+  auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  auto lut = lut_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= 16, "lut_gemv: at most 16 rows (use the reference path for prefill)");
+  TORCH_CHECK(lut.size(0) * group == N && lut.size(1) == (1 << bits), "lut_gemv: LUT shape does not match");
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *lp = lut.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(16, 262144 / std::max<int64_t>(K * bits, 1));
+  at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
+    switch (bits) {
+      case 2: lut_rows<2>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      case 3: lut_rows<3>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      case 4: lut_rows<4>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      case 6: lut_rows<6>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      case 8: lut_rows<8>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      default: TORCH_CHECK(false, "lut_gemv: bits must be 2, 3, 4, 6 or 8");
+    }
+  });
+  return y.view(sizes);
+}
+
+
+at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group) {
+  TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_dequant: packed must be contiguous uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 8 / bits, L = 1 << bits;
+  auto lut = lut_in.to(at::kFloat).contiguous();
+  auto w = at::empty({N, K}, lut.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* lp = lut.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      const uint8_t* row = pp + n * (K * bits / 8);
+      const float* l = lp + (n / group) * L;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t bit = k * bits;
+        uint32_t v = row[bit / 8] | (bit / 8 + 1 < K * bits / 8 ? uint32_t(row[bit / 8 + 1]) << 8 : 0u);
+        wp[n * K + k] = l[(v >> (bit % 8)) & (L - 1)];
+      }
+    }
+  });
+  return w;
+}
+
+// Rows of int8 weights with one fp32 scale per row (the 8-bit embedding read as the output head).
+at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "gemv_i8: weight must be contiguous int8");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 8 == 0 && x_in.size(-1) == K, "gemv_i8: shape mismatch");
+  auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  auto scale = scale_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= 16, "gemv_i8: at most 16 rows");
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) {
+    __m256 acc[16];
+    for (int64_t n = a; n < b; ++n) {
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      const int8_t* row = wp + n * K;
+      for (int64_t k = 0; k < K; k += 8) {
+        int64_t raw;
+        std::memcpy(&raw, row + k, 8);
+        const __m256 w8 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(raw)));
+        for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xp + m * K + k), acc[m]);
+      }
+      for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]) * sp[n];
+    }
+  });
+  return y.view(sizes);
+}
+
 // In-place rotate-half RoPE on the first n_heads heads of each (b, t) row of x (B, T, n_total*D), with
 // per-row angles cos/sin (B, T, D). Used on the fused q|k|v projection output: rotates q and k together.
 void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t n_heads, int64_t head_dim) {
@@ -212,6 +348,9 @@ TORCH_LIBRARY(pippin, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
+  m.def("lut_gemv(Tensor x, Tensor packed, Tensor lut, int bits, int group) -> Tensor");
+  m.def("lut_dequant(Tensor packed, Tensor lut, int bits, int group) -> Tensor");
+  m.def("gemv_i8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()");
   m.def(
       "decode_block(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor o_w, Tensor mlp_norm, Tensor gate_up_w, "
@@ -223,6 +362,9 @@ TORCH_LIBRARY_IMPL(pippin, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("lut_gemv", &lut_gemv);
+  m.impl("lut_dequant", &lut_dequant);
+  m.impl("gemv_i8", &gemv_i8);
   m.impl("rope_", &rope_);
   m.impl("decode_block", &decode_block);
 }

@@ -1,0 +1,53 @@
+"""`pippin compress MODEL --bpw 3.5 --calib FILE`: palettize to a bit budget and save the compressed model.
+
+Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
+next to the checkpoint; `--plan plan.json` applies an edited plan instead of allocating.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model to compress (default: the default model)")
+    p.add_argument("--bpw", type=float, default=3.5, help="target average bits per weight, all weights counted")
+    p.add_argument("--calib", required=True, help="calibration text: .txt, or .json/.jsonl rows with text fields")
+    p.add_argument("--plan", default=None, help="JSON {layer: bits} to apply instead of allocating")
+    p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens")
+    p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pippin.api import load_any
+    from pippin.io import write_json_atomic
+    from pippin.model.checkpoint import pippin_home, save_pippin
+    from pippin.quant.calibrate import read_calibration_text
+    from pippin.quant.compress import CompressConfig, compress_, load_plan, quantization_meta
+
+    text = read_calibration_text(args.calib)
+    loaded = load_any(args.model, progress=True)
+    cfg = CompressConfig(
+        bpw=args.bpw,
+        candidate_bits=tuple(int(b) for b in args.bits.split(",")),
+        group_size=args.group_size,
+        plan=load_plan(args.plan) if args.plan else None,
+        n_seqs=args.calib_seqs,
+    )
+    report = compress_(loaded.model, loaded.tokenizer.encode(text), cfg, progress=True)
+    print(f"{'layer':<40} {'bits':>4} {'rel. error':>10}")
+    for row in report.layers:
+        print(f"{row['name']:<40} {row['bits']:>4} {row['rel_error']:>10.4f}")
+    hist = Counter(report.plan.values())
+    print("bits: " + ", ".join(f"{b}-bit x{n}" for b, n in sorted(hist.items())))
+    print(f"measured bpw: {report.bpw:.3f} over all weights (linears alone: {report.linear_bpw:.3f})")
+    name = loaded.meta.get("name", Path(str(loaded.path)).name)
+    out = Path(args.out) if args.out else pippin_home() / "models" / f"{name}-{args.bpw:g}bpw"
+    save_pippin(loaded, out, extra_meta={"quantization": quantization_meta(report, cfg), "name": f"{name}-{args.bpw:g}bpw"})
+    write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,190 @@
+"""Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits.
+
+`compress_(model, tokenizer, calib_text, config)` measures calibration statistics, fits LUTs for every
+candidate bit width, allocates bits to hit the budget at least estimated loss (or takes a given plan),
+and swaps the modules in place. `apply_structure_` rebuilds the same module layout empty (on the meta
+device) so a compressed checkpoint loads without any k-means. Every stored byte counts in the bpw.
+Acts on module names and nn.Linear / nn.Embedding only; never imports the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm import tqdm
+
+from pippin.errors import PippinError
+from pippin.quant.allocate import LayerChoice, allocate
+from pippin.quant.calibrate import calibration_batches, fisher_diagonal, input_moments
+from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
+from pippin.quant.pack import SUPPORTED_BITS
+from pippin.quant.palettize import Palette, fit_palette
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True)
+class CompressConfig:
+    bpw: float = 3.5
+    """Target average bits per weight over every stored weight (indices, LUTs, embedding, norms)."""
+    candidate_bits: tuple[int, ...] = (2, 3, 4)
+    """Bit widths the allocator may give a layer."""
+    group_size: int = 16
+    """Output rows sharing one LUT (AFM / coremltools per_grouped_channel)."""
+    plan: dict[str, int] | None = None
+    """An explicit {layer: bits} plan; skips allocation (and the budget)."""
+    seq_len: int = 256
+    n_seqs: int = 8
+    """Calibration windows: n_seqs sequences of seq_len tokens."""
+
+
+@dataclass(kw_only=True)
+class CompressReport:
+    plan: dict[str, int]
+    bpw: float
+    """Measured: stored bits of every tensor / original parameter count."""
+    linear_bpw: float
+    """Average over the palettized linears alone (indices + LUTs)."""
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_target(name: str, m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
+
+
+def _palette_bits(n: int, k: int, bits: int, group: int) -> int:
+    return n * k * bits + (n // group) * (2**bits) * 16
+
+
+def validate_plan(model: nn.Module, plan: dict[str, Any]) -> dict[str, int]:
+    names = {n for n, m in model.named_modules() if _is_target(n, m) or isinstance(m, PalettizedLinear)}
+    unknown = sorted(set(plan) - names)
+    if unknown:
+        raise PippinError(f"The plan names layers this model does not have: {unknown[:5]}. Layer names look like {sorted(names)[:2]}.")
+    bad = {k: v for k, v in plan.items() if v not in SUPPORTED_BITS}
+    if bad:
+        raise PippinError(f"The plan gives unsupported bit widths {bad}; use one of {SUPPORTED_BITS}.")
+    return {k: int(v) for k, v in plan.items()}
+
+
+def load_plan(path: str | Path) -> dict[str, int]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PippinError(f"Cannot read the plan {path}: {e}.") from e
+    plan = data.get("plan", data) if isinstance(data, dict) else None
+    if not isinstance(plan, dict):
+        raise PippinError(f"{path} must hold a JSON object {{layer name: bits}} (or {{'plan': {{...}}}}).")
+    return plan
+
+
+def stored_bits(model: nn.Module) -> int:
+    """Every stored tensor's bits: parameters and persistent buffers (packed indices, LUTs, scales)."""
+    return sum(t.numel() * t.element_size() * 8 for t in model.state_dict().values())
+
+
+def compress_(
+    model: nn.Module,
+    calib_tokens: list[int],
+    config: CompressConfig,
+    *,
+    progress: bool = False,
+) -> CompressReport:
+    """Palettize `model` in place (linears to the plan, tied embedding to int8). Returns the report."""
+    n_params = sum(p.numel() for p in model.parameters())
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if _is_target(n, m)]
+    if not names:
+        raise PippinError("This model has no uncompressed linear layers to palettize (is it compressed already?).")
+    for b in config.candidate_bits:
+        if b not in SUPPORTED_BITS:
+            raise PippinError(f"Unsupported bit width {b}; choose from {SUPPORTED_BITS}.")
+    plan = validate_plan(model, config.plan) if config.plan is not None else None
+    batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=config.n_seqs)
+    moments = input_moments(model, batches, names, progress=progress)
+    palettes: dict[tuple[str, int], Palette] = {}
+
+    def palette(name: str, bits: int) -> Palette:
+        if (name, bits) not in palettes:
+            palettes[name, bits] = fit_palette(modules[name].weight, bits=bits, group_size=config.group_size, importance=moments[name])
+        return palettes[name, bits]
+
+    embed = getattr(model, "embed_tokens", None)
+    embed_bits = (embed.weight.numel() * 8 + embed.weight.shape[0] * 32) if isinstance(embed, nn.Embedding) else 0
+    if plan is None:
+        fisher = fisher_diagonal(model, batches, names, progress=progress)
+        choices = []
+        for name in tqdm(names, desc="fit LUTs", disable=not progress):
+            w = modules[name].weight.detach()
+            n, k = w.shape
+            costs = {b: float((fisher[name] * (palette(name, b).dequantize() - w) ** 2).sum()) for b in config.candidate_bits}
+            sizes = {b: _palette_bits(n, k, b, config.group_size) for b in config.candidate_bits}
+            choices.append(LayerChoice(name=name, n_weights=n * k, sizes=sizes, costs=costs))
+        linear_params = sum(modules[n].weight.numel() for n in names)
+        embed_params = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
+        fixed = embed_bits + (n_params - linear_params - embed_params) * 32  # norms (and anything else) stay fp32
+        plan = allocate(choices, budget_bits=config.bpw * n_params, fixed_bits=fixed)
+    layers = []
+    for name in tqdm(names, desc="palettize", disable=not progress):
+        if name not in plan:
+            continue  # a partial plan leaves the rest dense
+        w = modules[name].weight.detach()
+        p = palette(name, plan[name])
+        err = float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())
+        _set_module(model, name, PalettizedLinear.from_palette(p))
+        layers.append({"name": name, "bits": plan[name], "rel_error": err})
+    if isinstance(embed, nn.Embedding):
+        _quantize_embedding_(model)
+    linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
+    linear_w = sum(m.in_features * m.out_features for n, m in model.named_modules() if isinstance(m, PalettizedLinear))
+    return CompressReport(plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers)
+
+
+def modules_bits(model: nn.Module, names: list[str]):  # noqa: ANN201 - generator of ints
+    mods = dict(model.named_modules())
+    for n in names:
+        yield mods[n].nbytes() * 8
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _quantize_embedding_(model: nn.Module) -> None:
+    """Tied embedding -> int8 rows + scales, used both for lookup and (through Int8TiedHead) as the head."""
+    tied = getattr(model.lm_head, "_embedding", None) is model.embed_tokens
+    q = Int8Embedding.from_float(model.embed_tokens.weight.detach())
+    model.embed_tokens = q
+    if tied:
+        model.lm_head = Int8TiedHead(q)
+
+
+def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[str, Any]:
+    """What config.json records so that `apply_structure_` can rebuild the layout."""
+    return {"method": "palettize", "group_size": config.group_size, "plan": report.plan, "embedding": "int8", "bpw": report.bpw}
+
+
+def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Swap in empty compressed modules as recorded in `meta` (works on the meta device): no k-means."""
+    if meta.get("method") != "palettize":
+        raise PippinError(f"Unknown quantization method {meta.get('method')!r} in this checkpoint.")
+    plan = validate_plan(model, meta["plan"])
+    modules = dict(model.named_modules())
+    for name, bits in plan.items():
+        lin = modules[name]
+        _set_module(model, name, PalettizedLinear(lin.in_features, lin.out_features, bits=bits, group_size=meta["group_size"]))
+    if meta.get("embedding") == "int8":
+        e = model.embed_tokens
+        q = Int8Embedding(e.num_embeddings, e.embedding_dim)
+        tied = getattr(model.lm_head, "_embedding", None) is e
+        model.embed_tokens = q
+        if tied:
+            model.lm_head = Int8TiedHead(q)

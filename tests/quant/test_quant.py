@@ -1,0 +1,152 @@
+"""Compression: packing, k-means LUTs, the LUT kernel against dequantize + F.linear, the bit allocator,
+the compressed model in the engine, and the compressed checkpoint format."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pippin.engine.engine import Engine
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache
+from pippin.engine.sampling import SamplingParams
+from pippin.errors import PippinError
+from pippin.kernels import ops
+from pippin.quant.allocate import LayerChoice, allocate
+from pippin.quant.compress import CompressConfig, compress_, quantization_meta, stored_bits
+from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
+from pippin.quant.pack import SUPPORTED_BITS, pack, unpack
+from pippin.quant.palettize import fit_palette
+from tests.conftest import tiny_model
+
+CALIB = list(range(3, 250)) * 4  # 988 tokens of "text" for the tiny 256-token vocabulary
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_pack_unpack_identity(bits):
+    idx = torch.randint(0, 2**bits, (24, 40), generator=torch.Generator().manual_seed(bits))
+    packed = pack(idx, bits)
+    assert packed.shape == (24, 40 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits, 40), idx)
+
+
+def test_kmeans_error_shrinks_with_bits_and_keeps_outliers():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    w[3, 7] = 12.0  # an outlier weight, as LLMs have
+    errs = []
+    for b in SUPPORTED_BITS:
+        p = fit_palette(w, bits=b, group_size=16)
+        assert p.lut.shape == (4, 2**b) and p.lut.dtype == torch.float16
+        errs.append(float(((p.dequantize() - w) ** 2).mean()))
+    assert errs == sorted(errs, reverse=True)
+    assert errs[-1] < 1e-4
+    assert abs(float(fit_palette(w, bits=4).dequantize()[3, 7]) - 12.0) < 0.5
+
+
+def test_importance_weighting_lowers_weighted_error():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g)
+    imp = torch.ones(64)
+    imp[:8] = 100.0  # the first input channels matter far more
+
+    def weighted_err(p):
+        return float((((p.dequantize() - w) ** 2) * imp).sum())
+
+    assert weighted_err(fit_palette(w, bits=2, importance=imp)) < weighted_err(fit_palette(w, bits=2))
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("m,n,k,group", [(1, 96, 136, 16), (3, 32, 576, 16), (16, 48, 8, 4), (2, 7, 24, 1)])
+def test_lut_kernel_matches_dequantize_linear(bits, m, n, k, group):
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
+    ref = F.linear(x, lin.dequantize())
+    torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # the kernel (m <= 16 rows)
+    assert torch.equal(ops().lut_dequant(lin.packed, lin.lut, bits, group), fit_palette(w, bits=bits, group_size=group).dequantize())
+
+
+def test_int8_embedding_and_head():
+    w = torch.randn(50, 32)
+    q = Int8Embedding.from_float(w)
+    assert (q.dequantize() - w).abs().max() <= w.abs().amax(1).max() / 127
+    tokens = torch.tensor([[3, 49, 0]])
+    torch.testing.assert_close(q(tokens), q.dequantize()[tokens])
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(Int8TiedHead(q)(x), F.linear(x, q.dequantize()), atol=1e-4, rtol=1e-4)
+
+
+def test_allocator_hits_budget_and_prefers_sensitive_layers():
+    layers = [
+        LayerChoice(
+            name=f"l{i}",
+            n_weights=1000,
+            sizes={b: 1000 * b for b in (2, 3, 4)},
+            costs={2: (i + 1) * 4.0, 3: (i + 1) * 1.0, 4: (i + 1) * 0.25},
+        )
+        for i in range(8)
+    ]
+    for target in (2.5, 3.0, 3.5):
+        plan = allocate(layers, budget_bits=target * 8000, fixed_bits=0)
+        bpw = sum(plan.values()) / 8
+        assert target - 0.05 <= bpw <= target + 1e-9
+        # the most sensitive layer (l7) never gets fewer bits than the least (l0)
+        assert plan["l7"] >= plan["l0"]
+    with pytest.raises(PippinError, match="budget is impossible"):
+        allocate(layers, budget_bits=1.5 * 8000, fixed_bits=0)
+
+
+@pytest.mark.parametrize("bpw", [4.0, 4.5])
+def test_compress_hits_budget_and_decodes_like_full_forward(bpw):
+    model = tiny_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    report = compress_(model, CALIB, CompressConfig(bpw=bpw, n_seqs=2, seq_len=128))
+    assert any(isinstance(m, PalettizedLinear) for m in model.modules())
+    assert abs(report.bpw - stored_bits(model) / n_params) < 1e-9
+    assert bpw - 0.3 <= report.bpw <= bpw  # small model: few layers, coarse steps
+    # The compressed model still satisfies the engine's core invariant: cached decode == full forward.
+    cache = KVCache(model.config, batch_size=1, max_len=64)
+    tokens = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        full = model(tokens)
+    prefill(model, tokens[:, :8], torch.tensor([8]), cache)
+    for t in range(8, 20):
+        torch.testing.assert_close(decode_step(model, tokens[:, t], cache), full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_compress_bad_inputs():
+    with pytest.raises(PippinError, match="only 20 tokens"):
+        compress_(tiny_model(), list(range(20)), CompressConfig())
+    with pytest.raises(PippinError, match="does not have"):
+        compress_(tiny_model(), CALIB, CompressConfig(plan={"layers.9.mlp.up_proj": 4}, seq_len=128))
+    with pytest.raises(PippinError, match="unsupported bit widths"):
+        compress_(tiny_model(), CALIB, CompressConfig(plan={"layers.0.mlp.up_proj": 5}, seq_len=128))
+    with pytest.raises(PippinError, match="impossible"):
+        compress_(tiny_model(), CALIB, CompressConfig(bpw=1.0, seq_len=128, n_seqs=2))
+
+
+def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
+    from pippin.api import load_any
+    from pippin.model.checkpoint import LoadedModel, save_pippin
+
+    model = tiny_model()
+    plan = {f"layers.{i}.{m}": b for i in range(2) for m, b in [("mlp.up_proj", 2), ("self_attn.q_proj", 4)]}
+    cfg = CompressConfig(plan=plan, seq_len=128, n_seqs=2)
+    report = compress_(model, CALIB, cfg)
+    save_pippin(
+        LoadedModel(model=model, tokenizer=None, path=tmp_path, meta={}),
+        tmp_path / "ck",
+        extra_meta={"quantization": quantization_meta(report, cfg)},
+    )
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["quantization"]["plan"] == plan
+    import pippin.quant.palettize as pal
+
+    monkeypatch.setattr(pal, "fit_palette", lambda *a, **k: pytest.fail("loading ran k-means"))
+    loaded = load_any(tmp_path / "ck")
+    tokens = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens), model(tokens))
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    assert Engine(loaded.model, max_len=32).generate_ids([[1, 2]], params) == Engine(model, max_len=32).generate_ids([[1, 2]], params)
