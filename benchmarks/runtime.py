@@ -30,7 +30,7 @@ import torch
 
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
-from pippin.model.checkpoint import default_gguf_path, load_model
+from pippin.model.checkpoint import config_to_hf, default_gguf_path, load_model
 
 PREFILL, DECODE, DECODE_PROMPT = 512, 128, 15
 
@@ -88,22 +88,8 @@ def transformers_engine():
 
     loaded = load_model()
     cfg = loaded.model.config
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            rms_norm_eps=cfg.norm_eps,
-            max_position_embeddings=cfg.max_seq_len,
-            tie_word_embeddings=True,
-            rope_theta=cfg.rope_theta,
-            attn_implementation="sdpa",
-        )
-    ).eval()
+    hf_cfg = {k: v for k, v in config_to_hf(cfg).items() if k != "model_type"}
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg, attn_implementation="sdpa")).eval()
     hf.load_state_dict({f"model.{k}": v for k, v in loaded.model.state_dict().items()}, strict=False)
     hf.tie_weights()
     del loaded

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="JSON {layer: bits} to apply instead of allocating")
     p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--act8", action="store_true", help="dynamic 8-bit activations on palettized linears (fast 4-bit integer kernel)")
     p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens")
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         plan=load_plan(args.plan) if args.plan else None,
         n_seqs=args.calib_seqs,
+        act8=args.act8,
     )
     report = compress_(loaded.model, loaded.tokenizer.encode(text), cfg, progress=True)
     print(f"{'layer':<40} {'bits':>4} {'rel. error':>10}")

@@ -1,22 +1,22 @@
 """Swap the model's modules onto pippin's CPU kernels, in place, without touching parameters or names.
 
-`use_kernels_(model)` re-classes `nn.Linear` / `TiedLinear`, `RMSNorm`, `MLP` and `Attention` to subclasses
+`use_kernels_(model)` re-classes `nn.Linear` / `TiedLinear`, `RMSNorm`, `MLP` and `Block` to subclasses
 whose forward calls the kernels when it pays (a few rows: decode) and the original PyTorch code
-otherwise (prefill is GEMM-bound and MKL is good at it). q|k|v and gate|up weights are re-laid into one
-buffer each, with the original parameters becoming views into it, so one matvec replaces two or three
-and no memory is added. State dicts, module names and LoRA targets are unchanged; a wrapped (LoRA) or
-replaced projection makes the fused path step aside. `use_kernels_(model, enable=False)` restores the
-reference classes. Every fast path is tested against the reference.
+otherwise (prefill is GEMM-bound and MKL is good at it). `KernelBlock` runs a whole decoder block in one
+kernel call when every projection is dense (`KernelLinear`) or palettized (anything with `packed`, `lut`
+and `bits`, i.e. pippin.quant's `PalettizedLinear`, recognised by shape so this package does not import
+quant) and the cache offers uniform slots; anything else (a LoRA wrapper, ragged batch rows) takes the
+module-by-module path. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
+enable=False)` restores the reference classes. Every fast path is tested against the reference.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pippin.kernels import ops
-from pippin.model.transformer import MLP, Attention, Block, RMSNorm, TiedLinear
+from pippin.model.transformer import MLP, Block, RMSNorm, TiedLinear
 
 GEMV_MAX_ROWS = 16
 """Above this many rows a matmul is compute-bound and PyTorch's GEMM wins."""
@@ -24,31 +24,6 @@ GEMV_MAX_ROWS = 16
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
-
-
-def _fuse(linears: list[nn.Module]) -> torch.Tensor | None:
-    """Concatenate the weights of plain linears into one buffer and make each weight a view of it."""
-    if not all(type(m) in (nn.Linear, KernelLinear) and m.bias is None for m in linears):
-        return None
-    fused = torch.cat([m.weight.data for m in linears]).contiguous()
-    offset = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight.data = fused[offset : offset + n]
-        offset += n
-    return fused
-
-
-def _still_fused(fused: torch.Tensor | None, linears: list[nn.Module]) -> bool:
-    """The fused buffer is valid only while every projection is a plain kernel linear viewing it."""
-    if fused is None:
-        return False
-    offset = 0
-    for m in linears:
-        if type(m) is not KernelLinear or m.weight.data_ptr() != fused[offset:].data_ptr():
-            return False
-        offset += m.weight.shape[0]
-    return True
 
 
 class KernelLinear(nn.Linear):
@@ -73,41 +48,26 @@ class KernelRMSNorm(RMSNorm):
 
 
 class KernelMLP(MLP):
-    _gate_up: torch.Tensor | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) > GEMV_MAX_ROWS:
-            return super().forward(x)
-        if _still_fused(self._gate_up, [self.gate_proj, self.up_proj]):
-            gu = ops().gemv(x, self._gate_up)
-            g, u = gu.split(self.gate_proj.weight.shape[0], dim=-1)
-        else:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(ops().silu_mul(g, u))
+        if _rows(x) <= GEMV_MAX_ROWS:
+            return self.down_proj(ops().silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return super().forward(x)
 
 
-class KernelAttention(Attention):
-    _qkv: torch.Tensor | None = None
-
-    def forward(self, x, cos, sin, cache, mask):  # noqa: ANN001, ANN201 - same signature as Attention
-        B, T, _ = x.shape
-        projections = [self.q_proj, self.k_proj, self.v_proj]
-        if T * B > GEMV_MAX_ROWS or self.q_norm is not None or not _still_fused(self._qkv, projections):
-            return super().forward(x, cos, sin, cache, mask)
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = ops().gemv(x, self._qkv)  # (B, T, (H + 2 Hkv) D)
-        ops().rope_(qkv, cos.squeeze(1), sin.squeeze(1), H + Hkv, D)  # rotates q and k in place
-        q, k, v = qkv.view(B, T, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H*, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=Hkv != H)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+def _projection(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int] | None:
+    """(weight or packed indices, LUT, int8-LUT scale, bits, group) for the fused block; None if it cannot run it."""
+    if type(m) is KernelLinear:
+        return m.weight, None, None, 0, 0
+    if all(hasattr(m, a) for a in ("packed", "lut", "bits", "group_size", "lut32", "uses_act8_kernel")):
+        if m.uses_act8_kernel():
+            lut_i8, scale = m.lut_int8()
+            return m.packed, lut_i8, scale, m.bits, m.group_size
+        return m.packed, m.lut32(), None, m.bits, m.group_size
+    return None
 
 
 class KernelBlock(Block):
-    """The whole block in one kernel call when every part is on its plain fast path."""
+    """The whole block in one kernel call when every part is on a kernel-backed path."""
 
     def forward(self, x, cos, sin, cache, mask):  # noqa: ANN001, ANN201 - same signature as Block
         attn, mlp = self.self_attn, self.mlp
@@ -115,45 +75,26 @@ class KernelBlock(Block):
         if (
             slots is None
             or _rows(x) > GEMV_MAX_ROWS
-            or type(attn) is not KernelAttention
             or attn.q_norm is not None
-            or type(mlp) is not KernelMLP
-            or type(attn.o_proj) is not KernelLinear
-            or type(mlp.down_proj) is not KernelLinear
             or type(self.input_layernorm) is not KernelRMSNorm
             or type(self.post_attention_layernorm) is not KernelRMSNorm
-            or not _still_fused(attn._qkv, [attn.q_proj, attn.k_proj, attn.v_proj])
-            or not _still_fused(mlp._gate_up, [mlp.gate_proj, mlp.up_proj])
         ):
+            return super().forward(x, cos, sin, cache, mask)
+        mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        projs = [_projection(m) for m in mods]
+        groups = {p[4] for p in projs if p is not None and p[3]}
+        if any(p is None for p in projs) or len(groups) > 1:
             return super().forward(x, cos, sin, cache, mask)
         k, v, start = slots
         return ops().decode_block(
-            x,
-            self.input_layernorm.weight,
-            attn._qkv,
-            attn.o_proj.weight,
-            self.post_attention_layernorm.weight,
-            mlp._gate_up,
-            mlp.down_proj.weight,
-            cos.squeeze(1),
-            sin.squeeze(1),
-            k,
-            v,
-            start,
-            attn.n_heads,
-            attn.n_kv_heads,
-            self.input_layernorm.eps,
-        )
+            x, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+            [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs],
+            groups.pop() if groups else 1,
+            cos.squeeze(1), sin.squeeze(1), k, v, start, attn.n_heads, attn.n_kv_heads, self.input_layernorm.eps,
+        )  # fmt: skip
 
 
-_FAST = {
-    nn.Linear: KernelLinear,
-    TiedLinear: KernelTiedLinear,
-    RMSNorm: KernelRMSNorm,
-    MLP: KernelMLP,
-    Attention: KernelAttention,
-    Block: KernelBlock,
-}
+_FAST = {nn.Linear: KernelLinear, TiedLinear: KernelTiedLinear, RMSNorm: KernelRMSNorm, MLP: KernelMLP, Block: KernelBlock}
 _SLOW = {v: k for k, v in _FAST.items()}
 
 
@@ -164,11 +105,6 @@ def use_kernels_(model: nn.Module, *, enable: bool = True) -> bool:
     table = _FAST if enable else _SLOW
     for m in model.modules():
         new = table.get(type(m))
-        if new is None or (isinstance(m, nn.Linear) and m.bias is not None):
-            continue
-        m.__class__ = new
-        if new is KernelAttention:
-            m._qkv = _fuse([m.q_proj, m.k_proj, m.v_proj])
-        elif new is KernelMLP:
-            m._gate_up = _fuse([m.gate_proj, m.up_proj])
+        if new is not None and not (isinstance(m, nn.Linear) and m.bias is not None):
+            m.__class__ = new
     return enable

@@ -126,6 +126,27 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config keys for `cfg` (inverse of `config_from_hf`): model_type llama, or qwen3 with QK-norm."""
+    return {
+        "model_type": "qwen3" if cfg.qk_norm else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": False,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else cfg.eos_token_ids,
+    }
+
+
 def load_hf(path: Path) -> LoadedModel:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

@@ -37,6 +37,8 @@ class CompressConfig:
     """Output rows sharing one LUT (AFM / coremltools per_grouped_channel)."""
     plan: dict[str, int] | None = None
     """An explicit {layer: bits} plan; skips allocation (and the budget)."""
+    act8: bool = False
+    """Dynamic 8-bit per-token activations on palettized linears (the fast integer kernel for 4-bit layers)."""
     seq_len: int = 256
     n_seqs: int = 8
     """Calibration windows: n_seqs sequences of seq_len tokens."""
@@ -138,7 +140,9 @@ def compress_(
         w = modules[name].weight.detach()
         p = palette(name, plan[name])
         err = float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())
-        _set_module(model, name, PalettizedLinear.from_palette(p))
+        new = PalettizedLinear.from_palette(p)
+        new.act8 = config.act8
+        _set_module(model, name, new)
         layers.append({"name": name, "bits": plan[name], "rel_error": err})
     if isinstance(embed, nn.Embedding):
         _quantize_embedding_(model)
@@ -169,7 +173,14 @@ def _quantize_embedding_(model: nn.Module) -> None:
 
 def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[str, Any]:
     """What config.json records so that `apply_structure_` can rebuild the layout."""
-    return {"method": "palettize", "group_size": config.group_size, "plan": report.plan, "embedding": "int8", "bpw": report.bpw}
+    return {
+        "method": "palettize",
+        "group_size": config.group_size,
+        "plan": report.plan,
+        "embedding": "int8",
+        "act8": config.act8,
+        "bpw": report.bpw,
+    }
 
 
 def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
@@ -180,7 +191,8 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
     modules = dict(model.named_modules())
     for name, bits in plan.items():
         lin = modules[name]
-        _set_module(model, name, PalettizedLinear(lin.in_features, lin.out_features, bits=bits, group_size=meta["group_size"]))
+        new = PalettizedLinear(lin.in_features, lin.out_features, bits=bits, group_size=meta["group_size"], act8=bool(meta.get("act8")))
+        _set_module(model, name, new)
     if meta.get("embedding") == "int8":
         e = model.embed_tokens
         q = Int8Embedding(e.num_embeddings, e.embedding_dim)

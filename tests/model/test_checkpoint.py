@@ -167,3 +167,12 @@ def test_hf_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(PippinError, match="not a Llama-architecture"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "afm-on-device"])
+def test_hf_config_roundtrip(preset):
+    from pippin.model.checkpoint import config_from_hf, config_to_hf
+    from pippin.model.config import get_preset
+
+    cfg = get_preset(preset)
+    assert config_from_hf(config_to_hf(cfg)) == cfg

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pippin.model.checkpoint import build_model
+from pippin.model.checkpoint import build_model, config_to_hf
 from tests.conftest import tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -12,20 +12,7 @@ transformers = pytest.importorskip("transformers")
 def hf_twin(model):
     """A transformers model with exactly pippin's weights (Llama, or Qwen3 for QK-norm)."""
     cfg = model.config
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps,
-        max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_theta=cfg.rope_theta,
-        attention_bias=False,
-    )
+    common = {k: v for k, v in config_to_hf(cfg).items() if k != "model_type"}
     if cfg.qk_norm:
         hf_cfg = transformers.Qwen3Config(**common)
         hf = transformers.Qwen3ForCausalLM(hf_cfg)

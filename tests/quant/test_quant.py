@@ -150,3 +150,42 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
         assert torch.equal(loaded.model(tokens), model(tokens))
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     assert Engine(loaded.model, max_len=32).generate_ids([[1, 2]], params) == Engine(model, max_len=32).generate_ids([[1, 2]], params)
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+def test_fused_block_runs_palettized_projections_like_the_reference():
+    from pippin.kernels.modules import use_kernels_
+
+    model = tiny_model()
+    plan = {
+        f"layers.{i}.{m}": b
+        for i in range(2)
+        for m, b in [
+            ("self_attn.q_proj", 2),
+            ("self_attn.k_proj", 3),
+            ("self_attn.v_proj", 4),
+            ("self_attn.o_proj", 6),
+            ("mlp.gate_proj", 8),
+            ("mlp.up_proj", 4),
+        ]
+    }  # down_proj stays dense: mixed dense + LUT in one block
+    compress_(model, CALIB, CompressConfig(plan=plan, seq_len=128, n_seqs=2))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params)
+    calls = []
+    use_kernels_(model)
+    real = ops().decode_block
+    monkey = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    import pippin.kernels.modules as km
+
+    class Spy:
+        def __getattr__(self, name):
+            return monkey if name == "decode_block" else getattr(ops(), name)
+
+    orig = km.ops
+    km.ops = lambda: Spy()
+    try:
+        assert Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params) == ref
+    finally:
+        km.ops = orig
+    assert len(calls) == 2 * 12  # both blocks, for the 4-token prefill and each of the 11 decode steps

@@ -129,9 +129,13 @@ at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
 // The dense matrix is never materialised: 8 indices are decoded into a vector register, looked up with
 // in-register permutes (<= 16 entries) or a gather (64 / 256 entries), and FMA'd for each of the M rows.
 template <int BITS>
-inline __m256 lut_lookup8(const uint8_t* p, const float* lut, __m256 l0, __m256 l1) {
+inline __m256 lut_lookup8(const uint8_t* p, const float* lut, __m256 l0, __m256 l1, bool full = false) {
   uint64_t v = 0;
-  std::memcpy(&v, p, BITS);  // 8 indices = exactly BITS bytes
+  // 8 indices = exactly BITS bytes. A whole 8-byte load is one instruction (an odd-sized memcpy is not);
+  // `full` says the bytes past this block still lie inside the buffer, and the mask below drops them.
+  if (full) std::memcpy(&v, p, 8);
+  else std::memcpy(&v, p, BITS);
+  if constexpr (BITS < 8) v &= (uint64_t(1) << (8 * BITS)) - 1;
   const uint32_t lo = uint32_t(v), hi = uint32_t(v >> (4 * BITS));
   const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 0, BITS, 2 * BITS, 3 * BITS);
   __m256i idx = _mm256_srlv_epi32(_mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi), shifts);
@@ -161,6 +165,20 @@ void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y
       l1 = _mm256_loadu_ps(tmp + 8);
     }
     const uint8_t* row = packed + n * row_bytes;
+    if (M == 1) {  // decode: two register accumulators (an array indexed by m would live on the stack)
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t k = 0;
+      const bool last_row = n == N - 1;
+      for (; k + 16 <= K; k += 16) {
+        // An 8-byte load at byte k/8*BITS stays inside the buffer unless this is the last row's tail.
+        const bool full_a = !last_row || k + 64 / BITS <= K, full_b = !last_row || k + 8 + 64 / BITS <= K;
+        a0 = _mm256_fmadd_ps(lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1, full_a), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(lut_lookup8<BITS>(row + (k + 8) / 8 * BITS, lut, l0, l1, full_b), _mm256_loadu_ps(x + k + 8), a1);
+      }
+      if (k < K) a0 = _mm256_fmadd_ps(lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1), _mm256_loadu_ps(x + k), a0);
+      y[n] = hsum(_mm256_add_ps(a0, a1));
+      continue;
+    }
     __m256 acc[MAXM];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8) {
@@ -241,8 +259,26 @@ at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   at::parallel_for(0, N, 64, [&](int64_t a, int64_t b) {
     __m256 acc[16];
     for (int64_t n = a; n < b; ++n) {
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
       const int8_t* row = wp + n * K;
+      if (M == 1) {  // decode: register accumulators
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+          int64_t r0, r1;
+          std::memcpy(&r0, row + k, 8);
+          std::memcpy(&r1, row + k + 8, 8);
+          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(r0))), _mm256_loadu_ps(xp + k), a0);
+          a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(r1))), _mm256_loadu_ps(xp + k + 8), a1);
+        }
+        if (k < K) {
+          int64_t r0;
+          std::memcpy(&r0, row + k, 8);
+          a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(r0))), _mm256_loadu_ps(xp + k), a0);
+        }
+        yp[n] = hsum(_mm256_add_ps(a0, a1)) * sp[n];
+        continue;
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
       for (int64_t k = 0; k < K; k += 8) {
         int64_t raw;
         std::memcpy(&raw, row + k, 8);
@@ -250,6 +286,83 @@ at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
         for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xp + m * K + k), acc[m]);
       }
       for (int64_t m = 0; m < M; ++m) yp[m * N + n] = hsum(acc[m]) * sp[n];
+    }
+  });
+  return y.view(sizes);
+}
+
+
+// ---- 4-bit palettized weights x 8-bit activations (act8) -------------------------------------------
+// x is quantized once per row to int8 with one absmax scale (dynamic per-token activation quantization);
+// each group's 16-entry LUT to int8 with one scale. A 32-weight block is then 16 packed bytes: the low and
+// high nibbles index the int8 LUT with one byte shuffle each, and maddubs/madd do the int8 dot product
+// (llama.cpp's trick for signed x signed). x is stored with even positions first within each 32-block,
+// the order the nibble split yields. About 10 instructions per 32 weights instead of ~10 per 8.
+struct Act8 {
+  at::Tensor q;      // (M, K) int8, even/odd-deinterleaved per 32-block
+  at::Tensor scale;  // (M,) fp32
+};
+
+Act8 quantize_act8(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Act8 a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = a.q.data_ptr<int8_t>();
+  float* sp = a.scale.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xp + m * K;
+    float mx = 0;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    const float s = mx > 0 ? mx / 127.0f : 1.0f, inv = 1.0f / s;
+    sp[m] = s;
+    for (int64_t k0 = 0; k0 < K; k0 += 32)
+      for (int64_t j = 0; j < 16; ++j) {
+        qp[m * K + k0 + j] = int8_t(std::nearbyint(r[k0 + 2 * j] * inv));
+        qp[m * K + k0 + 16 + j] = int8_t(std::nearbyint(r[k0 + 2 * j + 1] * inv));
+      }
+  }
+  return a;
+}
+
+// lut_i8 (G, 16) int8 and lut_scale (G,) fp32: the int8 LUTs. K must be a multiple of 32.
+at::Tensor lut4_gemv_act8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_i8,
+                          const at::Tensor& lut_scale, int64_t group) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % 32 == 0 && x_in.size(-1) == K, "lut4_gemv_act8: K must be a multiple of 32 and match x");
+  TORCH_CHECK(lut_i8.scalar_type() == at::kChar && lut_i8.size(1) == 16, "lut4_gemv_act8: LUT must be int8 (G, 16)");
+  auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= 16, "lut4_gemv_act8: at most 16 rows");
+  Act8 a = quantize_act8(x);
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty({M, N}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const int8_t *lp = lut_i8.contiguous().data_ptr<int8_t>(), *qp = a.q.data_ptr<int8_t>();
+  const float *lsp = lut_scale.data_ptr<float>(), *xsp = a.scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lp + (n / group) * 16));
+      const __m256i lut = _mm256_set_m128i(l, l);
+      const uint8_t* row = pp + n * (K / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        __m256i acc = _mm256_setzero_si256();
+        const int8_t* xq = qp + m * K;
+        for (int64_t k = 0; k < K; k += 32) {
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+          const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), nib);  // even | odd
+          const __m256i w = _mm256_shuffle_epi8(lut, idx);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+          const __m256i d16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(d16, ones));
+        }
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s = _mm_hadd_epi32(s, s);
+        s = _mm_hadd_epi32(s, s);
+        yp[m * N + n] = float(_mm_cvtsi128_si32(s)) * lsp[n / group] * xsp[m];
+      }
     }
   });
   return y.view(sizes);
@@ -278,21 +391,36 @@ void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int
 }
 
 // One whole decoder block for a few tokens at a uniform cache offset (decode, speculative verify):
-// pre-norm attention with fused q|k|v, RoPE, in-place KV-cache write, causal GQA attention over the
-// cache, o-projection and residual; then pre-norm SwiGLU MLP with fused gate|up and residual.
-// Replaces ~40 eager ops per layer with one call; equals the module path (tested).
-at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& qkv_w,
-                        const at::Tensor& o_w, const at::Tensor& mlp_norm, const at::Tensor& gate_up_w,
-                        const at::Tensor& down_w, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+// pre-norm attention (q, k, v projections, RoPE, in-place KV-cache write, causal GQA attention over the
+// cache, o-projection, residual), then the pre-norm SwiGLU MLP and residual. Each of the 7 projections
+// [q, k, v, o, gate, up, down] is dense (bits 0: fp32/fp16/bf16 matvec) or palettized (bits > 0: packed
+// indices + LUT, never dequantized; with an int8 LUT and its scale, the 4-bit x 8-bit-activation kernel). Replaces ~40 eager ops per layer with one call; equals the module
+// path (tested).
+at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& lut,
+                        const c10::optional<at::Tensor>& lut_scale, int64_t bits, int64_t group) {
+  if (bits == 0) return gemv(x, w);
+  TORCH_CHECK(lut.has_value(), "decode_block: a palettized projection needs its LUT");
+  if (lut_scale.has_value()) return lut4_gemv_act8(x, w, *lut, *lut_scale, group);  // int8 LUT: act8 path
+  return lut_gemv(x, w, *lut, bits, group);
+}
+
+at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
+                        at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& luts,
+                        const c10::List<c10::optional<at::Tensor>>& lut_scales, at::IntArrayRef bits,
+                        int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                         at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(weights.size() == 7 && luts.size() == 7 && bits.size() == 7, "decode_block: need 7 projections");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat,
               "decode_block: the cache must be contiguous fp32 (B, H_kv, S, D)");
   auto x = x_in.contiguous();
   const int64_t B = x.size(0), T = x.size(1), D = k_cache.size(3), S_max = k_cache.size(2);
   const int64_t H = n_heads, Hkv = n_kv_heads, rep = H / Hkv;
   TORCH_CHECK(start + T <= S_max, "decode_block: cache overflow");
+  auto lin = [&](const at::Tensor& in, int i) {
+    return apply_linear(in, weights[i], luts.get(i), lut_scales.get(i), bits[i], group);
+  };
   auto h = rms_norm(x, attn_norm, eps);
-  auto qkv = gemv(h, qkv_w);  // (B, T, (H + 2 Hkv) D)
+  auto qkv = at::cat({lin(h, 0), lin(h, 1), lin(h, 2)}, -1).contiguous();  // (B, T, (H + 2 Hkv) D)
   rope_(qkv, cos, sin, H + Hkv, D);
   const int64_t width = (H + 2 * Hkv) * D;
   float* qp = qkv.data_ptr<float>();
@@ -335,11 +463,9 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
       }
     }
   });
-  x = x + gemv(attn, o_w);
-  auto gu = gemv(rms_norm(x, mlp_norm, eps), gate_up_w);
-  const int64_t F = gate_up_w.size(0) / 2;
-  auto act = silu_mul(gu.narrow(-1, 0, F), gu.narrow(-1, F, F));
-  return x + gemv(act, down_w);
+  x = x + lin(attn, 3);
+  auto h2 = rms_norm(x, mlp_norm, eps);
+  return x + lin(silu_mul(lin(h2, 4), lin(h2, 5)), 6);
 }
 
 }  // namespace
@@ -351,10 +477,12 @@ TORCH_LIBRARY(pippin, m) {
   m.def("lut_gemv(Tensor x, Tensor packed, Tensor lut, int bits, int group) -> Tensor");
   m.def("lut_dequant(Tensor packed, Tensor lut, int bits, int group) -> Tensor");
   m.def("gemv_i8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("lut4_gemv_act8(Tensor x, Tensor packed, Tensor lut_i8, Tensor lut_scale, int group) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()");
   m.def(
-      "decode_block(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor o_w, Tensor mlp_norm, Tensor gate_up_w, "
-      "Tensor down_w, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads, "
+      "decode_block(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor[] weights, Tensor?[] luts, "
+      "Tensor?[] lut_scales, int[] bits, "
+      "int group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads, "
       "int n_kv_heads, float eps) -> Tensor");
 }
 
@@ -365,6 +493,7 @@ TORCH_LIBRARY_IMPL(pippin, CPU, m) {
   m.impl("lut_gemv", &lut_gemv);
   m.impl("lut_dequant", &lut_dequant);
   m.impl("gemv_i8", &gemv_i8);
+  m.impl("lut4_gemv_act8", &lut4_gemv_act8);
   m.impl("rope_", &rope_);
   m.impl("decode_block", &decode_block);
 }
