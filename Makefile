@@ -57,10 +57,11 @@ QDIR   ?= $(HOME)/.cache/pippin/models
 bench-compression: bench-setup model
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --out $(QDIR)/bench-4bit
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --act8 --out $(QDIR)/bench-4bit-act8
+	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --act8 --group-size 1 --out $(QDIR)/bench-4bit-g1-act8
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bpw 4.5 --act8 --out $(QDIR)/bench-4.5bpw-act8
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bpw 3.5 --act8 --out $(QDIR)/bench-3.5bpw-act8
 	$(PY) benchmarks/compression.py --xsum $(SHARED)/data/xsum/test.jsonl --pippin full=default \
-	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 \
+	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 --pippin 4bit-g1-act8=$(QDIR)/bench-4bit-g1-act8 \
 	  --pippin 4.5bpw-act8=$(QDIR)/bench-4.5bpw-act8 --pippin 3.5bpw-act8=$(QDIR)/bench-3.5bpw-act8 \
 	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
 
