@@ -21,11 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _group(name: str) -> str:
+    """Tensor group by module path (works for dense and compressed tensors: weight, packed, lut, scale)."""
     if name.startswith("embed_tokens"):
         return "embedding"
     if name.startswith("lm_head"):
         return "lm_head"
-    if ".self_attn." in name and name.endswith("proj.weight"):
+    if ".self_attn." in name and "_proj." in name:
         return "attention"
     if ".mlp." in name:
         return "mlp"
@@ -52,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
             model = Transformer(get_preset(args.model))
         source = f"preset {args.model}"
     else:
-        from pippin.model.checkpoint import load_model
+        from pippin.api import load_any
 
-        loaded = load_model(args.model, progress=True)
+        loaded = load_any(args.model, progress=True)
         model, source = loaded.model, str(loaded.path)
     info = describe(model)
     if args.json:

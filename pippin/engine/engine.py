@@ -58,13 +58,11 @@ class Engine:
         max_batch: int = 1,
         max_len: int | None = None,
         compile: bool = False,
-        cache_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.model = model.eval()
         cfg = model.config
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
-        self.cache_dtype = cache_dtype
-        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, dtype=cache_dtype)
+        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len)
         self.eos_ids = list(cfg.eos_token_ids)
         self._decode = decode_step
         if compile:
@@ -73,7 +71,7 @@ class Engine:
 
     def _cache_for(self, batch: int) -> KVCache:
         if batch > self.cache.batch_size:  # grow once; later calls reuse the bigger buffer
-            self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len, dtype=self.cache_dtype)
+            self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len)
         if batch == self.cache.batch_size:
             self.cache.lengths = torch.zeros(batch, dtype=torch.long)
             return self.cache
@@ -171,8 +169,9 @@ class Engine:
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams, **kw) -> list[list[int]]:
         """All generated ids per row (stop tokens excluded)."""
         out: list[list[int]] = [[] for _ in prompts]
+        stop_ids = kw.get("stop_ids")
+        stop = set() if params.ignore_eos else set(stop_ids if stop_ids is not None else self.eos_ids)
         for st in self.generate(prompts, params, **kw):
-            stop = set(self.eos_ids) if not params.ignore_eos else set()
             for i in st.active.nonzero().flatten().tolist():
                 t = int(st.tokens[i])
                 if t not in stop:

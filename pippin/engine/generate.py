@@ -3,7 +3,7 @@
 `prefill` runs the prompts (right-padded to one length) through the model, filling the cache, and
 returns the logits at each row's last prompt token. `decode_step` feeds one new token per row at that
 row's own position. Both only move token ids and positions; text lives in pippin.engine.stream.
-The decode step can be compiled (torch.compile) as one graph per batch size; see `Engine(compile=...)`.
+The decode step can be compiled with torch.compile (`Engine(compile=True)`); the CPU kernels are usually faster.
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ where the new tokens go (`positions`, shape (B, T)); attention then calls `updat
 writes the new keys/values into their slots and returns a view over the filled prefix to attend over.
 No concatenation, no reallocation: decode touches only the new slots. Rows may sit at different
 positions (batched requests of different lengths); the causal-by-position mask from `attention_mask`
-hides stale slots. The cache can be trimmed (speculative decoding rolls back rejected tokens) and
-cloned (n samples that share one prefill). Follows gpt-fast's static cache, but the cache is passed
+hides stale slots. Rows can be cloned (n samples that share one prefill). Follows gpt-fast's static cache, but the cache is passed
 into the model rather than attached to it (nanochat, mlx-lm).
 """
 
@@ -18,10 +17,10 @@ from pippin.model.config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, *, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, cfg: ModelConfig, *, batch_size: int, max_len: int) -> None:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.zeros(shape)  # fp32, as the model computes; an 8-bit cache is issue #3's
+        self.v = torch.zeros(shape)
         self.max_len = max_len
         self.batch_size = batch_size
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
@@ -50,14 +49,14 @@ class KVCache:
             vl[:, :, self._start : self._start + t] = v
         else:
             rows = torch.arange(k.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
-            kl[rows, :, self._positions] = k.transpose(1, 2).to(kl.dtype)
-            vl[rows, :, self._positions] = v.transpose(1, 2).to(vl.dtype)
+            kl[rows, :, self._positions] = k.transpose(1, 2)
+            vl[rows, :, self._positions] = v.transpose(1, 2)
         return kl[:, :, : self._end], vl[:, :, : self._end]
 
     def uniform_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(k, v, start) buffers of one layer when every row writes at the same offset, for fused kernels
-        that write the cache themselves; None when rows are ragged or the buffers are not plain fp32."""
-        if self._start is None or self.k.dtype != torch.float32:
+        that write the cache themselves; None when rows are ragged."""
+        if self._start is None:
             return None
         return self.k[layer], self.v[layer], self._start
 
@@ -73,10 +72,6 @@ class KVCache:
         slots = torch.arange(self._end)
         return slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1)
 
-    def trim(self, lengths: torch.Tensor | int) -> None:
-        """Forget tokens past `lengths` (per row or one int): rolled-back slots get overwritten later."""
-        self.lengths = torch.minimum(self.lengths, torch.as_tensor(lengths).expand_as(self.lengths))
-
     def clone_rows(self, row: int, n: int) -> KVCache:
         """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
         new = KVCache.__new__(KVCache)
@@ -86,6 +81,3 @@ class KVCache:
         new.lengths = self.lengths[row : row + 1].repeat(n)
         new._start, new._positions, new._end = None, None, 0
         return new
-
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

@@ -1,9 +1,10 @@
 """pippin's CPU kernels, compiled once on first use and cached under $PIPPIN_HOME/kernels.
 
-`ops()` returns `torch.ops.pippin` (gemv, rms_norm, silu_mul) or None where the kernels cannot be used:
+`ops()` returns `torch.ops.pippin` (dense, LUT and int8 matvecs, RMSNorm, SwiGLU, RoPE, a fused decoder
+block; see csrc/ops.cpp) or None where the kernels cannot be used:
 no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
 reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
-the build takes about half a minute once per machine and torch version, never at import time.
+the build takes 20-40 s once per machine and torch version, never at import time.
 """
 
 from __future__ import annotations

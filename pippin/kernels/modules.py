@@ -6,7 +6,7 @@ otherwise (prefill is GEMM-bound and MKL is good at it). `KernelBlock` runs a wh
 kernel call when every projection is dense (`KernelLinear`) or palettized (anything with `packed`, `lut`
 and `bits`, i.e. pippin.quant's `PalettizedLinear`, recognised by shape so this package does not import
 quant) and the cache offers uniform slots; anything else (a LoRA wrapper, ragged batch rows) takes the
-module-by-module path. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
+module-by-module path, as do QK-norm models. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
 enable=False)` restores the reference classes. Every fast path is tested against the reference.
 """
 
@@ -26,30 +26,35 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+def _small_fp32(x: torch.Tensor) -> bool:
+    """Decode-sized fp32 input: what the kernels are built for."""
+    return x.dtype == torch.float32 and _rows(x) <= GEMV_MAX_ROWS
+
+
 class KernelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) <= GEMV_MAX_ROWS and self.bias is None:
+        if _small_fp32(x) and self.bias is None:
             return ops().gemv(x, self.weight)
         return super().forward(x)
 
 
 class KernelTiedLinear(TiedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) <= GEMV_MAX_ROWS:
+        if _small_fp32(x):
             return ops().gemv(x, self.weight)
         return super().forward(x)
 
 
 class KernelRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and _rows(x) <= GEMV_MAX_ROWS:
+        if _small_fp32(x):
             return ops().rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 
 class KernelMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) <= GEMV_MAX_ROWS:
+        if _small_fp32(x):
             return self.down_proj(ops().silu_mul(self.gate_proj(x), self.up_proj(x)))
         return super().forward(x)
 
@@ -74,7 +79,7 @@ class KernelBlock(Block):
         slots = cache.uniform_slots(attn.layer) if cache is not None and hasattr(cache, "uniform_slots") else None
         if (
             slots is None
-            or _rows(x) > GEMV_MAX_ROWS
+            or not _small_fp32(x)
             or attn.q_norm is not None
             or type(self.input_layernorm) is not KernelRMSNorm
             or type(self.post_attention_layernorm) is not KernelRMSNorm

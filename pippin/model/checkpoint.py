@@ -99,7 +99,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     arch = hf.get("model_type")
-    if arch not in ("llama", "mistral", "qwen3", "smollm3"):
+    if arch not in ("llama", "mistral", "qwen3"):
         raise PippinError(f"model_type {arch!r} is not a Llama-architecture model; pippin loads llama, mistral, qwen3.")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise PippinError("Checkpoints with attention or MLP biases are not supported.")
@@ -188,9 +188,12 @@ _GGUF_NAMES = {
 
 def _gguf_name(name: str) -> str:
     parts = name.split(".")
-    if parts[0] == "blk":  # blk.{i}.{kind}.weight
-        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    kind = parts[2] if parts[0] == "blk" else parts[0]  # blk.{i}.{kind}.weight or {kind}.weight
+    if kind not in _GGUF_NAMES:
+        raise PippinError(f"GGUF tensor {name} has no place in a Llama-architecture model; this file is not supported.")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{_GGUF_NAMES[kind]}.{parts[3]}"
+    return f"{_GGUF_NAMES[kind]}.{parts[1]}"
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -58,11 +58,6 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE.")
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one KV head."""
-        return self.n_heads // self.n_kv_heads
-
     def param_counts(self) -> dict[str, int]:
         """Parameters by group, computed from the shape alone (no tensors needed)."""
         d, hd = self.dim, self.head_dim

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,6 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         f"GGUF pre-tokenizer {pre!r} is not supported; supported are smollm, gpt2, llama3. "
         "Convert the model from its Hugging Face folder (with tokenizer.json) instead."
     )
-
-
-@dataclass(kw_only=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 class Tokenizer:

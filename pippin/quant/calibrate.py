@@ -11,7 +11,6 @@ Both run on any nn.Module whose linears are nn.Linear; the model is called as mo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from pippin.errors import PippinError
 
 
 def read_calibration_text(path: str | Path) -> str:
-    """Plain text, or JSON/JSONL rows whose first long string field is taken (text, document, output...)."""
+    """Plain text, or JSON/JSONL rows whose string fields longer than 40 characters are taken (text, output...)."""
     path = Path(path)
     if not path.is_file():
         raise PippinError(f"Calibration file {path} does not exist.")
@@ -51,15 +50,11 @@ def calibration_batches(tokens: list[int], *, seq_len: int, n_seqs: int, min_tok
     return torch.tensor(tokens[: n * seq_len]).view(n, seq_len)
 
 
-def linear_names(model: nn.Module, predicate: Callable[[str, nn.Module], bool]) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and predicate(n, m)]
-
-
 @torch.no_grad()
 def input_moments(model: nn.Module, batches: torch.Tensor, names: list[str], *, progress: bool = False) -> dict[str, torch.Tensor]:
     """E[x_k^2] per input channel of each named linear."""
     sums: dict[str, torch.Tensor] = {}
-    count = [0]
+    count = 0
     hooks = []
     modules = dict(model.named_modules())
     for name in names:
@@ -72,18 +67,18 @@ def input_moments(model: nn.Module, batches: torch.Tensor, names: list[str], *, 
     try:
         for b in tqdm(batches, desc="activation stats", disable=not progress):
             model(b.unsqueeze(0))
-            count[0] += b.numel()
+            count += b.numel()
     finally:
         for h in hooks:
             h.remove()
-    return {n: s / count[0] for n, s in sums.items()}
+    return {n: s / count for n, s in sums.items()}
 
 
 def fisher_diagonal(model: nn.Module, batches: torch.Tensor, names: list[str], *, progress: bool = False) -> dict[str, torch.Tensor]:
     """Mean squared per-sequence gradient of the next-token loss for each named linear's weight."""
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in names]
-    flags = [p.requires_grad for p in params]
+    flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -97,6 +92,6 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor, names: list[str], *
             for n, g in zip(names, grads):
                 fisher[n] += g * g
     finally:
-        for p, f in zip(params, flags):
+        for p, f in flags.items():
             p.requires_grad_(f)
     return {n: f / len(batches) for n, f in fisher.items()}

@@ -31,8 +31,8 @@ class PalettizedLinear(nn.Module):
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("lut", torch.zeros(out_features // group_size, 2**bits, dtype=torch.float16))
         self._lut32: torch.Tensor | None = None
-        self._lut_src: torch.Tensor | None = None
-        self._lut_src_i8: torch.Tensor | None = None
+        self._lut_src: tuple[int, int] | None = None
+        self._lut_src_i8: tuple[int, int] | None = None
 
     @classmethod
     def from_palette(cls, p: Palette) -> PalettizedLinear:
@@ -56,26 +56,32 @@ class PalettizedLinear(nn.Module):
 
     def lut32(self) -> torch.Tensor:
         """The LUT in fp32, as the kernels read it (cached; rebuilt if the LUT buffer is replaced)."""
-        if self._lut32 is None or self._lut32.shape != self.lut.shape or self._lut_src is not self.lut:
-            self._lut32, self._lut_src = self.lut.float(), self.lut
+        key = (id(self.lut), self.lut._version)
+        if self._lut32 is None or self._lut_src != key:
+            self._lut32, self._lut_src = self.lut.float(), key
         return self._lut32
 
     def lut_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, 2**b) int8 LUT and its (G,) fp32 absmax scales, for the act8 kernel (cached)."""
-        if self._lut_i8 is None or self._lut_src_i8 is not self.lut:
+        key = (id(self.lut), self.lut._version)
+        if self._lut_i8 is None or self._lut_src_i8 != key:
             lut = self.lut.float()
             scale = lut.abs().amax(1).clamp_min(1e-12) / 127.0
             self._lut_i8 = (torch.round(lut / scale[:, None]).to(torch.int8), scale)
-            self._lut_src_i8 = self.lut
+            self._lut_src_i8 = key
         return self._lut_i8
 
+    def act8_applies(self) -> bool:
+        """act8 covers 4-bit layers with K % 32 == 0 (the integer kernel's shape); others stay fp32."""
+        return self.act8 and self.bits == 4 and self.in_features % 32 == 0
+
     def uses_act8_kernel(self) -> bool:
-        return self.act8 and self.bits == 4 and self.in_features % 32 == 0 and ops() is not None
+        return self.act8_applies() and ops() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = ops()
-        if self.act8:
-            if self.uses_act8_kernel() and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
+        if self.act8_applies():
+            if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
                 lut_i8, scale = self.lut_int8()
                 return k.lut4_gemv_act8(x, self.packed, lut_i8, scale, self.group_size)
             return self._act8_reference(x)
@@ -84,16 +90,12 @@ class PalettizedLinear(nn.Module):
         return F.linear(x, self.dequantize())
 
     def _act8_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """act8 numerics in plain PyTorch: per-token int8 activations; int8 LUTs where the kernel uses them."""
+        """act8 numerics in plain PyTorch: per-token int8 activations times the int8 LUT (as the kernel computes)."""
         scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
         xq = torch.round(x / scale) * scale
-        if self.bits == 4 and self.in_features % 32 == 0:
-            lut_i8, lut_scale = self.lut_int8()
-            lut = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(self.group_size, dim=0)
-            w = lut.gather(1, unpack(self.packed, self.bits, self.in_features))
-        else:
-            w = self.dequantize()
-        return F.linear(xq, w)
+        lut_i8, lut_scale = self.lut_int8()
+        lut = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(self.group_size, dim=0)
+        return F.linear(xq, lut.gather(1, unpack(self.packed, self.bits, self.in_features)))
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.lut.numel() * 2

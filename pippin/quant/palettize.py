@@ -28,7 +28,6 @@ class Palette:
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) fp32 weight this palette stands for."""
-        N, K = self.idx.shape
         lut = self.lut.float().repeat_interleave(self.group_size, dim=0)  # (N, 2**b)
         return lut.gather(1, self.idx)
 

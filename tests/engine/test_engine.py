@@ -56,7 +56,7 @@ def test_ragged_batch_equals_each_row_alone():
         assert got == greedy_reference(model, p, 12)
 
 
-def test_stop_tokens_end_rows_independently():
+def test_stop_token_ends_generation_and_is_not_returned():
     model = tiny_model()
     ref = greedy_reference(model, [1, 2, 3], 10)
     stop = ref[4]

@@ -63,14 +63,15 @@ def test_block_path_steps_aside_for_unknown_projection_modules():
     model, ref = tiny_model(), tiny_model()
     use_kernels_(model)
 
-    class Wrapped(torch.nn.Module):  # e.g. an adapter wrapper the kernel block does not know
+    class Wrapped(torch.nn.Module):  # e.g. an adapter wrapper the kernel block does not know: it changes the output
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, x):
-            return self.inner(x)
+            return self.inner(x) * 1.5
 
     model.layers[0].self_attn.q_proj = Wrapped(model.layers[0].self_attn.q_proj)
+    ref.layers[0].self_attn.q_proj = Wrapped(ref.layers[0].self_attn.q_proj)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     assert Engine(model, max_len=32).generate_ids([[3, 4, 5]], params) == Engine(ref, max_len=32).generate_ids([[3, 4, 5]], params)

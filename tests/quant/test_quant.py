@@ -141,9 +141,9 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
         extra_meta={"quantization": quantization_meta(report, cfg)},
     )
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["quantization"]["plan"] == plan
-    import pippin.quant.palettize as pal
+    import pippin.quant.compress as comp
 
-    monkeypatch.setattr(pal, "fit_palette", lambda *a, **k: pytest.fail("loading ran k-means"))
+    monkeypatch.setattr(comp, "fit_palette", lambda *a, **k: pytest.fail("loading ran k-means"))
     loaded = load_any(tmp_path / "ck")
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
@@ -189,3 +189,36 @@ def test_fused_block_runs_palettized_projections_like_the_reference():
     finally:
         km.ops = orig
     assert len(calls) == 2 * 12  # both blocks, for the 4-token prefill and each of the 11 decode steps
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+def test_act8_kernel_matches_its_reference_and_the_fused_block():
+    from pippin.kernels.modules import use_kernels_
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(3, 64, generator=g)
+    lin = PalettizedLinear.from_palette(fit_palette(w, bits=4, group_size=16))
+    lin.act8 = True
+    assert lin.uses_act8_kernel()
+    ref = lin._act8_reference(x)
+    torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # integer kernel == its PyTorch reference
+    assert (ref - F.linear(x, lin.dequantize())).abs().max() < 0.05 * ref.abs().max()  # and close to fp32
+    two_bit = PalettizedLinear.from_palette(fit_palette(w, bits=2))
+    two_bit.act8 = True
+    torch.testing.assert_close(two_bit(x), F.linear(x, two_bit.dequantize()), atol=1e-4, rtol=1e-4)  # act8 skips 2-bit
+
+    # A model with act8 layers decodes the same through the fused block as through the module path.
+    model = tiny_model()
+    plan = {f"layers.{i}.{m}": 4 for i in range(2) for m in ("mlp.gate_proj", "mlp.up_proj", "self_attn.o_proj")}
+    compress_(model, CALIB, CompressConfig(plan=plan, act8=True, seq_len=128, n_seqs=2))
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    cache = KVCache(model.config, batch_size=1, max_len=64)
+    tokens = torch.randint(0, 256, (1, 14), generator=g)
+    prefill(model, tokens[:, :4], torch.tensor([4]), cache)
+    module_path = [decode_step(model, tokens[:, t], cache) for t in range(4, 14)]
+    use_kernels_(model)
+    cache = KVCache(model.config, batch_size=1, max_len=64)
+    prefill(model, tokens[:, :4], torch.tensor([4]), cache)
+    for t, ref_logits in zip(range(4, 14), module_path):
+        torch.testing.assert_close(decode_step(model, tokens[:, t], cache), ref_logits, atol=1e-4, rtol=1e-4)
+    assert params.max_new_tokens == 10

@@ -4,7 +4,9 @@
 //            Memory-bound: each weight row is streamed once and reused for all M rows of x.
 // rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w, one pass per row.
 // silu_mul:  y = silu(g) * u (the SwiGLU gate).
-// lut_gemv:  y = x @ W^T for palettized W (packed indices + per-group LUTs), never materialising W.
+// lut_gemv:  y = x @ W^T for palettized W (packed indices + per-group LUTs), never materialising W;
+//            lut_dequant builds W for the prefill path; lut4_gemv_act8 is the 4-bit x int8-activation kernel.
+// gemv_i8:   int8 rows with per-row scales (the 8-bit embedding read as the output head).
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
 // decode_block: a whole decoder block for a few tokens (decode), built from the above.
 // Each has a slow reference in Python (F.linear, F.rms_norm, F.silu) and a test that they agree.
@@ -95,7 +97,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   TORCH_CHECK(weight.numel() == D, "rms_norm: weight size mismatch");
   auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
-  const float* wp = weight.contiguous().data_ptr<float>();
+  const auto w = weight.contiguous();  // kept alive: a temporary's data_ptr would dangle
+  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -191,6 +194,7 @@ void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y
 
 at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group) {
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_gemv: packed must be contiguous uint8 (N, K*bits/8)");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8, "lut_gemv: bits must be 2, 3, 4, 6 or 8");
   const int64_t N = packed.size(0), K = packed.size(1) * 8 / bits;
   TORCH_CHECK(K % 8 == 0 && x_in.size(-1) == K, "lut_gemv: x has ", x_in.size(-1), " features, weight has ", K);
   auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
@@ -221,7 +225,9 @@ at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::
 
 at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group) {
   TORCH_CHECK(packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_dequant: packed must be contiguous uint8");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8, "lut_dequant: bits must be 2, 3, 4, 6 or 8");
   const int64_t N = packed.size(0), K = packed.size(1) * 8 / bits, L = 1 << bits;
+  TORCH_CHECK(lut_in.dim() == 2 && lut_in.size(0) * group == N && lut_in.size(1) == L, "lut_dequant: LUT shape does not match");
   auto lut = lut_in.to(at::kFloat).contiguous();
   auto w = at::empty({N, K}, lut.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
@@ -329,7 +335,10 @@ at::Tensor lut4_gemv_act8(const at::Tensor& x_in, const at::Tensor& packed, cons
                           const at::Tensor& lut_scale, int64_t group) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   TORCH_CHECK(K % 32 == 0 && x_in.size(-1) == K, "lut4_gemv_act8: K must be a multiple of 32 and match x");
-  TORCH_CHECK(lut_i8.scalar_type() == at::kChar && lut_i8.size(1) == 16, "lut4_gemv_act8: LUT must be int8 (G, 16)");
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut4_gemv_act8: packed must be contiguous uint8");
+  TORCH_CHECK(lut_i8.scalar_type() == at::kChar && lut_i8.dim() == 2 && lut_i8.size(1) == 16 && lut_i8.size(0) * group == N,
+              "lut4_gemv_act8: LUT must be int8 (N / group, 16)");
+  TORCH_CHECK(lut_scale.numel() == lut_i8.size(0), "lut4_gemv_act8: one LUT scale per group");
   auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
   TORCH_CHECK(M <= 16, "lut4_gemv_act8: at most 16 rows");
@@ -338,8 +347,10 @@ at::Tensor lut4_gemv_act8(const at::Tensor& x_in, const at::Tensor& packed, cons
   sizes.back() = N;
   auto y = at::empty({M, N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const int8_t *lp = lut_i8.contiguous().data_ptr<int8_t>(), *qp = a.q.data_ptr<int8_t>();
-  const float *lsp = lut_scale.data_ptr<float>(), *xsp = a.scale.data_ptr<float>();
+  const auto lut_c = lut_i8.contiguous();  // kept alive while the kernel reads it
+  const auto lsc = lut_scale.to(at::kFloat).contiguous();
+  const int8_t *lp = lut_c.data_ptr<int8_t>(), *qp = a.q.data_ptr<int8_t>();
+  const float *lsp = lsc.data_ptr<float>(), *xsp = a.scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
@@ -374,7 +385,8 @@ void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "rope_: x must be contiguous fp32");
   auto cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const int64_t rows = x.numel() / x.size(-1), width = x.size(-1), half = head_dim / 2;
-  TORCH_CHECK(cos.numel() == rows * head_dim, "rope_: cos must be (B, T, D)");
+  TORCH_CHECK(cos.numel() == rows * head_dim && sin.numel() == rows * head_dim, "rope_: cos and sin must be (B, T, D)");
+  TORCH_CHECK(n_heads * head_dim <= width, "rope_: more heads than the row holds");
   float* xp = x.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
@@ -416,6 +428,8 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
   const int64_t B = x.size(0), T = x.size(1), D = k_cache.size(3), S_max = k_cache.size(2);
   const int64_t H = n_heads, Hkv = n_kv_heads, rep = H / Hkv;
   TORCH_CHECK(start + T <= S_max, "decode_block: cache overflow");
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(0) == B && k_cache.size(1) == Hkv && v_cache.sizes() == k_cache.sizes(),
+              "decode_block: cache must be (B, H_kv, S, D) for both k and v");
   auto lin = [&](const at::Tensor& in, int i) {
     return apply_linear(in, weights[i], luts.get(i), lut_scales.get(i), bits[i], group);
   };
