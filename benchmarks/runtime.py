@@ -147,7 +147,7 @@ ENGINES = {
 }
 
 
-def read_bandwidth(threads: int) -> float:
+def read_bandwidth() -> float:
     """Read bandwidth in GB/s: torch sum over 1 GiB, median of 5."""
     x = torch.ones(2**28)
     x.sum()
@@ -221,7 +221,7 @@ def main() -> None:
             f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(samples[n]['decode']):.1f}" for n in engines),
             file=sys.stderr,
         )
-    bw = read_bandwidth(args.threads)
+    bw = read_bandwidth()
     results = {}
     for n, (_, _, nbytes) in engines.items():
         s = samples[n]

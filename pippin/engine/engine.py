@@ -72,16 +72,7 @@ class Engine:
     def _cache_for(self, batch: int) -> KVCache:
         if batch > self.cache.batch_size:  # grow once; later calls reuse the bigger buffer
             self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len)
-        if batch == self.cache.batch_size:
-            self.cache.lengths = torch.zeros(batch, dtype=torch.long)
-            return self.cache
-        # Fewer rows than allocated: a view of the first rows, still in place in the same buffer.
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = self.cache.k[:, :batch], self.cache.v[:, :batch]
-        view.max_len, view.batch_size = self.max_len, batch
-        view.lengths = torch.zeros(batch, dtype=torch.long)
-        view._start, view._positions, view._end = None, None, 0
-        return view
+        return self.cache.first_rows(batch)
 
     def check_prompt(self, n_prompt: int, max_new_tokens: int) -> None:
         if n_prompt == 0:

@@ -72,12 +72,20 @@ class KVCache:
         slots = torch.arange(self._end)
         return slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1)
 
-    def clone_rows(self, row: int, n: int) -> KVCache:
-        """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
-        new = KVCache.__new__(KVCache)
-        new.k = self.k[:, row : row + 1].repeat(1, n, 1, 1, 1)
-        new.v = self.v[:, row : row + 1].repeat(1, n, 1, 1, 1)
-        new.max_len, new.batch_size = self.max_len, n
-        new.lengths = self.lengths[row : row + 1].repeat(n)
+    @classmethod
+    def _over(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> KVCache:
+        """A cache over existing (L, B, H_kv, S, D) buffers."""
+        new = cls.__new__(cls)
+        new.k, new.v, new.lengths = k, v, lengths
+        new.max_len, new.batch_size = k.shape[3], k.shape[1]
         new._start, new._positions, new._end = None, None, 0
         return new
+
+    def first_rows(self, n: int) -> KVCache:
+        """An empty cache over the first n rows of this one's buffers: a view, still updated in place."""
+        return KVCache._over(self.k[:, :n], self.v[:, :n], torch.zeros(n, dtype=torch.long))
+
+    def clone_rows(self, row: int, n: int) -> KVCache:
+        """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
+        k, v = (t[:, row : row + 1].repeat(1, n, 1, 1, 1) for t in (self.k, self.v))
+        return KVCache._over(k, v, self.lengths[row : row + 1].repeat(n))
