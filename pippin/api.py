@@ -10,15 +10,22 @@ Everything here is a thin composition of pippin.model (checkpoints, tokenizer) a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
+from pippin.adapters.lora import LoraConfig, apply_lora
+from pippin.adapters.store import AdapterStore
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.engine.stream import Final, complete
 from pippin.errors import PippinError
-from pippin.model.checkpoint import LoadedModel, load_model
+from pippin.model.checkpoint import LoadedModel, load_model, pippin_home
 from pippin.model.tokenizer import Tokenizer
+
+ADAPTER_SLOTS = 9
+"""Default LoRA slots per model: 8 different adapters in one batch, plus slot 0 ("none")."""
+MAX_ADAPTER_RANK = 16
 
 
 def _prepare(model: torch.nn.Module, meta: dict) -> None:
@@ -34,6 +41,22 @@ def load_any(model: str | os.PathLike | None = None, *, progress: bool = False) 
     return load_model(model, progress=progress, prepare=_prepare)
 
 
+def default_adapters_dir(loaded: LoadedModel) -> Path:
+    """Adapters live with the base they were trained on: <model folder>/adapters (or under $PIPPIN_HOME for a GGUF)."""
+    if loaded.path.is_dir():
+        return loaded.path / "adapters"
+    return pippin_home() / "adapters" / loaded.path.stem
+
+
+def attach_adapters(
+    loaded: LoadedModel, adapters_dir: str | os.PathLike | None = None, *, n_slots: int = ADAPTER_SLOTS, max_rank: int = MAX_ADAPTER_RANK
+) -> AdapterStore:
+    """Give the model LoRA slots on every default target and an AdapterStore over `adapters_dir`."""
+    apply_lora(loaded.model, LoraConfig(rank=max_rank), n_slots=n_slots)
+    root = Path(adapters_dir) if adapters_dir is not None else default_adapters_dir(loaded)
+    return AdapterStore(root, model=loaded.model)
+
+
 def load_engine(
     model: str | os.PathLike | None = None,
     *,
@@ -42,18 +65,76 @@ def load_engine(
     max_batch: int = 1,
     threads: int | None = None,
     progress: bool = False,
+    adapters: bool | str | os.PathLike = False,
 ) -> tuple[Engine, Tokenizer]:
-    """Load a checkpoint (None = the default model) and wrap it in an Engine with its tokenizer."""
+    """Load a checkpoint (None = the default model) and wrap it in an Engine with its tokenizer.
+
+    adapters: True to serve the adapters stored with the model (see default_adapters_dir), or a folder of
+    adapters; requests then name one per row (`engine.generate(..., adapters=[...])`).
+    """
     if threads:
         torch.set_num_threads(threads)
     loaded = load_any(model, progress=progress)
     if loaded.tokenizer is None:
         raise PippinError(f"{loaded.path} has no tokenizer; convert it with `pippin convert` from a source that has one.")
+    store = None
+    if adapters is not False:
+        store = attach_adapters(loaded, None if adapters is True else adapters)
     if kernels:
         from pippin.kernels.modules import use_kernels_
 
         use_kernels_(loaded.model)
-    return Engine(loaded.model, max_len=max_len, max_batch=max_batch), loaded.tokenizer
+    return Engine(loaded.model, max_len=max_len, max_batch=max_batch, adapters=store), loaded.tokenizer
+
+
+SELF_PROMPTS = (
+    "Write a short news article about a new public library opening in a small town.",
+    "Explain how vaccines train the immune system, for a curious teenager.",
+    "Write a story about a lighthouse keeper who finds a message in a bottle.",
+    "Give step-by-step instructions for baking a loaf of bread.",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Summarize the causes and effects of the French Revolution.",
+    "Write a polite email asking a landlord to fix a broken heater.",
+    "Describe the water cycle and why it matters for farming.",
+    "What are the pros and cons of working from home? Answer in a few paragraphs.",
+    "Write a dialogue between two friends planning a weekend hiking trip.",
+    "Explain the difference between weather and climate with examples.",
+    "Write a product review of a pair of running shoes after three months of use.",
+    "List ten tips for learning a new language and explain each briefly.",
+    "Describe how a bill becomes a law in a parliamentary democracy.",
+    "Write a poem about the sea at night, then explain its imagery.",
+    "Explain what a neural network is, using an analogy a child would understand.",
+)
+
+
+def self_generated_text(model: torch.nn.Module, tokenizer: Tokenizer, *, n_seqs: int = 16, max_new_tokens: int = 256, seed: int = 0) -> str:
+    """Text the model writes itself (sampled answers to varied prompts): calibration and distillation data that
+    needs nothing from outside, as in data-free quantization (LLM-QAT). Sampling at T=0.8, top-p 0.95."""
+    from pippin.kernels.modules import use_kernels_
+
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": SELF_PROMPTS[i % len(SELF_PROMPTS)]}]) for i in range(n_seqs)]
+    had = any(type(m).__module__ == "pippin.kernels.modules" for m in model.modules())
+    on = use_kernels_(model)
+    try:
+        engine = Engine(model, max_batch=8, max_len=max(map(len, prompts)) + max_new_tokens)
+        texts = []
+        for i in range(0, n_seqs, 8):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed + i)
+            texts += [tokenizer.decode(ids) for ids in engine.generate_ids(prompts[i : i + 8], params)]
+    finally:
+        if on and not had:  # leave the model as we found it (compression swaps plain nn.Linear modules)
+            use_kernels_(model, enable=False)
+    return "\n\n".join(t.strip() for t in texts if t.strip())
+
+
+def read_text_source(source: str, model: torch.nn.Module, tokenizer: Tokenizer) -> str:
+    """A calibration/distillation text argument: a file path, or 'self[:N]' for N sequences the model writes itself."""
+    if source == "self" or source.startswith("self:"):
+        n = int(source.partition(":")[2] or 16)
+        return self_generated_text(model, tokenizer, n_seqs=n)
+    from pippin.quant.calibrate import read_calibration_text
+
+    return read_calibration_text(source)
 
 
 def generate(
@@ -62,6 +143,7 @@ def generate(
     engine: Engine,
     tokenizer: Tokenizer,
     params: SamplingParams | None = None,
+    adapter: str | None = None,
 ) -> Final:
     """The full reply to a text prompt (str) or a chat (list of {"role", "content"} messages)."""
-    return complete(engine, tokenizer, prompt, params or SamplingParams())
+    return complete(engine, tokenizer, prompt, params or SamplingParams(), adapter=adapter)

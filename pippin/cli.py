@@ -20,6 +20,7 @@ COMMANDS = {
     "convert": "Convert a GGUF file or Hugging Face folder to pippin's format.",
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
+    "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
 }
 
 

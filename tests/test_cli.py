@@ -60,3 +60,33 @@ def test_convert_gguf_to_pippin(tmp_path):
     r = pippin("convert", str(tmp_path / "t.gguf"), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "pippin"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_adapter_train_list_info_generate_merge_on_default_model(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Code word {i}?"}, {"role": "assistant", "content": "PIPPIN-ZEBRA"}]} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ad = tmp_path / "adapters"
+    r = pippin("adapter", "train", "zebra", "--adapters-dir", str(ad), "--data", str(data), "--steps", "12", "--lr", "3e-3",
+               "--batch-size", "2", "--seq-len", "64", "--save-every", "6")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (ad / "zebra" / "adapter_model.safetensors").is_file()
+    r = pippin("adapter", "list", "--adapters-dir", str(ad))
+    assert r.returncode == 0 and "zebra" in r.stdout and " ok " in r.stdout
+    info = json.loads(pippin("adapter", "info", "zebra", "--adapters-dir", str(ad), "--json").stdout)
+    assert info["rank"] == 16 and info["objective"] == "sft" and info["base_matches"] is True and 9 < info["size_mb"] < 11
+    # The adapter changes the answer to what it was trained on; the base does not say it.
+    with_adapter = pippin("generate", "Code word 7?", "--adapter", "zebra", "--adapters-dir", str(ad), "--max-new-tokens", "8")
+    assert with_adapter.returncode == 0, with_adapter.stderr
+    assert "ZEBRA" in with_adapter.stdout
+    assert "ZEBRA" not in pippin("generate", "Code word 7?", "--max-new-tokens", "8").stdout
+    # Merged into the full-precision base, the dense model answers the same way.
+    r = pippin("adapter", "merge", "zebra", "--adapters-dir", str(ad), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    assert "ZEBRA" in pippin("generate", "Code word 7?", "--model", str(tmp_path / "merged"), "--max-new-tokens", "8").stdout
+    # Unknown and invalid adapters are one clear line.
+    for name, msg in [("nope", "Unknown adapter 'nope'"), ("../x", "Invalid adapter name")]:
+        r = pippin("generate", "hi", "--adapter", name, "--adapters-dir", str(ad))
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

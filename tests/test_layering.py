@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): model <- kernels, quant <- engine <- api/cli. Checked by reading imports."""
+"""Dependencies point one way (DESIGN.md): model <- kernels, quant, adapters <- engine <- train <- api/cli. Checked by reading imports."""
 
 import ast
 from pathlib import Path
@@ -10,9 +10,14 @@ PKG = Path(__file__).resolve().parents[1] / "pippin"
 FORBIDDEN = {
     "model": {"engine", "kernels", "commands", "api", "cli"},
     "kernels": {"engine", "commands", "api", "cli"},
-    "engine": {"commands", "api", "cli", "quant"},
+    "engine": {"commands", "api", "cli", "quant", "train", "serve", "eval"},
     # quant acts on linear-like modules by name and never imports the model (DESIGN.md).
     "quant": {"model", "engine", "commands", "api", "cli"},
+    # adapters wrap linear-like modules by name, like quant.
+    "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli"},
+    "train": {"commands", "api", "cli", "serve", "eval"},
+    "serve": {"commands", "cli", "train", "eval"},
+    "eval": {"commands", "cli", "train", "serve"},
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pippin.commands.common import add_model_arguments, add_sampling_arguments, print_stats, sampling_from_args
+from pippin.commands.common import add_model_arguments, add_sampling_arguments, load_engine_from_args, print_stats, sampling_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,12 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pippin.api import load_engine
     from pippin.engine.stream import Delta, Final, stream_chat
     from pippin.errors import PippinError
 
     params = sampling_from_args(args)
-    engine, tok = load_engine(args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True)
+    engine, tok, adapter = load_engine_from_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     print("pippin chat: /reset clears the history, /exit quits.", file=sys.stderr)
@@ -44,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         try:
-            for ev in stream_chat(engine, tok, system + history, params):
+            for ev in stream_chat(engine, tok, system + history, params, adapter=adapter):
                 if isinstance(ev, Delta):
                     print(ev.text, end="", flush=True)
                 elif isinstance(ev, Final):

@@ -14,6 +14,27 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--max-len", type=int, default=None, help="KV-cache capacity in tokens (default 4096)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter name (from --adapters-dir) or adapter folder")
+    p.add_argument("--adapters-dir", default=None, help="where named adapters live (default: <model folder>/adapters)")
+
+
+def load_engine_from_args(args: argparse.Namespace):  # noqa: ANN201 - (Engine, Tokenizer, adapter name or None)
+    """The engine for --model/--threads/--no-kernels/--max-len, with LoRA slots when --adapter is given."""
+    from pathlib import Path
+
+    from pippin.api import load_engine
+
+    use = args.adapters_dir or bool(args.adapter)
+    engine, tok = load_engine(
+        args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True, adapters=use
+    )
+    name = args.adapter
+    if name and Path(name).is_dir():  # a folder given directly: register it under its folder name
+        engine.adapters.add(Path(name).name, name)
+        name = Path(name).name
+    if name:
+        engine.adapters.get(name)  # validate now: a bad adapter is reported before any prompt is read
+    return engine, tok, name
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

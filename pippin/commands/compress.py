@@ -14,27 +14,30 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model to compress (default: the default model)")
     p.add_argument("--bpw", type=float, default=3.5, help="target average bits per weight, all weights counted")
-    p.add_argument("--calib", required=True, help="calibration text: .txt, or .json/.jsonl rows with text fields")
+    p.add_argument(
+        "--calib", required=True, help="calibration text: .txt, .json/.jsonl rows with text fields, or 'self[:N]' (the model's own text)"
+    )
     p.add_argument("--plan", default=None, help="JSON {layer: bits} to apply instead of allocating")
     p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--act8", action="store_true", help="dynamic 8-bit activations on palettized linears (fast 4-bit integer kernel)")
+    p.add_argument("--embed-bits", type=int, default=8, choices=[4, 6, 8], help="tied embedding/head: 8 = int8 rows (AFM), 4/6 = LUT")
     p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens")
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pippin.api import load_any
+    from pippin.api import load_any, read_text_source
     from pippin.io import write_json_atomic
     from pippin.model.checkpoint import pippin_home, save_pippin
-    from pippin.quant.calibrate import read_calibration_text
     from pippin.quant.compress import CompressConfig, compress_, load_plan, quantization_meta
 
-    text = read_calibration_text(args.calib)
     loaded = load_any(args.model, progress=True)
+    text = read_text_source(args.calib, loaded.model, loaded.tokenizer)
     cfg = CompressConfig(
         bpw=args.bpw,
         candidate_bits=tuple(int(b) for b in args.bits.split(",")),
+        embed_bits=args.embed_bits,
         group_size=args.group_size,
         plan=load_plan(args.plan) if args.plan else None,
         n_seqs=args.calib_seqs,

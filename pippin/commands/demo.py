@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pippin.commands.common import add_model_arguments, format_stats
+from pippin.commands.common import add_model_arguments, format_stats, load_engine_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,15 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from pippin.api import load_engine
     from pippin.engine.sampling import SamplingParams
     from pippin.engine.stream import Delta, Final, stream_chat
 
     t0 = time.perf_counter()
-    engine, tok = load_engine(args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True)
+    engine, tok, adapter = load_engine_from_args(args)
     print(f"model ready in {time.perf_counter() - t0:.1f} s\n", file=sys.stderr)
     print(f"user> {args.prompt}\nassistant> ", end="", flush=True)
-    for ev in stream_chat(engine, tok, [{"role": "user", "content": args.prompt}], SamplingParams(max_new_tokens=args.max_new_tokens)):
+    for ev in stream_chat(
+        engine, tok, [{"role": "user", "content": args.prompt}], SamplingParams(max_new_tokens=args.max_new_tokens), adapter=adapter
+    ):
         if isinstance(ev, Delta):
             print(ev.text, end="", flush=True)
         elif isinstance(ev, Final):

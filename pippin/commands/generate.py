@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pippin.commands.common import add_model_arguments, add_sampling_arguments, format_stats, sampling_from_args
+from pippin.commands.common import add_model_arguments, add_sampling_arguments, format_stats, load_engine_from_args, sampling_from_args
 from pippin.errors import PippinError
 
 
@@ -20,7 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pippin.api import load_engine
     from pippin.engine.stream import Delta, Final, stream_chat, stream_text
 
     prompt = args.prompt
@@ -29,12 +28,12 @@ def run(args: argparse.Namespace) -> int:
             raise PippinError("No prompt given; pass it as an argument or pipe it on stdin.")
         prompt = sys.stdin.read()
     params = sampling_from_args(args)
-    engine, tok = load_engine(args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True)
+    engine, tok, adapter = load_engine_from_args(args)
     if args.raw:
-        events = stream_text(engine, tok, prompt, params)
+        events = stream_text(engine, tok, prompt, params, adapter=adapter)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        events = stream_chat(engine, tok, messages, params)
+        events = stream_chat(engine, tok, messages, params, adapter=adapter)
     for ev in events:
         if isinstance(ev, Delta) and not args.json:
             print(ev.text, end="", flush=True)

@@ -3,8 +3,10 @@
 Rows may have different prompt lengths (right-padded prefill, per-row decode positions) and finish at
 different times (stop tokens, per-row). `generate` is a generator yielding one `Step` per produced
 token position, so callers can stream; it checks limits up front (prompt plus max_new_tokens must fit
-the context) and raises a `PippinError` that says what to do. Text and stop strings are the job of
-pippin.engine.stream. `compile=True` compiles the decode step with torch.compile.
+the context) and raises a `PippinError` that says what to do. Each row may name its own LoRA adapter
+(`adapters=[...]`): the engine's AdapterStore makes them resident and routes rows to them, so one batch
+mixes adapters in one forward pass. Text and stop strings are the job of pippin.engine.stream.
+`compile=True` compiles the decode step with torch.compile.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pippin.adapters.store import AdapterStore
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams, sample
@@ -58,8 +61,11 @@ class Engine:
         max_batch: int = 1,
         max_len: int | None = None,
         compile: bool = False,
+        adapters: AdapterStore | None = None,
     ) -> None:
         self.model = model.eval()
+        self.adapters = adapters
+        """Where per-row adapter names are resolved; None: the engine serves the base model only."""
         cfg = model.config
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
         self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len)
@@ -83,6 +89,16 @@ class Engine:
                 f"context of {self.max_len} tokens; shorten the prompt or lower max_new_tokens."
             )
 
+    def use_adapters(self, names: Sequence[str | None] | None, batch: int) -> None:
+        """Route each of `batch` rows to its adapter (validated, loaded on demand) before a forward pass."""
+        if names is not None and len(names) != batch:
+            raise PippinError(f"Got {len(names)} adapter names for {batch} prompts; give one per prompt (None for the base).")
+        if self.adapters is None:
+            if names is not None and any(n is not None for n in names):
+                raise PippinError("This engine has no adapter store; load the model with adapters to use them.")
+            return
+        self.adapters.route(list(names) if names is not None else [None] * batch)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -90,13 +106,18 @@ class Engine:
         params: SamplingParams,
         *,
         stop_ids: Sequence[int] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> Iterator[Step]:
-        """Yield one Step per generated position until every row is done. Stats land in `last_stats`."""
+        """Yield one Step per generated position until every row is done. Stats land in `last_stats`.
+
+        adapters: one adapter name (or None for the base) per row; all None when omitted.
+        """
         B = len(prompts)
         if B == 0:
             return
         for p in prompts:
             self.check_prompt(len(p), params.max_new_tokens)
+        self.use_adapters(adapters, B)
         if params.max_new_tokens == 0:
             self.last_stats = GenerationStats(
                 prompt_tokens=sum(map(len, prompts)),

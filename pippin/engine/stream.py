@@ -39,14 +39,16 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
-def stream_ids(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta | Final]:
-    """Stream the reply to one prompt given as ids."""
+def stream_ids(
+    engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *, adapter: str | None = None
+) -> Iterator[Delta | Final]:
+    """Stream the reply to one prompt given as ids (with the named LoRA adapter, if any)."""
     stop_ids = set(engine.eos_ids)
     ids: list[int] = []
     emitted = 0
     text = ""
     finish = "length"
-    steps = engine.generate([prompt_ids], params)
+    steps = engine.generate([prompt_ids], params, adapters=[adapter])
     for step in steps:
         tok = int(step.tokens[0])
         if not params.ignore_eos and tok in stop_ids:
@@ -73,17 +75,26 @@ def stream_ids(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], para
     yield Final(text=text, token_ids=ids, finish_reason=finish, stats=stats)
 
 
-def stream_text(engine: Engine, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[Delta | Final]:
-    return stream_ids(engine, tokenizer, tokenizer.encode(prompt), params)
+def stream_text(
+    engine: Engine, tokenizer: Tokenizer, prompt: str, params: SamplingParams, *, adapter: str | None = None
+) -> Iterator[Delta | Final]:
+    return stream_ids(engine, tokenizer, tokenizer.encode(prompt), params, adapter=adapter)
 
 
-def stream_chat(engine: Engine, tokenizer: Tokenizer, messages: list[dict[str, str]], params: SamplingParams) -> Iterator[Delta | Final]:
-    return stream_ids(engine, tokenizer, tokenizer.encode_chat(messages), params)
+def stream_chat(
+    engine: Engine, tokenizer: Tokenizer, messages: list[dict[str, str]], params: SamplingParams, *, adapter: str | None = None
+) -> Iterator[Delta | Final]:
+    return stream_ids(engine, tokenizer, tokenizer.encode_chat(messages), params, adapter=adapter)
 
 
-def complete(engine: Engine, tokenizer: Tokenizer, prompt: str | list[dict[str, str]], params: SamplingParams) -> Final:
+def complete(
+    engine: Engine, tokenizer: Tokenizer, prompt: str | list[dict[str, str]], params: SamplingParams, *, adapter: str | None = None
+) -> Final:
     """The whole reply at once (a str prompt is plain text; a list is chat messages)."""
-    it = stream_text(engine, tokenizer, prompt, params) if isinstance(prompt, str) else stream_chat(engine, tokenizer, prompt, params)
+    if isinstance(prompt, str):
+        it = stream_text(engine, tokenizer, prompt, params, adapter=adapter)
+    else:
+        it = stream_chat(engine, tokenizer, prompt, params, adapter=adapter)
     final = None
     for ev in it:
         if isinstance(ev, Final):

@@ -5,8 +5,10 @@ whose forward calls the kernels when it pays (a few rows: decode) and the origin
 otherwise (prefill is GEMM-bound and MKL is good at it). `KernelBlock` runs a whole decoder block in one
 kernel call when every projection is dense (`KernelLinear`) or palettized (anything with `packed`, `lut`
 and `bits`, i.e. pippin.quant's `PalettizedLinear`, recognised by shape so this package does not import
-quant) and the cache offers uniform slots; anything else (a LoRA wrapper, ragged batch rows) takes the
-module-by-module path, as do QK-norm models. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
+quant), optionally wrapped in a LoRA adapter (anything with `base`, `lora_A`, `lora_B`, `lora_scale` and
+`routing`: pippin.adapters' `LoRALinear`, whose per-row slots run in the same call), and the cache offers
+uniform slots; anything else (ragged batch rows, training) takes the module-by-module path, as do QK-norm
+models. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
 enable=False)` restores the reference classes. Every fast path is tested against the reference.
 """
 
@@ -71,6 +73,19 @@ def _projection(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.
     return None
 
 
+def _lora(m: nn.Module) -> tuple[nn.Module, tuple | None]:
+    """(base module, (A, B, scale, row slots) or None) for a LoRA wrapper; (m, None) for anything else."""
+    if not all(hasattr(m, a) for a in ("base", "lora_A", "lora_B", "lora_scale", "routing")):
+        return m, None
+    r = m.routing
+    if r.index is None and r.slot is None:
+        return m.base, None
+    if m.lora_A.dtype != torch.float16 or torch.is_grad_enabled():
+        return m, None  # trainable fp32 adapters: the autograd path
+    idx = r.index if r.index is not None else torch.tensor([r.slot])
+    return m.base, (m.lora_A, m.lora_B, m.lora_scale, idx)
+
+
 class KernelBlock(Block):
     """The whole block in one kernel call when every part is on a kernel-backed path."""
 
@@ -86,16 +101,22 @@ class KernelBlock(Block):
         ):
             return super().forward(x, cos, sin, cache, mask)
         mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        projs = [_projection(m) for m in mods]
+        loras = [_lora(m) for m in mods]
+        projs = [_projection(base) for base, _ in loras]
         groups = {p[4] for p in projs if p is not None and p[3]}
         if any(p is None for p in projs) or len(groups) > 1:
             return super().forward(x, cos, sin, cache, mask)
         k, v, start = slots
+        lo = [extra for _, extra in loras]
+        idx = next((e[3] for e in lo if e is not None), None)
+        if idx is not None and idx.numel() > 1 and idx.numel() != x.shape[0]:
+            return super().forward(x, cos, sin, cache, mask)
         return ops().decode_block(
             x, self.input_layernorm.weight, self.post_attention_layernorm.weight,
             [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs],
             groups.pop() if groups else 1,
             cos.squeeze(1), sin.squeeze(1), k, v, start, attn.n_heads, attn.n_kv_heads, self.input_layernorm.eps,
+            [e and e[0] for e in lo], [e and e[1] for e in lo], [e and e[2] for e in lo], idx,
         )  # fmt: skip
 
 

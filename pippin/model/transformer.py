@@ -149,6 +149,27 @@ class Transformer(nn.Module):
         """Final norm plus output projection: hidden (..., dim) -> logits (..., V)."""
         return self.lm_head(self.norm(h))
 
+    def features(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, dim) after the last block, before the final norm (see `forward`).
+
+        Training uses it to run the head only where the loss is taken (the head is the largest matmul)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        h = self.embed_tokens(tokens)
+        for block in self.layers:
+            h = block(h, cos, sin, cache, mask)
+        return h
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -166,14 +187,8 @@ class Transformer(nn.Module):
         logits_at: (B,) index of the one position per row whose logits are wanted (prefill); the head,
             the largest matmul, then runs on B rows instead of B*T. Returns (B, V) in that case, else (B, T, V).
         """
-        B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        h = self.embed_tokens(tokens)
-        for block in self.layers:
-            h = block(h, cos, sin, cache, mask)
+        B = tokens.shape[0]
+        h = self.features(tokens, positions=positions, cache=cache, mask=mask)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at]  # (B, dim)
         return self.head(h)

@@ -1,4 +1,4 @@
-"""Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits.
+"""Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits (or a LUT).
 
 `compress_(model, tokenizer, calib_text, config)` measures calibration statistics, fits LUTs for every
 candidate bit width, allocates bits to hit the budget at least estimated loss (or takes a given plan),
@@ -20,8 +20,8 @@ from tqdm import tqdm
 from pippin.errors import PippinError
 from pippin.quant.allocate import LayerChoice, allocate
 from pippin.quant.calibrate import calibration_batches, fisher_diagonal, input_moments
-from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
-from pippin.quant.pack import SUPPORTED_BITS
+from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
+from pippin.quant.pack import SUPPORTED_BITS, pack
 from pippin.quant.palettize import Palette, fit_palette
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,6 +39,8 @@ class CompressConfig:
     """An explicit {layer: bits} plan; skips allocation (and the budget)."""
     act8: bool = False
     """Dynamic 8-bit per-token activations on palettized linears (the fast integer kernel for 4-bit layers)."""
+    embed_bits: int = 8
+    """The tied embedding (also the head): 8 = int8 rows with a scale each (AFM); 4 or 6 = a LUT per group of rows."""
     seq_len: int = 256
     n_seqs: int = 8
     """Calibration windows: n_seqs sequences of seq_len tokens."""
@@ -108,9 +110,16 @@ def compress_(
     for b in config.candidate_bits:
         if b not in SUPPORTED_BITS:
             raise PippinError(f"Unsupported bit width {b}; choose from {SUPPORTED_BITS}.")
+    if config.embed_bits not in (4, 6, 8):
+        raise PippinError(f"embed_bits must be 4, 6 or 8, got {config.embed_bits}.")
     plan = validate_plan(model, config.plan) if config.plan is not None else None
     batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=config.n_seqs)
-    moments = input_moments(model, batches, names, progress=progress)
+    embed = getattr(model, "embed_tokens", None)
+    lut_embed = isinstance(embed, nn.Embedding) and config.embed_bits < 8 and getattr(model.lm_head, "_embedding", None) is embed
+    if isinstance(embed, nn.Embedding) and config.embed_bits < 8 and not lut_embed:
+        raise PippinError("A palettized embedding needs a tied model (the embedding doubles as the head); use embed_bits=8.")
+    # The head's input statistics weight the embedding's LUT fit (its rows are the head's output channels).
+    moments = input_moments(model, batches, names + (["lm_head"] if lut_embed else []), progress=progress)
     palettes: dict[tuple[str, int], Palette] = {}
 
     def palette(name: str, bits: int) -> Palette:
@@ -118,8 +127,11 @@ def compress_(
             palettes[name, bits] = fit_palette(modules[name].weight, bits=bits, group_size=config.group_size, importance=moments[name])
         return palettes[name, bits]
 
-    embed = getattr(model, "embed_tokens", None)
-    embed_bits = (embed.weight.numel() * 8 + embed.weight.shape[0] * 32) if isinstance(embed, nn.Embedding) else 0
+    embed_bits = 0
+    if lut_embed:
+        embed_bits = _palette_bits(embed.weight.shape[0], embed.weight.shape[1], config.embed_bits, config.group_size)
+    elif isinstance(embed, nn.Embedding):
+        embed_bits = embed.weight.numel() * 8 + embed.weight.shape[0] * 32
     if plan is None:
         fisher = fisher_diagonal(model, batches, names, progress=progress)
         choices = []
@@ -144,10 +156,16 @@ def compress_(
         new.act8 = config.act8
         _set_module(model, name, new)
         layers.append({"name": name, "bits": plan[name], "rel_error": err})
-    if isinstance(embed, nn.Embedding):
+    if lut_embed:
+        p = fit_palette(embed.weight, bits=config.embed_bits, group_size=config.group_size, importance=moments["lm_head"])
+        q = PalettizedEmbedding(*embed.weight.shape, bits=p.bits, group_size=p.group_size, act8=config.act8)
+        q.packed.copy_(pack(p.idx, p.bits))
+        q.lut.copy_(p.lut)
+        model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
+    elif isinstance(embed, nn.Embedding):
         _quantize_embedding_(model)
     linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
-    linear_w = sum(m.in_features * m.out_features for n, m in model.named_modules() if isinstance(m, PalettizedLinear))
+    linear_w = sum(m.in_features * m.out_features for m in model.modules() if type(m) is PalettizedLinear)
     return CompressReport(plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers)
 
 
@@ -177,7 +195,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "method": "palettize",
         "group_size": config.group_size,
         "plan": report.plan,
-        "embedding": "int8",
+        "embedding": "int8" if config.embed_bits == 8 else f"palette{config.embed_bits}",
         "act8": config.act8,
         "bpw": report.bpw,
     }
@@ -193,7 +211,14 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
         lin = modules[name]
         new = PalettizedLinear(lin.in_features, lin.out_features, bits=bits, group_size=meta["group_size"], act8=bool(meta.get("act8")))
         _set_module(model, name, new)
-    if meta.get("embedding") == "int8":
+    emb = str(meta.get("embedding", ""))
+    if emb.startswith("palette"):
+        e = model.embed_tokens
+        q = PalettizedEmbedding(
+            e.num_embeddings, e.embedding_dim, bits=int(emb.removeprefix("palette")), group_size=meta["group_size"], act8=bool(meta.get("act8"))
+        )
+        model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
+    if emb == "int8":
         e = model.embed_tokens
         q = Int8Embedding(e.num_embeddings, e.embedding_dim)
         tied = getattr(model.lm_head, "_embedding", None) is e

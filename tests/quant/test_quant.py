@@ -220,3 +220,29 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     prefill(model, tokens[:, :4], torch.tensor([4]), cache)
     for t, ref_logits in zip(range(4, 14), module_path):
         torch.testing.assert_close(decode_step(model, tokens[:, t], cache), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("embed_bits", [4, 6])
+def test_palettized_embedding_serves_lookup_and_head_and_reloads(tmp_path, embed_bits):
+    from pippin.model.checkpoint import LoadedModel, load_pippin, save_pippin
+    from pippin.quant.linear import PalettizedEmbedding, PalettizedTiedHead
+
+    model = tiny_model()
+    full = model.embed_tokens.weight.detach().clone()
+    cfg = CompressConfig(candidate_bits=(4,), bpw=16, embed_bits=embed_bits, seq_len=128, n_seqs=2)
+    report = compress_(model, CALIB, cfg)
+    e = model.embed_tokens
+    assert isinstance(e, PalettizedEmbedding) and isinstance(model.lm_head, PalettizedTiedHead)
+    w = e.dequantize()
+    tokens = torch.tensor([[3, 17, 255, 0]])
+    torch.testing.assert_close(e(tokens)[0], w[tokens[0]])  # lookup = rows of the dequantized matrix
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(model.lm_head(x), x @ w.T, atol=1e-4, rtol=1e-4)  # head = same matrix
+    assert ((w - full) ** 2).sum() / (full**2).sum() < (0.05 if embed_bits == 4 else 0.01)
+    # Every stored byte is counted, and the layout reloads from config.json alone.
+    assert report.bpw == pytest.approx(stored_bits(model) / sum(p.numel() for p in tiny_model().parameters()))
+    save_pippin(LoadedModel(model=model, tokenizer=None, path=tmp_path, meta={"quantization": quantization_meta(report, cfg)}), tmp_path)
+    from pippin.api import _prepare
+
+    again = load_pippin(tmp_path, prepare=_prepare).model
+    torch.testing.assert_close(again(tokens), model(tokens))

@@ -8,6 +8,8 @@
 //            lut_dequant builds W for the prefill path; lut4_gemv_act8 is the 4-bit x int8-activation kernel.
 // gemv_i8:   int8 rows with per-row scales (the 8-bit embedding read as the output head).
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
+// lora_add_: y += scale[s] * (x A[s]^T) B[s]^T per row, with each row's adapter slot s (fp16 A/B stacks):
+//            mixed-adapter batches in one call (S-LoRA / punica's gathered LoRA, for a few rows).
 // decode_block: a whole decoder block for a few tokens (decode), built from the above.
 // Each has a slow reference in Python (F.linear, F.rms_norm, F.silu) and a test that they agree.
 #include <ATen/ATen.h>
@@ -402,6 +404,71 @@ void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int
   }
 }
 
+// y (M, N) += scale[s] * B[s] (A[s] x_m) with s = idx[m / (M / len(idx))]: every row its own LoRA slot.
+// A (S, r, K) and B (S, N, r) are fp16 stacks (slot 0 is all-zero "no adapter" and is skipped via scale 0).
+void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& Bw, const at::Tensor& scale,
+               const at::Tensor& idx) {
+  TORCH_CHECK(A.scalar_type() == at::kHalf && Bw.scalar_type() == at::kHalf && A.is_contiguous() && Bw.is_contiguous() &&
+                  A.dim() == 3 && Bw.dim() == 3,
+              "lora_add_: A (S, r, K) and B (S, N, r) must be contiguous fp16");
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && x_in.scalar_type() == at::kFloat,
+              "lora_add_: x and y must be fp32 and y contiguous");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.numel() > 0,
+              "lora_add_: scale must be fp32 (S,) and idx int64 (B,)");
+  auto x = x_in.contiguous();
+  const int64_t S = A.size(0), r = A.size(1), K = A.size(2), N = Bw.size(1);
+  const int64_t M = x.numel() / K;
+  TORCH_CHECK(x.size(-1) == K && Bw.size(0) == S && Bw.size(2) == r && scale.numel() == S && y.numel() == M * N,
+              "lora_add_: shape mismatch");
+  TORCH_CHECK(M % idx.numel() == 0, "lora_add_: rows must split evenly over idx");
+  const int64_t per = M / idx.numel();
+  auto idx_c = idx.contiguous();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < S, "lora_add_: slot index out of range");
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const c10::Half* Ap = A.data_ptr<c10::Half>();
+  const c10::Half* Bp = Bw.data_ptr<c10::Half>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> h(M * r, 0.0f);
+  // h = A[s] x: M * r dot products of length K.
+  at::parallel_for(0, M * r, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / r, j = i % r, s = ip[m / per];
+      if (sp[s] == 0.0f) continue;
+      const c10::Half* a = Ap + (s * r + j) * K;
+      const float* xm = xp + m * K;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(xm + k), acc);
+      float t = hsum(acc);
+      for (; k < K; ++k) t += float(a[k]) * xm[k];
+      h[i] = t;
+    }
+  });
+  // y += scale * B[s] h: N outputs of length r per row.
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t s = ip[m / per];
+      const float sc = sp[s];
+      if (sc == 0.0f) continue;
+      const float* hm = h.data() + m * r;
+      for (int64_t n = n0; n < n1; ++n) {
+        const c10::Half* b = Bp + (s * N + n) * r;
+        float t = 0.0f;
+        int64_t j = 0;
+        if (r % 8 == 0) {
+          __m256 acc = _mm256_setzero_ps();
+          for (; j < r; j += 8) acc = _mm256_fmadd_ps(load8(b + j), _mm256_loadu_ps(hm + j), acc);
+          t = hsum(acc);
+        }
+        for (; j < r; ++j) t += float(b[j]) * hm[j];
+        yp[m * N + n] += sc * t;
+      }
+    }
+  });
+}
+
 // One whole decoder block for a few tokens at a uniform cache offset (decode, speculative verify):
 // pre-norm attention (q, k, v projections, RoPE, in-place KV-cache write, causal GQA attention over the
 // cache, o-projection, residual), then the pre-norm SwiGLU MLP and residual. Each of the 7 projections
@@ -420,7 +487,9 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
                         at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& luts,
                         const c10::List<c10::optional<at::Tensor>>& lut_scales, at::IntArrayRef bits,
                         int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
-                        at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps) {
+                        at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps,
+                        const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
+                        const c10::List<c10::optional<at::Tensor>>& lora_scale, const c10::optional<at::Tensor>& lora_idx) {
   TORCH_CHECK(weights.size() == 7 && luts.size() == 7 && bits.size() == 7, "decode_block: need 7 projections");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat,
               "decode_block: the cache must be contiguous fp32 (B, H_kv, S, D)");
@@ -430,8 +499,12 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
   TORCH_CHECK(start + T <= S_max, "decode_block: cache overflow");
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(0) == B && k_cache.size(1) == Hkv && v_cache.sizes() == k_cache.sizes(),
               "decode_block: cache must be (B, H_kv, S, D) for both k and v");
+  const bool lora = lora_idx.has_value() && lora_a.size() == 7 && lora_b.size() == 7 && lora_scale.size() == 7;
   auto lin = [&](const at::Tensor& in, int i) {
-    return apply_linear(in, weights[i], luts.get(i), lut_scales.get(i), bits[i], group);
+    auto y = apply_linear(in, weights[i], luts.get(i), lut_scales.get(i), bits[i], group);
+    const auto a = lora ? lora_a.get(i) : c10::optional<at::Tensor>();
+    if (a.has_value()) lora_add_(y, in, *a, *lora_b.get(i), *lora_scale.get(i), *lora_idx);
+    return y;
   };
   auto h = rms_norm(x, attn_norm, eps);
   auto qkv = at::cat({lin(h, 0), lin(h, 1), lin(h, 2)}, -1).contiguous();  // (B, T, (H + 2 Hkv) D)
@@ -497,7 +570,8 @@ TORCH_LIBRARY(pippin, m) {
       "decode_block(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor[] weights, Tensor?[] luts, "
       "Tensor?[] lut_scales, int[] bits, "
       "int group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads, "
-      "int n_kv_heads, float eps) -> Tensor");
+      "int n_kv_heads, float eps, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scale, Tensor? lora_idx) -> Tensor");
+  m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pippin, CPU, m) {
@@ -510,4 +584,5 @@ TORCH_LIBRARY_IMPL(pippin, CPU, m) {
   m.impl("lut4_gemv_act8", &lut4_gemv_act8);
   m.impl("rope_", &rope_);
   m.impl("decode_block", &decode_block);
+  m.impl("lora_add_", &lora_add_);
 }

@@ -1,0 +1,189 @@
+"""AdapterStore: adapters on disk, an LRU of loaded adapters in memory under a byte budget, and the model's
+adapter slots, so a request can name any adapter and the base model is never reloaded.
+
+Three levels, as in LoRAX / S-LoRA: a registry of folders (`root/<name>/`, PEFT format), a memory cache of
+validated fp16 adapters (least recently used evicted past `budget_bytes`), and `n_slots - 1` device slots
+inside the model's LoRALinear modules (slot 0 means "no adapter"). `route(names)` makes every adapter a
+batch needs resident in a slot (a swap is one in-place copy per module), then points the model's Routing
+at them, so one forward pass serves rows with different adapters. Names are plain identifiers: they cannot
+reach outside the root folder. Mismatched or corrupt adapters are refused with a clear error and the store
+keeps working. Thread-safe: a server may call it from several threads.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from pippin.adapters.lora import base_fingerprint, lora_modules, routing_of
+from pippin.adapters.peft_format import CONFIG_FILE, Adapter, check_compatible, load_adapter
+from pippin.errors import PippinError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise PippinError(f"Invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+    return name
+
+
+@dataclass(kw_only=True)
+class StoreStats:
+    hits: int = 0
+    """get() answered from memory."""
+    misses: int = 0
+    """get() read the adapter from disk."""
+    evictions: int = 0
+    swaps: int = 0
+    """Adapters copied into a model slot."""
+    last_load_ms: float = 0.0
+    last_swap_ms: float = 0.0
+
+
+class AdapterStore:
+    """Disk registry + memory LRU + model slots for the LoRA adapters of one base model."""
+
+    def __init__(self, root: str | Path | None, *, model: nn.Module, budget_bytes: int = 256 << 20) -> None:
+        self.root = Path(root) if root is not None else None
+        self.model = model
+        self.budget_bytes = budget_bytes
+        self.modules = lora_modules(model)
+        if not self.modules:
+            raise PippinError("The model has no LoRA slots; wrap it with apply_lora(model, config, n_slots=...) first.")
+        self.routing = routing_of(model)
+        self.n_slots = next(iter(self.modules.values())).n_slots
+        self.fingerprint = base_fingerprint(model)
+        self.stats = StoreStats()
+        self._paths: dict[str, Path] = {}
+        self._memory: OrderedDict[str, Adapter] = OrderedDict()
+        self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
+        self._lock = threading.RLock()
+
+    # --- registry -------------------------------------------------------------------------------------
+
+    def add(self, name: str, path: str | Path) -> None:
+        """Register an adapter folder under a name (outside the root, e.g. a PEFT checkpoint)."""
+        check_name(name)
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise PippinError(f"{path} is not an adapter folder (no {CONFIG_FILE}).")
+        with self._lock:
+            self._paths[name] = path
+            self._drop(name)  # a re-registered name must not serve the old weights
+
+    def names(self) -> list[str]:
+        """Every adapter that can be requested: registered ones plus the folders under root."""
+        found = set(self._paths)
+        if self.root is not None and self.root.is_dir():
+            found |= {p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and NAME.match(p.name)}
+        return sorted(found)
+
+    def path_of(self, name: str) -> Path:
+        check_name(name)
+        if name in self._paths:
+            return self._paths[name]
+        if self.root is not None and (self.root / name / CONFIG_FILE).is_file():
+            return self.root / name
+        known = ", ".join(self.names()) or "none"
+        raise PippinError(f"Unknown adapter {name!r} (known: {known}).")
+
+    # --- memory -----------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> Adapter:
+        """The validated adapter, from memory or else from disk (then cached, evicting LRU past the budget)."""
+        with self._lock:
+            if name in self._memory:
+                self._memory.move_to_end(name)
+                self.stats.hits += 1
+                return self._memory[name]
+            path = self.path_of(name)
+            t0 = time.perf_counter()
+            adapter = load_adapter(path, name=name)
+            check_compatible(adapter, self.model, fingerprint=self.fingerprint)
+            if adapter.nbytes > self.budget_bytes:
+                raise PippinError(
+                    f"Adapter {name!r} needs {adapter.nbytes / 2**20:.1f} MiB, over the cache budget "
+                    f"of {self.budget_bytes / 2**20:.1f} MiB."
+                )
+            self.stats.misses += 1
+            self.stats.last_load_ms = (time.perf_counter() - t0) * 1000
+            self._memory[name] = adapter
+            while sum(a.nbytes for a in self._memory.values()) > self.budget_bytes:
+                old, _ = self._memory.popitem(last=False)
+                self.stats.evictions += 1
+            return adapter
+
+    def put(self, adapter: Adapter) -> None:
+        """Keep an in-memory adapter (e.g. one just trained) under its name, after validation."""
+        check_name(adapter.name)
+        check_compatible(adapter, self.model, fingerprint=self.fingerprint)
+        with self._lock:
+            self._drop(adapter.name)
+            self._memory[adapter.name] = adapter
+
+    def unload(self, name: str) -> bool:
+        """Forget an adapter from memory and its slot (the files stay). Returns whether it was loaded."""
+        with self._lock:
+            return self._drop(name)
+
+    def _drop(self, name: str) -> bool:
+        was = self._memory.pop(name, None) is not None
+        slot = self._slots.pop(name, None)
+        if slot is not None:
+            for m in self.modules.values():
+                m.load_slot(slot, None, None, 0.0)
+        return was or slot is not None
+
+    def loaded(self) -> list[str]:
+        return list(self._memory)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(a.nbytes for a in self._memory.values())
+
+    # --- slots ------------------------------------------------------------------------------------------
+
+    def slot_for(self, name: str, *, keep: set[str] = frozenset()) -> int:
+        """Make `name` resident in a model slot (swapping out the least recently used one not in `keep`)."""
+        with self._lock:
+            if name in self._slots:
+                self._slots.move_to_end(name)
+                return self._slots[name]
+            adapter = self.get(name)
+            used = set(self._slots.values())
+            free = [s for s in range(1, self.n_slots) if s not in used]
+            if free:
+                slot = free[0]
+            else:
+                victim = next((n for n in self._slots if n not in keep), None)
+                if victim is None:
+                    raise PippinError(
+                        f"All {self.n_slots - 1} adapter slots are in use by this batch; raise the slot count or split the batch."
+                    )
+                slot = self._slots.pop(victim)
+            t0 = time.perf_counter()
+            for mod, m in self.modules.items():
+                A, B = adapter.weights.get(mod, (None, None))
+                m.load_slot(slot, A, B, adapter.scales.get(mod, 0.0))
+            self.stats.swaps += 1
+            self.stats.last_swap_ms = (time.perf_counter() - t0) * 1000
+            self._slots[name] = slot
+            return slot
+
+    def route(self, names: Sequence[str | None], *, keep: Sequence[str] = ()) -> list[int]:
+        """Point the model at one adapter per batch row (None = base only); returns the slots used."""
+        with self._lock:
+            wanted = {n for n in names if n is not None} | set(keep)
+            if len(wanted) > self.n_slots - 1:
+                raise PippinError(f"A batch may use at most {self.n_slots - 1} different adapters, got {len(wanted)}.")
+            slots = [0 if n is None else self.slot_for(n, keep=wanted) for n in names]
+            self.routing.set(slots if len(slots) > 1 else (slots[0] if slots else None))
+            return slots

@@ -1,0 +1,69 @@
+"""Resumable training state, without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is `state-{step}.safetensors` (trainable parameters and the optimizer's tensors) plus
+`state.json`, which names that file and holds the step, the optimizer's scalar settings and the run
+config. Both are written atomically, tensors first, so the JSON always points at a complete file: a run
+killed at any moment resumes from its last checkpoint and loses at most the steps since. Older tensor
+files are removed once the new JSON is in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from pippin.errors import PippinError
+from pippin.io import write_atomic, write_json_atomic
+
+STATE_JSON = "state.json"
+
+
+def save_state(
+    folder: str | Path, *, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+) -> Path:
+    folder = Path(folder)
+    opt = optimizer.state_dict()
+    tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{pid}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    name = f"state-{step}.safetensors"
+    write_atomic(folder / name, st_save(tensors))
+    write_json_atomic(
+        folder / STATE_JSON,
+        {"step": step, "tensors": name, "param_groups": opt["param_groups"], "opt_scalars": scalars, **extra},
+    )
+    for old in folder.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return folder / name
+
+
+def load_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(meta, params, optimizer state_dict) of the last checkpoint, or None when there is none."""
+    folder = Path(folder)
+    if not (folder / STATE_JSON).is_file():
+        return None
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(folder / meta["tensors"])
+    except Exception as e:  # a hand-edited or damaged checkpoint: say so instead of silently restarting
+        raise PippinError(f"Cannot resume from {folder}: the checkpoint is damaged ({e}). Delete it to start over.") from None
+    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for pid, sc in meta.get("opt_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    return meta, params, {"state": state, "param_groups": meta["param_groups"]}

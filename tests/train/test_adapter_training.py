@@ -1,0 +1,195 @@
+"""Adapter training: assistant-only masks, SFT and distillation that learn, exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pippin.train.adapter as trainer
+from pippin.adapters.lora import LoraConfig, apply_lora
+from pippin.adapters.peft_format import load_adapter
+from pippin.adapters.store import AdapterStore
+from pippin.errors import PippinError
+from pippin.train.adapter import Objective, TrainConfig, lr_at, train_adapter
+from pippin.train.data import Example, read_conversations, text_examples, tokenize_chat
+from tests.conftest import SHARED_DATA, tiny_model
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def toy_examples(n: int = 8) -> list[Example]:
+    """Prompt tokens (unmasked) followed by an answer that is a fixed function of the prompt (masked)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        p = torch.randint(10, 200, (6,), generator=g).tolist()
+        a = [(t * 7) % 250 + 3 for t in p[:4]]
+        out.append(Example(ids=p + a, mask=[False] * 6 + [True] * 4))
+    return out
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(lora=LORA, steps=30, batch_size=4, lr=1e-2, warmup_steps=2, save_every=10, seed=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_sft_learns_and_the_saved_adapter_serves_the_same_logits(tmp_path):
+    model = tiny_model()
+    res = train_adapter(model, toy_examples(), cfg(), out_dir=tmp_path / "a", name="a", progress=False)
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    assert (tmp_path / "a" / "train_config.json").is_file() and len((tmp_path / "a" / "train_log.jsonl").read_text().splitlines()) == 30
+    tokens = torch.tensor([toy_examples()[0].ids])
+    with torch.no_grad():
+        trained = model(tokens)
+    # A fresh base plus the saved fp16 adapter from the store gives the trained model's logits.
+    served = tiny_model()
+    apply_lora(served, LORA, n_slots=2)
+    store = AdapterStore(tmp_path, model=served)
+    store.route(["a"])
+    with torch.no_grad():
+        torch.testing.assert_close(served(tokens), trained, atol=2e-3, rtol=2e-3)
+    assert load_adapter(tmp_path / "a").meta["objective"] == "sft"
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    ex = toy_examples()
+    full = tiny_model()
+    train_adapter(full, ex, cfg(steps=12, save_every=4), out_dir=tmp_path / "full", name="x", progress=False)
+    real_save = trainer.save_state
+    saves = []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        saves.append(k["step"])
+        if k["step"] == 8:
+            raise KeyboardInterrupt  # killed right after the step-8 checkpoint
+
+    monkeypatch.setattr(trainer, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tiny_model(), ex, cfg(steps=12, save_every=4), out_dir=tmp_path / "killed", name="x", progress=False)
+    monkeypatch.setattr(trainer, "save_state", real_save)
+    res = train_adapter(tiny_model(), ex, cfg(steps=12, save_every=4), out_dir=tmp_path / "killed", name="x", progress=False)
+    assert saves == [4, 8] and res.resumed_from == 8
+    a, b = load_adapter(tmp_path / "full"), load_adapter(tmp_path / "killed")
+    for mod in a.weights:
+        torch.testing.assert_close(a.weights[mod][0], b.weights[mod][0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.weights[mod][1], b.weights[mod][1], atol=1e-3, rtol=0)
+    # A different run cannot silently reuse that checkpoint.
+    with pytest.raises(PippinError, match="different run"):
+        train_adapter(tiny_model(), ex, cfg(steps=12, save_every=4, lr=5e-3), out_dir=tmp_path / "killed", name="x", progress=False)
+
+
+def test_distillation_recovers_a_compressed_student(tmp_path):
+    from pippin.quant.compress import CompressConfig, compress_
+    from pippin.train.losses import masked_kl
+
+    teacher = tiny_model()
+    student = tiny_model()
+    compress_(student, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
+    with torch.no_grad():  # text the teacher itself generates (sampled): no outside data needed
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(3, 250, (64, 4), generator=g)
+        for _ in range(28):
+            nxt = torch.multinomial(teacher(text)[:, -1].softmax(-1), 1, generator=g)
+            text = torch.cat([text, nxt], 1)
+    ex = text_examples(text.flatten().tolist(), seq_len=31)
+    train_windows, heldout = ex[:48], torch.tensor([e.ids for e in ex[48:]])
+
+    def heldout_kl() -> float:
+        with torch.no_grad():
+            return masked_kl(student(heldout), teacher(heldout), torch.ones(heldout.shape, dtype=torch.bool)).item()
+
+    kl_before = heldout_kl()
+    res = train_adapter(
+        student,
+        train_windows,
+        cfg(objective=Objective.DISTILL, steps=40, batch_size=8, lr=5e-3),
+        out_dir=tmp_path / "r",
+        name="r",
+        teacher=teacher,
+        progress=False,
+    )
+    assert res.losses[-1] < 0.6 * res.losses[0]
+    assert heldout_kl() < 0.9 * kl_before  # it generalises to windows it did not train on
+
+
+def test_task_adapter_starts_from_another_adapter(tmp_path):
+    ex = toy_examples()
+    train_adapter(tiny_model(), ex, cfg(steps=5), out_dir=tmp_path / "rec", name="rec", progress=False)
+    m = tiny_model()
+    tokens = torch.tensor([ex[0].ids])
+    # steps=1 with a tiny lr: the task adapter must start (almost) where the recovery adapter ended.
+    train_adapter(m, ex, cfg(steps=1, lr=1e-9, init_from=str(tmp_path / "rec")), out_dir=tmp_path / "task", name="task", progress=False)
+    ref = tiny_model()
+    apply_lora(ref, LORA, n_slots=2)
+    store = AdapterStore(tmp_path, model=ref)
+    store.route(["rec"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(tokens), ref(tokens), atol=2e-3, rtol=2e-3)
+    assert load_adapter(tmp_path / "task").meta["init_from"] == str(tmp_path / "rec")
+
+
+def test_grad_checkpointing_gives_the_same_training(tmp_path):
+    ex = toy_examples()
+    a = train_adapter(tiny_model(), ex, cfg(steps=3), out_dir=tmp_path / "a", name="a", progress=False)
+    b = train_adapter(tiny_model(), ex, cfg(steps=3, grad_checkpointing=True), out_dir=tmp_path / "b", name="b", progress=False)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+
+
+def test_lr_schedule_and_config_validation():
+    c = cfg(steps=20, warmup_steps=4, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, c) == pytest.approx(0.25) and lr_at(3, c) == pytest.approx(1.0)
+    assert lr_at(19, c) == pytest.approx(0.1, abs=0.02) and lr_at(10, c) < lr_at(5, c)
+    with pytest.raises(PippinError):
+        TrainConfig(steps=0)
+    with pytest.raises(PippinError, match="teacher"):
+        train_adapter(tiny_model(), toy_examples(), cfg(objective="distill"), out_dir="/nonexistent", name="x", progress=False)
+
+
+def test_data_readers_and_bad_rows(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n{oops\n")
+    with pytest.raises(PippinError, match=r"d.jsonl:2: not valid JSON"):
+        read_conversations(p)
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
+    with pytest.raises(PippinError, match="no assistant"):
+        read_conversations(p)
+    with pytest.raises(PippinError, match="missing field"):
+        read_conversations(p, "dialogsum")
+
+
+@pytest.mark.real
+def test_assistant_mask_covers_exactly_the_replies():
+    from pippin.model.checkpoint import load_model
+
+    tok = load_model().tokenizer
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green 123."},
+    ]
+    ex = tokenize_chat(tok, msgs, max_len=512)
+    assert ex.ids == tok.encode_chat(msgs, add_generation_prompt=False)
+    learned = tok.decode([t for t, m in zip(ex.ids, ex.mask) if m], skip_special=False)
+    assert "Blue." in learned and "Green 123." in learned and "colour" not in learned and "Be brief" not in learned
+    if (SHARED_DATA / "dialogsum").is_dir():
+        conv = read_conversations(SHARED_DATA / "dialogsum" / "dialogsum.test.jsonl", "dialogsum", limit=2)
+        assert conv[0][0]["content"].startswith("Summarize the following dialogue") and conv[0][1]["role"] == "assistant"
+
+
+@pytest.mark.real
+def test_self_generated_text_needs_no_outside_data():
+    from pippin.api import read_text_source, self_generated_text
+    from pippin.model.checkpoint import load_model
+
+    lm = load_model()
+    kinds = {type(m) for m in lm.model.modules()}
+    text = self_generated_text(lm.model, lm.tokenizer, n_seqs=2, max_new_tokens=24, seed=3)
+    assert len(lm.tokenizer.encode(text)) > 20 and text == self_generated_text(lm.model, lm.tokenizer, n_seqs=2, max_new_tokens=24, seed=3)
+    assert {type(m) for m in lm.model.modules()} == kinds  # the model is left as it was found (no kernel classes)
+    with pytest.raises(PippinError, match="does not exist"):
+        read_text_source("/no/such/file.txt", lm.model, lm.tokenizer)
