@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ class Routing:
     index: torch.Tensor | None = None
     """(B,) long: a slot per row (0 = none). Takes precedence over `slot`."""
     rank_cap: int = 0
-    extra: dict = field(default_factory=dict)
+    bank: LoraBank | None = None
+    """The slots' storage (serving); None for a trainable single-slot model."""
 
     def set(self, slots: int | list[int] | torch.Tensor | None) -> None:
         """One slot for all rows, or one per row (collapsed to the single-slot path when all rows agree)."""
@@ -87,13 +88,29 @@ def in_out_features(base: nn.Module) -> tuple[int, int]:
 class LoRALinear(nn.Module):
     """y = base(x) + scale[s] * B[s] (A[s] x) for each row's slot s."""
 
-    def __init__(self, base: nn.Module, *, rank: int, n_slots: int, routing: Routing, trainable: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        n_slots: int,
+        routing: Routing,
+        trainable: bool = False,
+        dropout: float = 0.0,
+        views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = in_out_features(base)
         self.rank = rank
         object.__setattr__(self, "routing", routing)  # shared plain object, not a submodule
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if views is not None:  # slices of the model's LoraBank: a swap is one copy for all modules
+            A, B, scale = views
+            self.register_buffer("lora_A", A, persistent=False)
+            self.register_buffer("lora_B", B, persistent=False)
+            self.register_buffer("lora_scale", scale, persistent=False)
+            return
         A = torch.zeros(n_slots, rank, self.in_features)
         B = torch.zeros(n_slots, self.out_features, rank)
         if trainable:
@@ -159,6 +176,54 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, slots={self.n_slots}, in={self.in_features}, out={self.out_features}"
 
 
+class LoraBank:
+    """Every serving slot of every LoRALinear of a model in two tensors, so swapping an adapter into a slot is
+    one contiguous copy (~10 MB for SmolLM2 at rank 16) instead of hundreds of small ones.
+
+    weights: (n_slots, total) fp16; module j's A is weights[:, a_j : a_j + r*K].view(n_slots, r, K) and its B
+    follows. scales: (n_modules, n_slots) fp32, so each module's per-slot scales are one contiguous row.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], *, rank: int, n_slots: int) -> None:
+        self.rank, self.n_slots = rank, n_slots
+        self.layout: dict[str, tuple[int, int, int, int]] = {}  # name -> (offset, K, N, module index)
+        off = 0
+        for j, (name, (K, N)) in enumerate(shapes.items()):
+            self.layout[name] = (off, K, N, j)
+            off += rank * (K + N)
+        self.weights = torch.zeros(n_slots, off, dtype=torch.float16)
+        self.scales = torch.zeros(len(shapes), n_slots)
+
+    def views(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        off, K, N, j = self.layout[name]
+        r, S = self.rank, self.n_slots
+        A = self.weights[:, off : off + r * K].view(S, r, K)
+        B = self.weights[:, off + r * K : off + r * (K + N)].view(S, N, r)
+        return A, B, self.scales[j]
+
+    def pack(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], scales: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An adapter in this bank's layout: (total,) fp16 with ranks zero-padded, and (n_modules,) scales."""
+        flat = torch.zeros(self.weights.shape[1], dtype=torch.float16)
+        sc = torch.zeros(len(self.layout))
+        for name, (A, B) in weights.items():
+            off, K, N, j = self.layout[name]
+            r = A.shape[0]
+            flat[off : off + self.rank * K].view(self.rank, K)[:r] = A
+            flat[off + self.rank * K : off + self.rank * (K + N)].view(N, self.rank)[:, :r] = B
+            sc[j] = scales[name]
+        return flat, sc
+
+    def load(self, slot: int, flat: torch.Tensor | None, scales: torch.Tensor | None) -> None:
+        """Make `slot` hold a packed adapter (None: clear it)."""
+        with torch.no_grad():
+            if flat is None:
+                self.weights[slot].zero_()
+                self.scales[:, slot] = 0.0
+            else:
+                self.weights[slot].copy_(flat)
+                self.scales[:, slot] = scales
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Wrapped modules by their (base) module name, e.g. 'layers.0.self_attn.q_proj'."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -188,8 +253,11 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, n_slots: int = 1, traina
         for p in model.parameters():
             p.requires_grad_(False)
     routing = Routing(rank_cap=config.rank)
+    if not trainable:
+        routing.bank = LoraBank({n: in_out_features(b) for n, b in targets}, rank=config.rank, n_slots=n_slots)
     for name, base in targets:
-        m = LoRALinear(base, rank=config.rank, n_slots=n_slots, routing=routing, trainable=trainable, dropout=config.dropout)
+        views = routing.bank.views(name) if routing.bank is not None else None
+        m = LoRALinear(base, rank=config.rank, n_slots=n_slots, routing=routing, trainable=trainable, dropout=config.dropout, views=views)
         if trainable:
             m.lora_scale[0] = config.scaling
         _set_module(model, name, m)

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from pippin.adapters.lora import base_fingerprint, lora_modules, routing_of
+from pippin.adapters.lora import LoraConfig, base_fingerprint, lora_modules, routing_of
 from pippin.adapters.peft_format import CONFIG_FILE, Adapter, check_compatible, load_adapter
 from pippin.errors import PippinError
 
@@ -33,6 +34,23 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.match(name) or ".." in name:
         raise PippinError(f"Invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.")
     return name
+
+
+@dataclass(kw_only=True)
+class CachedAdapter:
+    """An adapter as the memory cache keeps it: packed in the model bank's layout, ready to copy into a slot."""
+
+    name: str
+    config: LoraConfig
+    meta: dict
+    flat: torch.Tensor
+    """(total,) fp16: every module's A and B, rank zero-padded to the slots' rank."""
+    scales: torch.Tensor
+    """(n_modules,) fp32: each module's alpha / r (0 where the adapter does not touch a module)."""
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
 
 @dataclass(kw_only=True)
@@ -63,7 +81,12 @@ class AdapterStore:
         self.fingerprint = base_fingerprint(model)
         self.stats = StoreStats()
         self._paths: dict[str, Path] = {}
-        self._memory: OrderedDict[str, Adapter] = OrderedDict()
+        self.bank = self.routing.bank
+        if self.bank is None:
+            raise PippinError(
+                "The model's LoRA modules are trainable (a single fp32 slot); serve a model made with apply_lora(..., n_slots=N)."
+            )
+        self._memory: OrderedDict[str, CachedAdapter] = OrderedDict()
         self._slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._lock = threading.RLock()
 
@@ -97,7 +120,7 @@ class AdapterStore:
 
     # --- memory -----------------------------------------------------------------------------------------
 
-    def get(self, name: str) -> Adapter:
+    def get(self, name: str) -> CachedAdapter:
         """The validated adapter, from memory or else from disk (then cached, evicting LRU past the budget)."""
         with self._lock:
             if name in self._memory:
@@ -106,28 +129,32 @@ class AdapterStore:
                 return self._memory[name]
             path = self.path_of(name)
             t0 = time.perf_counter()
-            adapter = load_adapter(path, name=name)
-            check_compatible(adapter, self.model, fingerprint=self.fingerprint)
-            if adapter.nbytes > self.budget_bytes:
-                raise PippinError(
-                    f"Adapter {name!r} needs {adapter.nbytes / 2**20:.1f} MiB, over the cache budget "
-                    f"of {self.budget_bytes / 2**20:.1f} MiB."
-                )
+            cached = self._remember(load_adapter(path, name=name))
             self.stats.misses += 1
             self.stats.last_load_ms = (time.perf_counter() - t0) * 1000
-            self._memory[name] = adapter
-            while sum(a.nbytes for a in self._memory.values()) > self.budget_bytes:
-                old, _ = self._memory.popitem(last=False)
-                self.stats.evictions += 1
-            return adapter
+            return cached
+
+    def _remember(self, adapter: Adapter) -> CachedAdapter:
+        check_compatible(adapter, self.model, fingerprint=self.fingerprint)
+        flat, scales = self.bank.pack(adapter.weights, adapter.scales)
+        cached = CachedAdapter(name=adapter.name, config=adapter.config, meta=adapter.meta, flat=flat, scales=scales)
+        if cached.nbytes > self.budget_bytes:
+            raise PippinError(
+                f"Adapter {adapter.name!r} needs {cached.nbytes / 2**20:.1f} MiB, "
+                f"over the cache budget of {self.budget_bytes / 2**20:.1f} MiB."
+            )
+        self._memory[adapter.name] = cached
+        while self.memory_bytes > self.budget_bytes:
+            self._memory.popitem(last=False)
+            self.stats.evictions += 1
+        return cached
 
     def put(self, adapter: Adapter) -> None:
         """Keep an in-memory adapter (e.g. one just trained) under its name, after validation."""
         check_name(adapter.name)
-        check_compatible(adapter, self.model, fingerprint=self.fingerprint)
         with self._lock:
             self._drop(adapter.name)
-            self._memory[adapter.name] = adapter
+            self._remember(adapter)
 
     def unload(self, name: str) -> bool:
         """Forget an adapter from memory and its slot (the files stay). Returns whether it was loaded."""
@@ -138,8 +165,7 @@ class AdapterStore:
         was = self._memory.pop(name, None) is not None
         slot = self._slots.pop(name, None)
         if slot is not None:
-            for m in self.modules.values():
-                m.load_slot(slot, None, None, 0.0)
+            self.bank.load(slot, None, None)
         return was or slot is not None
 
     def loaded(self) -> list[str]:
@@ -147,6 +173,7 @@ class AdapterStore:
 
     @property
     def memory_bytes(self) -> int:
+        """Bytes the cached adapters take, in the bank's (rank-padded) layout."""
         return sum(a.nbytes for a in self._memory.values())
 
     # --- slots ------------------------------------------------------------------------------------------
@@ -157,7 +184,7 @@ class AdapterStore:
             if name in self._slots:
                 self._slots.move_to_end(name)
                 return self._slots[name]
-            adapter = self.get(name)
+            cached = self.get(name)
             used = set(self._slots.values())
             free = [s for s in range(1, self.n_slots) if s not in used]
             if free:
@@ -170,9 +197,7 @@ class AdapterStore:
                     )
                 slot = self._slots.pop(victim)
             t0 = time.perf_counter()
-            for mod, m in self.modules.items():
-                A, B = adapter.weights.get(mod, (None, None))
-                m.load_slot(slot, A, B, adapter.scales.get(mod, 0.0))
+            self.bank.load(slot, cached.flat, cached.scales)  # one copy into every module's slot at once
             self.stats.swaps += 1
             self.stats.last_swap_ms = (time.perf_counter() - t0) * 1000
             self._slots[name] = slot

@@ -408,15 +408,17 @@ void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int
 // A (S, r, K) and B (S, N, r) are fp16 stacks (slot 0 is all-zero "no adapter" and is skipped via scale 0).
 void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& Bw, const at::Tensor& scale,
                const at::Tensor& idx) {
-  TORCH_CHECK(A.scalar_type() == at::kHalf && Bw.scalar_type() == at::kHalf && A.is_contiguous() && Bw.is_contiguous() &&
-                  A.dim() == 3 && Bw.dim() == 3,
-              "lora_add_: A (S, r, K) and B (S, N, r) must be contiguous fp16");
+  // Slots may be strided (views into one bank holding every module's slots); each slot's matrix is contiguous.
+  TORCH_CHECK(A.scalar_type() == at::kHalf && Bw.scalar_type() == at::kHalf && A.dim() == 3 && Bw.dim() == 3 &&
+                  A.stride(2) == 1 && A.stride(1) == A.size(2) && Bw.stride(2) == 1 && Bw.stride(1) == Bw.size(2),
+              "lora_add_: A (S, r, K) and B (S, N, r) must be fp16 with contiguous rows per slot");
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && x_in.scalar_type() == at::kFloat,
               "lora_add_: x and y must be fp32 and y contiguous");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.numel() > 0,
-              "lora_add_: scale must be fp32 (S,) and idx int64 (B,)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && idx.scalar_type() == at::kLong && idx.dim() == 1 &&
+                  idx.numel() > 0,
+              "lora_add_: scale must be contiguous fp32 (S,) and idx int64 (B,)");
   auto x = x_in.contiguous();
-  const int64_t S = A.size(0), r = A.size(1), K = A.size(2), N = Bw.size(1);
+  const int64_t S = A.size(0), r = A.size(1), K = A.size(2), N = Bw.size(1), sA = A.stride(0), sB = Bw.stride(0);
   const int64_t M = x.numel() / K;
   TORCH_CHECK(x.size(-1) == K && Bw.size(0) == S && Bw.size(2) == r && scale.numel() == S && y.numel() == M * N,
               "lora_add_: shape mismatch");
@@ -436,7 +438,7 @@ void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const 
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / r, j = i % r, s = ip[m / per];
       if (sp[s] == 0.0f) continue;
-      const c10::Half* a = Ap + (s * r + j) * K;
+      const c10::Half* a = Ap + s * sA + j * K;
       const float* xm = xp + m * K;
       __m256 acc = _mm256_setzero_ps();
       int64_t k = 0;
@@ -454,7 +456,7 @@ void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const 
       if (sc == 0.0f) continue;
       const float* hm = h.data() + m * r;
       for (int64_t n = n0; n < n1; ++n) {
-        const c10::Half* b = Bp + (s * N + n) * r;
+        const c10::Half* b = Bp + s * sB + n * r;
         float t = 0.0f;
         int64_t j = 0;
         if (r % 8 == 0) {
