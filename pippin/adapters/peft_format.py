@@ -105,10 +105,27 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern: a key matches a module name ending in it (as a regex)."""
+def _patterns(raw: dict[str, Any], field: str, path: Path) -> dict[str, float]:
+    """PEFT's rank_pattern / alpha_pattern, validated: short regex keys, numeric values."""
+    pats = raw.get(field) or {}
+    if not isinstance(pats, dict):
+        raise PippinError(f"{path / CONFIG_FILE}: {field} must be an object of {{module pattern: number}}.")
+    out = {}
+    for key, value in pats.items():
+        if not isinstance(key, str) or len(key) > 200 or isinstance(value, bool) or not isinstance(value, int | float):
+            raise PippinError(f"{path / CONFIG_FILE}: {field} entry {key!r}: {value!r} is not a short pattern and a number.")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise PippinError(f"{path / CONFIG_FILE}: {field} key {key!r} is not a valid pattern ({e}).") from None
+        out[key] = float(value)
+    return out
+
+
+def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
+    """A pattern key matches a module name ending in it (as PEFT matches rank_pattern / alpha_pattern)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
+        if re.match(rf"(.*\.)?(?:{key})$", module):
             return value
     return default
 
@@ -159,6 +176,7 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
     if not pairs:
         raise PippinError(f"{path / WEIGHTS_FILE} holds no LoRA weights.")
     weights, scales = {}, {}
+    alpha_pat, rank_pat = _patterns(raw, "alpha_pattern", path), _patterns(raw, "rank_pattern", path)
     for mod, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise PippinError(f"{path}: module {mod} has lora_{'A' if 'A' in ab else 'B'} but not its pair.")
@@ -168,15 +186,16 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise PippinError(f"{path}: module {mod} has non-finite LoRA weights (corrupt or diverged training).")
         r = A.shape[0]
-        alpha = float(_pattern_value(raw.get("alpha_pattern") or {}, mod, config.alpha))
-        expected_r = int(_pattern_value(raw.get("rank_pattern") or {}, mod, config.rank))
+        alpha = _pattern_value(alpha_pat, mod, config.alpha)
+        expected_r = int(_pattern_value(rank_pat, mod, config.rank))
         if r != expected_r:
             raise PippinError(f"{path}: module {mod} has rank {r} but the config says {expected_r}.")
         weights[mod] = (A.half(), B.half())
         scales[mod] = alpha / (r**0.5 if config.use_rslora else r)
     meta = _read_json(path / PIPPIN_FILE) if (path / PIPPIN_FILE).is_file() else {}
     meta.pop("format", None), meta.pop("format_version", None)
-    return Adapter(name=name or meta.pop("name", path.name), config=config, weights=weights, scales=scales, meta=meta)
+    stored_name = meta.pop("name", None)
+    return Adapter(name=name or stored_name or path.name, config=config, weights=weights, scales=scales, meta=meta)
 
 
 def check_compatible(adapter: Adapter, model: torch.nn.Module, *, fingerprint: str | None = None, max_rank: int | None = None) -> None:

@@ -2,12 +2,13 @@
 adapter slots, so a request can name any adapter and the base model is never reloaded.
 
 Three levels, as in LoRAX / S-LoRA: a registry of folders (`root/<name>/`, PEFT format), a memory cache of
-validated fp16 adapters (least recently used evicted past `budget_bytes`), and `n_slots - 1` device slots
-inside the model's LoRALinear modules (slot 0 means "no adapter"). `route(names)` makes every adapter a
-batch needs resident in a slot (a swap is one in-place copy per module), then points the model's Routing
+validated fp16 adapters packed in the model's slot layout (least recently used evicted past `budget_bytes`),
+and `n_slots - 1` slots in the model's LoraBank (slot 0 means "no adapter"). `route(names)` makes every
+adapter a batch needs resident in a slot (a swap is one contiguous copy), then points the model's Routing
 at them, so one forward pass serves rows with different adapters. Names are plain identifiers: they cannot
 reach outside the root folder. Mismatched or corrupt adapters are refused with a clear error and the store
-keeps working. Thread-safe: a server may call it from several threads.
+keeps working. The bookkeeping is thread-safe (a server may call it from several threads); the forward pass
+that reads the slots must run on one thread, between `route` calls (the server's worker does).
 """
 
 from __future__ import annotations
@@ -102,9 +103,16 @@ class AdapterStore:
             self._paths[name] = path
             self._drop(name)  # a re-registered name must not serve the old weights
 
+    def remove(self, name: str) -> bool:
+        """Forget a registered name (and its memory and slot); folders under root stay requestable."""
+        with self._lock:
+            self._drop(name)
+            return self._paths.pop(name, None) is not None
+
     def names(self) -> list[str]:
         """Every adapter that can be requested: registered ones plus the folders under root."""
-        found = set(self._paths)
+        with self._lock:
+            found = set(self._paths)
         if self.root is not None and self.root.is_dir():
             found |= {p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file() and NAME.match(p.name)}
         return sorted(found)
@@ -128,15 +136,26 @@ class AdapterStore:
                 self.stats.hits += 1
                 return self._memory[name]
             path = self.path_of(name)
-            t0 = time.perf_counter()
-            cached = self._remember(load_adapter(path, name=name))
+        # Disk read, validation and packing happen outside the lock, so a cold load never stalls the decode loop
+        # (which routes under the lock on every step).
+        t0 = time.perf_counter()
+        adapter = load_adapter(path, name=name)
+        check_compatible(adapter, self.model, fingerprint=self.fingerprint)
+        packed = self.bank.pack(adapter.weights, adapter.scales)
+        with self._lock:
+            if name in self._memory:  # another thread loaded it meanwhile
+                self._memory.move_to_end(name)
+                self.stats.hits += 1
+                return self._memory[name]
+            cached = self._remember(adapter, packed)
             self.stats.misses += 1
             self.stats.last_load_ms = (time.perf_counter() - t0) * 1000
             return cached
 
-    def _remember(self, adapter: Adapter) -> CachedAdapter:
-        check_compatible(adapter, self.model, fingerprint=self.fingerprint)
-        flat, scales = self.bank.pack(adapter.weights, adapter.scales)
+    def _remember(self, adapter: Adapter, packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> CachedAdapter:
+        if packed is None:
+            check_compatible(adapter, self.model, fingerprint=self.fingerprint)
+        flat, scales = packed if packed is not None else self.bank.pack(adapter.weights, adapter.scales)
         cached = CachedAdapter(name=adapter.name, config=adapter.config, meta=adapter.meta, flat=flat, scales=scales)
         if cached.nbytes > self.budget_bytes:
             raise PippinError(
@@ -169,12 +188,14 @@ class AdapterStore:
         return was or slot is not None
 
     def loaded(self) -> list[str]:
-        return list(self._memory)
+        with self._lock:
+            return list(self._memory)
 
     @property
     def memory_bytes(self) -> int:
         """Bytes the cached adapters take, in the bank's (rank-padded) layout."""
-        return sum(a.nbytes for a in self._memory.values())
+        with self._lock:
+            return sum(a.nbytes for a in self._memory.values())
 
     # --- slots ------------------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@
   pippin adapter info summarize --model M
   pippin adapter merge summarize --model default --out merged/      (full-precision bases only)
 
-Adapters live in <model folder>/adapters/<name> (PEFT format) unless --adapters-dir says otherwise; a
-name may also be an adapter folder path.
+Adapters live in <model folder>/adapters/<name> (PEFT format) unless --adapters-dir says otherwise; an
+argument with a '/' (e.g. ./my-adapter) is an adapter folder path instead of a name.
 """
 
 from __future__ import annotations
@@ -63,11 +63,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters-dir", default=None, help="adapters folder (default: <model folder>/adapters)")
 
 
+def is_path(name: str) -> bool:
+    """An adapter argument is a folder path when it looks like one (has a '/'); otherwise a name under the root."""
+    return "/" in name or name.startswith("~")
+
+
 def _adapter_path(name: str, root: Path) -> Path:
     from pippin.adapters.store import check_name
 
-    if Path(name).is_dir():
-        return Path(name)
+    if is_path(name):
+        return Path(name).expanduser()
     return root / check_name(name)
 
 
@@ -211,9 +216,9 @@ def _merge(args: argparse.Namespace) -> int:
         )
     store = attach_adapters(loaded, args.adapters_dir, n_slots=2)
     name = args.name
-    if Path(name).is_dir():
-        store.add(Path(name).name, name)
-        name = Path(name).name
+    if is_path(name):
+        store.add(Path(name).expanduser().name, Path(name).expanduser())
+        name = Path(name).expanduser().name
     slot = store.slot_for(name)
     merge_lora_(loaded.model, slot=slot)
     meta = {"name": f"{loaded.meta.get('name', loaded.path.name)}+{name}", "merged_adapter": name, "base": str(loaded.path)}

@@ -29,9 +29,10 @@ def load_engine_from_args(args: argparse.Namespace):  # noqa: ANN201 - (Engine, 
         args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True, adapters=use
     )
     name = args.adapter
-    if name and Path(name).is_dir():  # a folder given directly: register it under its folder name
-        engine.adapters.add(Path(name).name, name)
-        name = Path(name).name
+    if name and ("/" in name or name.startswith("~")):  # a folder given directly: register it under its folder name
+        folder = Path(name).expanduser()
+        engine.adapters.add(folder.name, folder)
+        name = folder.name
     if name:
         engine.adapters.get(name)  # validate now: a bad adapter is reported before any prompt is read
     return engine, tok, name

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object (text + stats) instead of streaming")
+    p.add_argument("--draft", default=None, help="speculative decoding: a draft model (e.g. a compressed copy) proposes tokens")
+    p.add_argument("--draft-k", type=int, default=4, help="draft tokens proposed per target forward")
     add_model_arguments(p)
     add_sampling_arguments(p)
 
@@ -28,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
             raise PippinError("No prompt given; pass it as an argument or pipe it on stdin.")
         prompt = sys.stdin.read()
     params = sampling_from_args(args)
+    if args.draft:
+        return _speculative(args, prompt, params)
     engine, tok, adapter = load_engine_from_args(args)
     if args.raw:
         events = stream_text(engine, tok, prompt, params, adapter=adapter)
@@ -44,4 +48,45 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print()
                 print(format_stats(ev.stats), file=sys.stderr)
+    return 0
+
+
+def _speculative(args: argparse.Namespace, prompt: str, params) -> int:  # noqa: ANN001 - SamplingParams
+    """Greedy output equals plain decoding; sampled output keeps the target's distribution (accept/reject)."""
+    from pippin.api import load_any
+    from pippin.engine.speculative import SpeculativeDecoder
+    from pippin.kernels.modules import use_kernels_
+
+    if args.adapter or params.stop:
+        raise PippinError("--draft does not combine with --adapter or --stop yet.")
+    target, draft = load_any(args.model, progress=True), load_any(args.draft, progress=True)
+    if not args.no_kernels:
+        use_kernels_(target.model), use_kernels_(draft.model)
+    tok = target.tokenizer
+    ids = (
+        tok.encode(prompt)
+        if args.raw
+        else tok.encode_chat(([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}])
+    )
+    dec = SpeculativeDecoder(target.model, draft.model, k=args.draft_k, max_len=args.max_len)
+    out: list[int] = []
+    shown = ""
+    for t in dec.generate(ids, params):
+        out.append(t)
+        text = tok.decode(out)
+        if not args.json and not text.endswith("\ufffd"):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    s = dec.stats
+    info = {"generated_tokens": s.generated, "tok_s": s.generated / max(s.total_s, 1e-9), "acceptance_rate": s.acceptance_rate,
+            "tokens_per_target_forward": s.tokens_per_target_forward}  # fmt: skip
+    if args.json:
+        print(json.dumps({"text": tok.decode(out), "stats": info}))
+    else:
+        print()
+        line = (
+            f"[speculative k={args.draft_k} | {info['generated_tokens']} tokens, {info['tok_s']:.1f} tok/s | "
+            f"acceptance {info['acceptance_rate']:.2f}, {info['tokens_per_target_forward']:.2f} tokens per target forward]"
+        )
+        print(line, file=sys.stderr)
     return 0

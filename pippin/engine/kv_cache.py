@@ -83,7 +83,12 @@ class KVCache:
 
     def first_rows(self, n: int) -> KVCache:
         """An empty cache over the first n rows of this one's buffers: a view, still updated in place."""
-        return KVCache._over(self.k[:, :n], self.v[:, :n], torch.zeros(n, dtype=torch.long))
+        return self.rows(0, n)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """An empty cache over rows [start, stop) of this one's buffers (a view, updated in place): one request's
+        row in a continuously batched cache is prefilled through it."""
+        return KVCache._over(self.k[:, start:stop], self.v[:, start:stop], torch.zeros(stop - start, dtype=torch.long))
 
     def clone_rows(self, row: int, n: int) -> KVCache:
         """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""

@@ -28,8 +28,8 @@ class Final:
     stats: GenerationStats
 
 
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing chars might still grow into a stop string."""
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing chars might still grow into a stop string (shared with pippin.serve's text stream)."""
     keep = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -62,7 +62,7 @@ def stream_ids(
             break
         if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next byte
             continue
-        safe = len(text) - _held_back(text, params.stop)
+        safe = len(text) - held_back(text, params.stop)
         if safe > emitted:
             yield Delta(text=text[emitted:safe])
             emitted = safe

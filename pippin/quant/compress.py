@@ -215,7 +215,11 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
     if emb.startswith("palette"):
         e = model.embed_tokens
         q = PalettizedEmbedding(
-            e.num_embeddings, e.embedding_dim, bits=int(emb.removeprefix("palette")), group_size=meta["group_size"], act8=bool(meta.get("act8"))
+            e.num_embeddings,
+            e.embedding_dim,
+            bits=int(emb.removeprefix("palette")),
+            group_size=meta["group_size"],
+            act8=bool(meta.get("act8")),
         )
         model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
     if emb == "int8":

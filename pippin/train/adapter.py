@@ -117,11 +117,14 @@ def _set_act8(model: nn.Module, value: bool | dict[str, bool]) -> dict[str, bool
     return before
 
 
-def _run_hash(cfg: TrainConfig, n_examples: int, fingerprint: str) -> str:
+def _run_hash(cfg: TrainConfig, examples: list[Example], fingerprint: str) -> str:
     d = cfg.to_dict()
     for k in ("steps", "save_every"):  # a resumed run may be extended or checkpoint at another pace
         d.pop(k)
-    return hashlib.sha256(json.dumps([d, n_examples, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([d, fingerprint], sort_keys=True).encode())
+    for e in examples:  # the data itself: a changed dataset must not resume an old run
+        h.update(json.dumps([e.ids, e.mask]).encode())
+    return h.hexdigest()[:16]
 
 
 def train_adapter(
@@ -135,7 +138,8 @@ def train_adapter(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train (or resume) one adapter; the base stays frozen and unchanged. Writes the adapter to out_dir."""
+    """Train (or resume) one adapter and write it to out_dir. The base weights stay frozen and unchanged; the model is
+    left wrapped with the trained adapter active in slot 0 (`remove_lora_(model)` unwraps it)."""
     out = Path(out_dir)
     n_given = len(examples)
     # An example whose answer was cut off by the length limit teaches nothing (and would dilute the mean).
@@ -150,6 +154,11 @@ def train_adapter(
     if config.init_from:
         init = load_adapter(config.init_from)
         check_compatible(init, model, fingerprint=fingerprint, max_rank=config.lora.rank)
+        if (init.config.alpha, init.config.use_rslora) != (config.lora.alpha, config.lora.use_rslora):
+            raise PippinError(
+                f"init_from adapter uses alpha={init.config.alpha}, rslora={init.config.use_rslora}; train with the same "
+                "settings, or the saved adapter's scale would not match the one it was trained at."
+            )
         with torch.no_grad():
             for mod, m in mods.items():
                 A, B = init.weights.get(mod, (None, None))
@@ -160,7 +169,7 @@ def train_adapter(
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     if config.grad_checkpointing:
         _enable_grad_checkpointing(model)
-    run_hash = _run_hash(config, len(examples), fingerprint)
+    run_hash = _run_hash(config, examples, fingerprint)
     ckpt = out / "checkpoint"
     start, losses = 0, []
     resumed = load_state(ckpt)
@@ -168,6 +177,8 @@ def train_adapter(
         st_meta, saved, opt_state = resumed
         if st_meta.get("run_hash") != run_hash:
             raise PippinError(f"{ckpt} belongs to a different run (config, data or base changed); use a new --out or delete it.")
+        if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
+            raise PippinError(f"{ckpt} does not hold this run's adapter tensors; delete it to start over.")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])
@@ -192,7 +203,9 @@ def train_adapter(
                 if config.objective is Objective.SFT:
                     # The head (V x dim, the largest matmul) only where the loss is taken: assistant tokens.
                     logits = model.head(model.features(inputs)[mask])
-                    loss = masked_cross_entropy(logits.unsqueeze(0), targets[mask].unsqueeze(0), torch.ones(1, len(logits), dtype=torch.bool))
+                    loss = masked_cross_entropy(
+                        logits.unsqueeze(0), targets[mask].unsqueeze(0), torch.ones(1, len(logits), dtype=torch.bool)
+                    )
                 else:
                     logits = model(inputs)
                     with torch.no_grad():
@@ -212,6 +225,8 @@ def train_adapter(
                 save_state(ckpt, step=done, params=params, optimizer=opt, extra={"run_hash": run_hash, "losses": losses})
     finally:
         _set_act8(model, act8)
+        for block in getattr(model, "layers", []):
+            block.__dict__.pop("forward", None)  # drop the gradient-checkpointing wrappers
         model.eval()
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses))
     write_atomic(out / "train_log.jsonl", log.encode())

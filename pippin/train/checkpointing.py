@@ -1,10 +1,11 @@
 """Resumable training state, without pickle: tensors in safetensors, everything else in JSON.
 
 A checkpoint is `state-{step}.safetensors` (trainable parameters and the optimizer's tensors) plus
-`state.json`, which names that file and holds the step, the optimizer's scalar settings and the run
-config. Both are written atomically, tensors first, so the JSON always points at a complete file: a run
-killed at any moment resumes from its last checkpoint and loses at most the steps since. Older tensor
-files are removed once the new JSON is in place.
+`state.json`, which names that file and holds the step, the optimizer's scalar settings, the loss history
+and a hash of the run (config, data and base) that a resume must match. Both are written atomically,
+tensors first, so the JSON always points at a complete file: a run killed at any moment resumes from its
+last checkpoint and loses at most the steps since. Older tensor files are removed once the new JSON is in
+place.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def load_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         return None
     try:
         meta = json.loads((folder / STATE_JSON).read_text())
-        tensors = load_file(folder / meta["tensors"])
+        name = str(meta["tensors"])
+        if "/" in name or not name.startswith("state-") or not name.endswith(".safetensors"):
+            raise ValueError(f"unexpected tensor file name {name!r}")
+        tensors = load_file(folder / name)
     except Exception as e:  # a hand-edited or damaged checkpoint: say so instead of silently restarting
         raise PippinError(f"Cannot resume from {folder}: the checkpoint is damaged ({e}). Delete it to start over.") from None
     params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}

@@ -292,3 +292,32 @@ def test_engine_adapter_argument_errors():
         engine.generate_ids([[1, 2]], params, adapters=["a", None])
     with pytest.raises(PippinError, match="Unknown adapter"):
         engine.generate_ids([[1, 2]], params, adapters=["missing"])
+
+
+def test_lora_kernel_on_bank_slots_equals_the_pytorch_reference(monkeypatch):
+    """The strided LoraBank views through lora_add_ (inference) against plain bmm/F.linear (kernels off)."""
+    import pippin.adapters.lora as lora_mod
+    from pippin.kernels import ops
+
+    if ops() is None:
+        pytest.skip("kernels unavailable")
+    model, store = served()
+    for i, n in enumerate(["a", "b", "c"]):
+        store.put(random_adapter(model, n, seed=30 + i, rank=4 - i))  # ranks 4, 3, 2: zero padding inside the bank
+    A, B, scale = store.bank.views("layers.1.mlp.down_proj")
+    assert A.shape == (4, 4, 128) and B.shape == (4, 64, 4) and scale.shape == (4,)
+    tokens = torch.randint(0, 256, (3, 1))
+    for names in (["a", "b", "c"], ["b", "b", "b"], [None, "c", None]):
+        store.route(names)
+        with torch.inference_mode():
+            fast = model(tokens)
+            with monkeypatch.context() as mp:
+                mp.setattr(lora_mod, "ops", lambda: None)
+                ref = model(tokens)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    # A slot swap writes the bank in place: the module's view shows that adapter's (zero-padded) weights.
+    off = store.bank.layout["layers.1.mlp.down_proj"][0]
+    c = store.get("c")
+    slot = store.slot_for("c")
+    assert torch.equal(A[slot].flatten(), c.flat[off : off + A[0].numel()])
+    assert not A[slot][2:].any()  # rank 2 adapter: rows 2-3 of A are padding

@@ -5,7 +5,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
-from pippin.engine.stream import Delta, Final, _held_back, stream_ids
+from pippin.engine.stream import Delta, Final, held_back, stream_ids
 from pippin.model.tokenizer import Tokenizer
 from tests.conftest import tiny_model
 
@@ -37,6 +37,6 @@ def test_deltas_concatenate_to_final_text_and_stop_strings_cut():
     assert "".join(e.text for e in cut if isinstance(e, Delta)) == cut[-1].text
 
 
-def test_held_back_tail():
-    assert _held_back("abc</", ("</s>",)) == 2
-    assert _held_back("abc", ("</s>",)) == 0
+def testheld_back_tail():
+    assert held_back("abc</", ("</s>",)) == 2
+    assert held_back("abc", ("</s>",)) == 0

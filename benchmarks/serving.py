@@ -1,0 +1,201 @@
+"""Serving benchmark: `pippin serve` under concurrent streaming clients with mixed adapters, loopback only.
+
+Starts the server as a subprocess (the 3.5 bpw model and its adapters), then for each client count runs that
+many OpenAI-style streaming chat clients at once, each sending requests back to back for `--seconds`, each
+request naming an adapter in turn (or none). Reports total generated tok/s, p50/p99 time to first token, and
+the server's resident memory sampled every second (flat memory = no leak). Speculative decoding is measured
+separately in-process (greedy, identical text required).
+  python benchmarks/serving.py --model PATH --clients 1,16 --seconds 60 --out docs/benchmarks/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how rainbows form.",
+    "Give three tips for a job interview.",
+    "Summarize the plot of a heist movie you invent.",
+    "Describe a healthy breakfast and why it helps.",
+    "Write a haiku about autumn, then explain it.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def client(url: str, models: list[str], until: float, max_tokens: int, k: int, out: list, stop: asyncio.Event) -> None:
+    i = k
+    async with httpx.AsyncClient(timeout=600) as http:
+        while time.perf_counter() < until and not stop.is_set():
+            body = {
+                "model": models[i % len(models)],
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            t0 = time.perf_counter()
+            ttft, n = None, 0
+            async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    out.append({"error": r.status_code})
+                    await asyncio.sleep(0.2)
+                    continue
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if ev.get("choices") and ev["choices"][0].get("delta", {}).get("content") and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if ev.get("usage"):
+                        n = ev["usage"]["completion_tokens"]
+            out.append({"ttft": ttft, "tokens": n, "seconds": time.perf_counter() - t0, "end": time.perf_counter()})
+            i += 1
+
+
+async def load(url: str, models: list[str], n_clients: int, seconds: float, max_tokens: int, pid: int) -> dict:
+    results: list[dict] = []
+    mem: list[float] = []
+    stop = asyncio.Event()
+    t0 = time.perf_counter()
+    until = t0 + seconds
+
+    async def sample_memory() -> None:
+        while not stop.is_set():
+            mem.append(rss_mb(pid))
+            await asyncio.sleep(1.0)
+
+    sampler = asyncio.create_task(sample_memory())
+    await asyncio.gather(*(client(url, models, until, max_tokens, k, results, stop) for k in range(n_clients)))
+    stop.set()
+    await sampler
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r and r["ttft"] is not None]
+    ttfts = sorted(r["ttft"] for r in ok)
+    pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else None  # noqa: E731
+    return {
+        "clients": n_clients,
+        "requests": len(ok),
+        "errors": len(results) - len(ok),
+        "tokens": sum(r["tokens"] for r in ok),
+        "tok_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_s": pct(0.5),
+        "ttft_p99_s": pct(0.99),
+        "rss_mb_first": mem[0] if mem else None,
+        "rss_mb_max": max(mem) if mem else None,
+        "rss_mb_last": mem[-1] if mem else None,
+        "rss_mb_samples": mem[:: max(1, len(mem) // 60)],
+        "wall_s": wall,
+    }
+
+
+def speculative(args) -> dict:
+    import torch
+
+    from pippin.api import load_any
+    from pippin.engine.engine import Engine
+    from pippin.engine.sampling import SamplingParams
+    from pippin.engine.speculative import SpeculativeDecoder
+    from pippin.kernels.modules import use_kernels_
+
+    target, draft = load_any(None), load_any(args.model)
+    use_kernels_(target.model), use_kernels_(draft.model)
+    tok = target.tokenizer
+    params = SamplingParams(max_new_tokens=64)
+    rows = []
+    for prompt in PROMPTS[:3]:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        engine = Engine(target.model, max_len=512)
+        t = time.perf_counter()
+        plain = engine.generate_ids([ids], params)[0]
+        t_plain = time.perf_counter() - t
+        for k in (2, 4):
+            dec = SpeculativeDecoder(target.model, draft.model, k=k)
+            t = time.perf_counter()
+            spec = dec.generate(ids, params)
+            t_spec = time.perf_counter() - t
+            rows.append({"k": k, "identical": list(spec) == plain, "speedup": t_plain / t_spec, "stats": str(dec.stats)})
+    torch.set_num_threads(args.threads)
+    return {"target": "full precision", "draft": args.model, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model folder to serve (its adapters/ are used)")
+    ap.add_argument("--clients", default="1,16")
+    ap.add_argument("--seconds", default="60", help="seconds per run: one value, or one per --clients entry")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--speculative", action="store_true", help="also measure speculative decoding (draft = --model)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    port = free_port()
+    cmd = [sys.executable, "-m", "pippin", "serve", "--model", f"bench={args.model}", "--port", str(port)]
+    cmd += ["--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"].startswith("bench")]
+        print(f"models: {models}", file=sys.stderr)
+        runs = []
+        counts = [int(c) for c in args.clients.split(",")]
+        secs = [float(x) for x in args.seconds.split(",")]
+        secs = secs * len(counts) if len(secs) == 1 else secs
+        for n, sec in zip(counts, secs):
+            r = asyncio.run(load(url, models, n, sec, args.max_tokens, proc.pid))
+            print(json.dumps({k: v for k, v in r.items() if k != "rss_mb_samples"}), file=sys.stderr)
+            runs.append(r)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    base = runs[0]["tok_s"]
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "threads": args.threads,
+        "models": models,
+        "runs": runs,
+        "scaling_vs_first": {r["clients"]: r["tok_s"] / base for r in runs},
+    }
+    if args.speculative:
+        report["speculative"] = speculative(args)
+    print(json.dumps(report, indent=2, default=str))
+    if args.out:
+        from pippin.io import write_json_atomic
+
+        write_json_atomic(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""`pippin serve`: an OpenAI-compatible server with per-request LoRA adapters and a web playground at /.
+
+Loads the models, prints the URL, and runs uvicorn until Ctrl-C. Flags map one to one onto
+pippin.serve.config.ServeConfig, so `run(args)` and `serve(config)` are the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pippin.serve.config import ServeConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig()
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="base model: 'default', a folder or .gguf, or NAME=PATH; repeat to serve several (the first is the default)",
+    )
+    p.add_argument("--adapters", default=None, help="folder of named adapters for the first model (default: <model folder>/adapters)")
+    p.add_argument("--host", default=d.host, help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows generated at once (concurrent requests)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="samples waiting for a row before 429")
+    p.add_argument("--max-len", type=int, default=d.max_len, help="context per request in tokens (KV cache per row)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-len - 1)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request gives none")
+    p.add_argument("--adapter-slots", type=int, default=d.adapter_slots, help="LoRA slots: adapters per batch + 1")
+    p.add_argument("--adapter-cache-mb", type=int, default=d.adapter_cache_mb, help="memory for loaded adapters")
+    p.add_argument(
+        "--runtime-adapters",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow /v1/load_lora_adapter with server paths (default: on for a loopback host, off otherwise)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
+    p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    return ServeConfig(
+        models=args.model or ["default"],
+        adapters_dir=args.adapters,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_len=args.max_len,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        default_max_tokens=args.default_max_tokens,
+        adapter_slots=args.adapter_slots,
+        adapter_cache_mb=args.adapter_cache_mb,
+        runtime_adapters=loopback if args.runtime_adapters is None else args.runtime_adapters,
+        kernels=not args.no_kernels,
+        threads=args.threads,
+    )
+
+
+def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
+    import socket
+
+    import torch
+    import uvicorn
+
+    from pippin.errors import PippinError
+    from pippin.serve.app import create_app
+    from pippin.serve.service import Service
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bind before loading the models: a busy port is reported at once
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        sock.close()
+        raise PippinError(f"Cannot listen on {config.host}:{config.port} ({e.strerror}); pick another --port or --host.") from None
+    service = Service.from_config(config)
+    app = create_app(service)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    url = f"http://{host}:{sock.getsockname()[1]}/"
+    print(f"pippin serve: {url}  (playground at /, OpenAI API at {url}v1, metrics at /metrics)", flush=True)
+    print(f"  models: {', '.join(c.id for c in service.models())}", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(config_from_args(args), log_level=args.log_level)

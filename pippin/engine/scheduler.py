@@ -1,0 +1,390 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+`BatchScheduler` owns a model and a KV cache of `max_batch` rows. `submit` queues a request (n samples of
+one prompt, with its own SamplingParams, seed and LoRA adapter). Each `step()` first admits waiting
+requests into free rows: each prompt is prefilled into its own row, and for n > 1 the row is copied to
+the sibling rows. Then it runs one decode step over every running row, each at its own position and
+with its own adapter, and samples each row with its own parameters. A finished or cancelled row frees
+its slot at once. Tokens and endings go to the request's `Sink`, on the thread that calls `step()`.
+
+Token ids only: text, stop strings and chat templates belong to the caller (pippin.serve), which can end a
+sample from its sink. There are no threads here: the caller runs `step()` in a loop. `submit` and `cancel`
+are thread-safe. Follows Orca's iteration-level scheduling (Yu et al., OSDI 2022) and vLLM's scheduler,
+without paging: each row owns a contiguous slice of the preallocated cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from pippin.adapters.store import AdapterStore
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache
+from pippin.engine.sampling import SamplingParams, sample
+from pippin.errors import PippinError
+from pippin.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerFull(PippinError):
+    """Too many requests are running or waiting; the caller should retry later (HTTP 429)."""
+
+
+class Sink(Protocol):
+    """Where a request's output goes. Called on the stepping thread; keep it quick."""
+
+    def token(self, index: int, token: int) -> bool:
+        """A new token of sample `index`. Return False to end that sample here (e.g. a stop string matched)."""
+        ...
+
+    def finish(self, index: int, reason: str) -> None:
+        """Sample `index` ended: 'stop' (stop token, or the sink said so), 'length' or 'cancelled'."""
+        ...
+
+    def fail(self, error: Exception) -> None:
+        """The request could not run (e.g. its adapter failed to load); no more calls follow."""
+        ...
+
+
+@dataclass(eq=False, kw_only=True)
+class Ticket:
+    """One submitted request: n samples of one prompt."""
+
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None
+    n: int
+    sink: Sink
+    cancelled: bool = False
+    """Set by `cancel`; the scheduler frees the rows at its next step."""
+
+
+@dataclass(eq=False, kw_only=True)
+class _Row:
+    ticket: Ticket
+    index: int
+    """Which of the ticket's n samples this row is."""
+    generator: torch.Generator
+    history: list[int] | None
+    """Prompt plus output, kept only when a repetition penalty needs it."""
+    last: int = 0
+    """The token to feed at the next decode step."""
+    n_generated: int = 0
+
+
+@dataclass(kw_only=True)
+class SchedulerStats:
+    steps: int = 0
+    """Decode steps run."""
+    prefills: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    """Tokens sampled (stop tokens included)."""
+    last_batch: int = 0
+    """Rows in the last decode step."""
+    busy_s: float = 0.0
+    """Time spent in prefill and decode forwards."""
+
+
+class BatchScheduler:
+    """Continuous batching over one model: a fixed pool of cache rows, requests admitted between steps."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        max_queue: int = 64,
+        adapters: AdapterStore | None = None,
+        eos_ids: Sequence[int] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
+        self.model = model.eval()
+        cfg = model.config
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        """Samples that may wait for a row beyond the `max_batch` running ones."""
+        self.max_len = min(cfg.max_seq_len, max_len or 4096)
+        self.adapters = adapters
+        self.eos_ids = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long)
+        """Filled cache slots per row (0 for a free row)."""
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.stats = SchedulerStats()
+        self._waiting: deque[Ticket] = deque()
+        self._n_waiting = 0  # samples, not tickets
+        self._lock = threading.Lock()
+
+    # --- called from any thread ---------------------------------------------------------------------
+
+    def check(self, n_prompt: int, params: SamplingParams, n: int = 1) -> None:
+        """Raise a PippinError if this request can never run here (it would never leave the queue)."""
+        if n_prompt == 0:
+            raise PippinError("The prompt is empty; give at least one token of text.")
+        if n_prompt + params.max_new_tokens > self.max_len:
+            raise PippinError(
+                f"The prompt has {n_prompt} tokens and up to {params.max_new_tokens} new tokens were asked for, which "
+                f"exceeds the context of {self.max_len} tokens; shorten the prompt or lower the maximum of new tokens."
+            )
+        if not 1 <= n <= self.max_batch:
+            raise PippinError(f"n must be between 1 and {self.max_batch} (the rows generated at once), got {n}.")
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, *, sink: Sink, adapter: str | None = None, n: int = 1) -> Ticket:
+        """Queue a request; raises SchedulerFull past max_batch + max_queue samples in flight."""
+        return self.submit_many([(list(prompt), params, adapter, n, sink)])[0]
+
+    def submit_many(self, requests: Sequence[tuple[list[int], SamplingParams, str | None, int, Sink]]) -> list[Ticket]:
+        """Queue several requests all or none (one HTTP call with several prompts)."""
+        for prompt, params, _, n, _ in requests:
+            self.check(len(prompt), params, n)
+        if adapters := {a for _, _, a, _, _ in requests if a is not None}:
+            if self.adapters is None:
+                raise PippinError("This model has no adapter store; load it with adapters to use them.")
+            in_memory = set(self.adapters.loaded())
+            for a in adapters - in_memory:
+                self.adapters.path_of(a)  # unknown names fail now, not inside the batch
+        tickets = [Ticket(prompt=list(p), params=s, adapter=a, n=n, sink=k) for p, s, a, n, k in requests]
+        with self._lock:
+            wanted = sum(t.n for t in tickets)
+            if self._n_running() + self._n_waiting + wanted > self.max_batch + self.max_queue:
+                raise SchedulerFull(f"The server is at capacity ({self.max_batch} running, {self.max_queue} waiting); retry shortly.")
+            self._waiting.extend(tickets)
+            self._n_waiting += wanted
+        return tickets
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a request (client gone); its rows are freed at the next step."""
+        ticket.cancelled = True
+
+    @property
+    def n_waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def n_running(self) -> int:
+        return self._n_running()
+
+    def _n_running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def has_work(self) -> bool:
+        return self._n_waiting > 0 or self._n_running() > 0
+
+    # --- called from the stepping thread -----------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit what fits, then one decode step for every running row."""
+        self._drop_cancelled()
+        self._admit()
+        if self._n_running():
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        for i, row in enumerate(self.rows):
+            if row is not None and row.ticket.cancelled:
+                self._finish(i, "cancelled")
+        with self._lock:
+            gone = [t for t in self._waiting if t.cancelled]
+            for t in gone:
+                self._waiting.remove(t)
+                self._n_waiting -= t.n
+        for t in gone:
+            for k in range(t.n):
+                _call(t, t.sink.finish, k, "cancelled")
+
+    def _running_adapters(self) -> set[str]:
+        return {r.ticket.adapter for r in self.rows if r is not None and r.ticket.adapter is not None}
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows, first come first served (a request whose adapter cannot get
+        a slot next to the running ones waits without blocking the others)."""
+        while True:
+            free = [i for i, r in enumerate(self.rows) if r is None]
+            with self._lock:
+                ticket = next((t for t in self._waiting if self._fits(t, len(free))), None)
+                if ticket is None:
+                    return
+                self._waiting.remove(ticket)
+                self._n_waiting -= ticket.n
+            try:
+                self._start(ticket, free[: ticket.n])
+            except PippinError as e:  # e.g. the adapter's files are gone or corrupt: this request only
+                for i in free[: ticket.n]:
+                    self.rows[i] = None
+                    self.lengths[i] = 0
+                _call(ticket, ticket.sink.fail, e)
+
+    def _fits(self, ticket: Ticket, n_free: int) -> bool:
+        if ticket.cancelled or ticket.n > n_free:
+            return False
+        if ticket.adapter is None or self.adapters is None:
+            return True
+        return len(self._running_adapters() | {ticket.adapter}) <= self.adapters.n_slots - 1
+
+    def _route(self, names: list[str | None]) -> None:
+        if self.adapters is not None:
+            self.adapters.route(names, keep=sorted(self._running_adapters()))
+
+    def _route_running(self, hi: int) -> None:
+        """Route rows [0, hi) to their adapters. An adapter that can no longer be loaded (unloaded from memory and
+        its files gone) fails the requests that use it; the others go on."""
+        try:
+            self._route([r.ticket.adapter if r is not None else None for r in self.rows[:hi]])
+            return
+        except PippinError:
+            pass
+        for name in self._running_adapters():
+            try:
+                self.adapters.get(name)
+            except PippinError as e:
+                self._fail_where(lambda t, name=name: t.adapter == name, e)
+        self._route([r.ticket.adapter if r is not None else None for r in self.rows[:hi]])
+
+    def _start(self, ticket: Ticket, rows: list[int]) -> None:
+        """Prefill the prompt into the first row, copy it to the others, and sample each row's first token."""
+        p = ticket.params
+        if p.max_new_tokens == 0:
+            for k in range(ticket.n):
+                _call(ticket, ticket.sink.finish, k, "length")
+            return
+        for k, i in enumerate(rows):
+            # Each row owns its generator: seeded rows reproduce, others draw fresh entropy (the global RNG
+            # would repeat the same "random" replies after every restart).
+            gen = torch.Generator().manual_seed(p.seed + k if p.seed is not None else secrets.randbits(63))
+            history = list(ticket.prompt) if p.repetition_penalty != 1.0 else None
+            self.rows[i] = _Row(ticket=ticket, index=k, generator=gen, history=history)
+        self._route([ticket.adapter])
+        first = rows[0]
+        T = len(ticket.prompt)
+        t0 = time.perf_counter()
+        view = _row_view(self.cache, first)
+        logits = prefill(self.model, torch.tensor([ticket.prompt]), torch.tensor([T]), view)
+        for i in rows[1:]:  # n samples share one prefill
+            self.cache.k[:, i, :, :T] = self.cache.k[:, first, :, :T]
+            self.cache.v[:, i, :, :T] = self.cache.v[:, first, :, :T]
+        self.lengths[rows] = T
+        self.stats.busy_s += time.perf_counter() - t0
+        self.stats.prefills += 1
+        self.stats.prompt_tokens += T
+        for i in rows:
+            if self.rows[i] is not None and (tok := self._sample(self.rows[i], logits)) >= 0:
+                self._emit(i, tok)
+
+    def _decode(self) -> None:
+        hi = max(i for i, r in enumerate(self.rows) if r is not None) + 1
+        self._route_running(hi)
+        if not self._n_running():
+            return
+        hi = max(i for i, r in enumerate(self.rows) if r is not None) + 1
+        # Free rows below `hi` ride along as dummies at position 0 (their slots are scratch).
+        tokens = torch.tensor([r.last if r is not None else 0 for r in self.rows[:hi]])
+        view = self.cache.first_rows(hi)
+        view.lengths = self.lengths[:hi].clone()
+        t0 = time.perf_counter()
+        logits = decode_step(self.model, tokens, view)
+        self.stats.busy_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.last_batch = self._n_running()
+        live = [i for i in range(hi) if self.rows[i] is not None]
+        self.lengths[live] += 1
+        greedy = logits.argmax(-1)
+        for i in live:
+            row = self.rows[i]
+            if row is None:  # its request failed while sampling a sibling row
+                continue
+            tok = int(greedy[i]) if row.ticket.params.greedy and row.history is None else self._sample(row, logits[i : i + 1])
+            if tok >= 0:
+                self._emit(i, tok)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        """The row's next token, or -1 after failing its request (e.g. parameters that leave no token to sample)."""
+        history = torch.tensor([row.history]) if row.history is not None else None
+        try:
+            return int(sample(logits, row.ticket.params, generator=row.generator, history=history))
+        except RuntimeError as e:
+            self._fail_where(lambda t: t is row.ticket, PippinError(f"Sampling failed for these parameters ({e}); check them."))
+            return -1
+
+    def _emit(self, i: int, token: int) -> None:
+        """Hand a sampled token to the sink and end the row if it is done."""
+        row = self.rows[i]
+        t = row.ticket
+        row.n_generated += 1
+        self.stats.generated_tokens += 1
+        if not t.params.ignore_eos and token in self.eos_ids:
+            self._finish(i, "stop")
+            return
+        if not _call(t, t.sink.token, row.index, token):
+            self._finish(i, "stop" if not t.cancelled else "cancelled")
+            return
+        if row.n_generated >= t.params.max_new_tokens:
+            self._finish(i, "length")
+            return
+        row.last = token
+        if row.history is not None:
+            row.history.append(token)
+
+    def _finish(self, i: int, reason: str) -> None:
+        row = self.rows[i]
+        self.rows[i] = None
+        self.lengths[i] = 0
+        _call(row.ticket, row.ticket.sink.finish, row.index, reason)
+
+    def fail_running(self, error: Exception) -> None:
+        """Fail every running request and free all rows (after an unexpected error in a step)."""
+        self._fail_where(lambda t: True, error)
+
+    def fail_all(self, error: Exception) -> None:
+        """Fail the running requests and those still waiting for a row (shutdown)."""
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._n_waiting = 0
+        self.fail_running(error)
+        for t in waiting:
+            _call(t, t.sink.fail, error)
+
+    def _fail_where(self, pred, error: Exception) -> None:  # noqa: ANN001 - a predicate on tickets
+        tickets = {}
+        for i, r in enumerate(self.rows):
+            if r is not None and pred(r.ticket):
+                tickets[id(r.ticket)] = r.ticket
+                self.rows[i] = None
+                self.lengths[i] = 0
+        for t in tickets.values():
+            _call(t, t.sink.fail, error)
+
+    def uses_adapter(self, name: str) -> int:
+        """Requests running or waiting with this adapter."""
+        with self._lock:
+            waiting = sum(t.adapter == name for t in self._waiting if not t.cancelled)
+        return waiting + len({id(r.ticket) for r in self.rows if r is not None and r.ticket.adapter == name})
+
+
+def _row_view(cache: KVCache, row: int) -> KVCache:
+    """A one-row cache over row `row` of `cache`'s buffers (a view: the prefill writes in place)."""
+    return cache.rows(row, row + 1)
+
+
+def _call(ticket: Ticket, fn, *args) -> bool:  # noqa: ANN001 - a sink method
+    """Call a sink method; a sink that raises cancels its own request, never the batch."""
+    try:
+        return fn(*args) is not False
+    except Exception:  # the sink is the caller's code: isolate it
+        log.exception("A request's sink raised; cancelling that request.")
+        ticket.cancelled = True
+        return False

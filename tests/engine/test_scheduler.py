@@ -1,0 +1,193 @@
+"""Continuous batching on tiny models: requests that join mid-batch, mixed adapters, n samples, cancel, limits.
+
+The reference is always the same request run alone through the Engine (greedy, or the same seed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pippin.adapters.peft_format import save_adapter
+from pippin.engine.engine import Engine
+from pippin.engine.sampling import SamplingParams
+from pippin.engine.scheduler import BatchScheduler, SchedulerFull
+from pippin.errors import PippinError
+from tests.adapters.test_lora import random_adapter, served
+from tests.conftest import tiny_model
+
+
+class Recorder:
+    """A Sink that keeps every token and ending; `stop_after` ends a sample early (like a stop string)."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.tokens: dict[int, list[int]] = {}
+        self.reasons: dict[int, str] = {}
+        self.error: Exception | None = None
+        self.stop_after = stop_after
+
+    def token(self, index: int, token: int) -> bool:
+        self.tokens.setdefault(index, []).append(token)
+        return self.stop_after is None or len(self.tokens[index]) < self.stop_after
+
+    def finish(self, index: int, reason: str) -> None:
+        self.reasons[index] = reason
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+
+
+def run_until_idle(s: BatchScheduler, max_steps: int = 500) -> None:
+    for _ in range(max_steps):
+        if not s.has_work:
+            return
+        s.step()
+    raise AssertionError("the scheduler did not drain")
+
+
+def alone(engine: Engine, prompt: list[int], params: SamplingParams, adapter: str | None = None) -> list[int]:
+    return engine.generate_ids([prompt], params, adapters=[adapter] if engine.adapters else None)[0]
+
+
+def test_requests_joining_between_steps_equal_each_alone_with_mixed_adapters():
+    model, store = served(n_slots=4)
+    for i, n in enumerate(["a", "b"]):
+        store.put(random_adapter(model, n, seed=i + 1))
+    sched = BatchScheduler(model, max_batch=4, max_len=96, adapters=store)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (12, 5, 9, 14, 7)]
+    prompts = [[5, 6, 7], list(range(20, 41)), [3], [40, 41, 42, 43], [9] * 11]
+    names = ["a", None, "b", "a", None]
+    recs = [Recorder() for _ in prompts]
+    sched.submit(prompts[0], params[0], sink=recs[0], adapter=names[0])
+    sched.submit(prompts[1], params[1], sink=recs[1], adapter=names[1])
+    for _ in range(3):
+        sched.step()
+    assert sched.n_running == 2
+    for i in (2, 3, 4):  # join a running batch at different positions; the 5th waits for a free row
+        sched.submit(prompts[i], params[i], sink=recs[i], adapter=names[i])
+    sched.step()
+    assert sched.stats.last_batch == 4 and sched.n_waiting == 1
+    run_until_idle(sched)
+    ref = Engine(model, max_batch=1, max_len=96, adapters=store)
+    for p, sp, n, r in zip(prompts, params, names, recs):
+        assert r.tokens[0] == alone(ref, p, sp, n)
+        assert r.reasons == {0: "length"}
+    assert recs[0].tokens[0] != alone(ref, prompts[0], params[0], None)  # the adapters really change the output
+    assert recs[2].tokens[0] != alone(ref, prompts[2], params[2], "a")
+    assert sched.n_running == 0 and int(sched.lengths.sum()) == 0
+
+
+def test_n_samples_share_one_prefill_and_follow_their_seeds():
+    model = tiny_model()
+    sched = BatchScheduler(model, max_batch=4, max_len=64)
+    p = SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.9, seed=11, ignore_eos=True)
+    rec = Recorder()
+    sched.submit([1, 2, 3, 4], p, sink=rec, n=3)
+    run_until_idle(sched)
+    assert sched.stats.prefills == 1
+    ref = Engine(model, max_len=64)
+    for k in range(3):  # sample k uses seed + k, exactly as that seed alone
+        want = alone(ref, [1, 2, 3, 4], SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.9, seed=11 + k, ignore_eos=True))
+        assert rec.tokens[k] == want
+    assert len({tuple(t) for t in rec.tokens.values()}) == 3
+
+
+def test_stop_token_sink_stop_and_cancel_free_rows():
+    model = tiny_model()
+    ref = Engine(model, max_len=64)
+    prompt = [100, 3, 77]
+    full = alone(ref, prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    stop_tok = next(t for i, t in enumerate(full) if i >= 2 and t not in full[:i])
+    sched = BatchScheduler(model, max_batch=3, max_len=64, eos_ids=[stop_tok])
+    eos, early, gone = Recorder(), Recorder(stop_after=3), Recorder()
+    sched.submit(prompt, SamplingParams(max_new_tokens=12), sink=eos)
+    sched.submit(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), sink=early)
+    t = sched.submit([1, 2], SamplingParams(max_new_tokens=50, ignore_eos=True), sink=gone)
+    sched.step()
+    sched.step()
+    sched.cancel(t)
+    sched.step()
+    assert gone.reasons == {0: "cancelled"} and sched.rows[2] is None and int(sched.lengths[2]) == 0
+    run_until_idle(sched)
+    assert eos.tokens[0] == full[: full.index(stop_tok)] and eos.reasons == {0: "stop"}
+    assert early.tokens[0] == full[:3] and early.reasons == {0: "stop"}
+    assert all(r is None for r in sched.rows)
+
+
+def test_capacity_and_impossible_requests_are_refused_up_front():
+    model = tiny_model()
+    sched = BatchScheduler(model, max_batch=2, max_len=32, max_queue=1)
+    p = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with pytest.raises(PippinError, match="context"):
+        sched.submit(list(range(30)), p, sink=Recorder())
+    with pytest.raises(PippinError, match="n must be"):
+        sched.submit([1], p, sink=Recorder(), n=3)
+    with pytest.raises(PippinError, match="empty"):
+        sched.submit([], p, sink=Recorder())
+    sched.submit([1], p, sink=Recorder(), n=2)
+    sched.submit([2], p, sink=Recorder())
+    with pytest.raises(SchedulerFull):
+        sched.submit([3], p, sink=Recorder())
+    run_until_idle(sched)
+    sched.submit([3], p, sink=Recorder())  # capacity comes back once rows are freed
+
+
+def test_more_adapters_than_slots_wait_and_a_broken_adapter_fails_alone(tmp_path):
+    model, store = served(n_slots=3)  # two adapter slots
+    store.root = tmp_path
+    for i, n in enumerate(["a", "b", "c"]):
+        save_adapter(random_adapter(model, n, seed=i + 1), tmp_path / n)
+    save_adapter(random_adapter(model, "bad", seed=9), tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    sched = BatchScheduler(model, max_batch=4, max_len=64, adapters=store)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    recs = {n: Recorder() for n in ["a", "b", "c", "bad"]}
+    for n, r in recs.items():
+        sched.submit([4, 5, 6], params, sink=r, adapter=n)
+    sched.step()
+    assert sched.n_running == 2  # "c" must wait for a slot; "bad" waits behind it
+    run_until_idle(sched)
+    ref = Engine(model, max_len=64, adapters=store)
+    for n in ["a", "b", "c"]:
+        assert recs[n].tokens[0] == alone(ref, [4, 5, 6], params, n), n
+    assert isinstance(recs["bad"].error, PippinError) and not recs["bad"].tokens
+    with pytest.raises(PippinError, match="Unknown adapter"):
+        sched.submit([1], params, sink=Recorder(), adapter="nope")
+
+
+def test_a_raising_sink_cancels_only_its_request():
+    model = tiny_model()
+    sched = BatchScheduler(model, max_batch=2, max_len=64)
+
+    class Broken(Recorder):
+        def token(self, index, token):
+            raise RuntimeError("client bug")
+
+    ok, bad = Recorder(), Broken()
+    sched.submit([1, 2, 3], SamplingParams(max_new_tokens=6, ignore_eos=True), sink=ok)
+    sched.submit([1, 2, 3], SamplingParams(max_new_tokens=6, ignore_eos=True), sink=bad)
+    run_until_idle(sched)
+    assert len(ok.tokens[0]) == 6 and bad.reasons == {0: "cancelled"}
+    assert torch.equal(sched.lengths, torch.zeros(2, dtype=torch.long))
+
+
+def test_a_request_whose_sampling_fails_fails_alone(monkeypatch):
+    import pippin.engine.scheduler as sched_mod
+
+    model = tiny_model()
+    sched = BatchScheduler(model, max_batch=2, max_len=64)
+    ok, bad = Recorder(), Recorder()
+    sched.submit([1, 2, 3], SamplingParams(max_new_tokens=6, ignore_eos=True), sink=ok)
+    sched.step()
+    real = sched_mod.sample
+
+    def flaky(logits, params, **kw):  # the sampler breaks for this one request's settings only
+        if params.temperature == 0.7:
+            raise RuntimeError("invalid multinomial distribution")
+        return real(logits, params, **kw)
+
+    monkeypatch.setattr(sched_mod, "sample", flaky)
+    sched.submit([4, 5], SamplingParams(max_new_tokens=6, temperature=0.7, ignore_eos=True), sink=bad)
+    run_until_idle(sched)
+    assert isinstance(bad.error, PippinError) and "Sampling failed" in str(bad.error)
+    assert len(ok.tokens[0]) == 6 and ok.reasons == {0: "length"}

@@ -1,0 +1,68 @@
+"""The web playground in headless Chromium (Debian's `chromium`, driven by playwright): pick an adapter,
+send a message, and see the reply arrive in several streamed pieces with TTFT and tok/s shown.
+
+Skipped when playwright or a chromium binary is missing (playwright's own browser download cannot work here).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+
+# Count every change to the assistant's text: more than one means the reply was streamed in pieces.
+COUNT_UPDATES = """() => {
+  window.__updates = 0;
+  new MutationObserver(() => { window.__updates += 1; })
+    .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
+    import time
+
+    sched = live.service.default.scheduler
+    step = sched.step
+
+    def slow_step() -> None:  # ~20 ms per token, so the tiny model's reply arrives in visibly separate pieces
+        time.sleep(0.02)
+        step()
+
+    monkeypatch.setattr(sched, "step", slow_step)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live.url + "/")
+            page.wait_for_selector('#model option[value="tiny:polite"]', state="attached")
+            page.select_option("#model", "tiny:polite")
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "40")
+            page.evaluate(COUNT_UPDATES)
+            page.fill("#input", "hello there")
+            page.click("#send")
+            page.wait_for_selector(".msg.user")
+            page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
+            reply = page.inner_text(".msg.assistant .body")
+            updates = page.evaluate("window.__updates")
+            ttft = page.inner_text("#ttft")
+            toks = page.inner_text("#toks")
+            assert not errors, errors
+        finally:
+            browser.close()
+    want = httpx.post(
+        live.api + "/chat/completions",
+        json={"model": "tiny:polite", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 40, "temperature": 0},
+        timeout=30,
+    ).json()["choices"][0]["message"]["content"]
+    assert reply == want and len(reply) > 10
+    assert updates > 5  # streamed, not one final paint
+    assert ttft.endswith(" ms") and float(toks) > 0

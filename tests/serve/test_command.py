@@ -1,0 +1,82 @@
+"""`pippin serve` as a user starts it: flags map onto ServeConfig, and the process prints a URL that serves."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pippin.commands import serve
+from pippin.errors import PippinError
+
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    serve.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_flags_become_the_config():
+    cfg = serve.config_from_args(parse("--model", "a=/x", "--model", "/y", "--max-batch", "3", "--max-queue", "0", "--port", "9"))
+    assert cfg.models == ["a=/x", "/y"] and (cfg.max_batch, cfg.max_queue, cfg.port) == (3, 0, 9)
+    assert cfg.runtime_adapters  # loopback: on by default
+    assert not serve.config_from_args(parse("--host", "0.0.0.0")).runtime_adapters
+    assert serve.config_from_args(parse("--host", "0.0.0.0", "--runtime-adapters")).runtime_adapters
+    assert serve.config_from_args(parse()).models == ["default"]
+    with pytest.raises(PippinError, match="max_batch"):
+        serve.config_from_args(parse("--max-batch", "0"))
+
+
+def test_serve_prints_its_url_and_answers(tiny_dir):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    code = (
+        "import argparse, sys; from pippin.commands import serve; p = argparse.ArgumentParser(); serve.add_arguments(p); "
+        "sys.exit(serve.run(p.parse_args(sys.argv[1:])))"
+    )
+    cmd = [sys.executable, "-c", code, "--model", str(tiny_dir), "--port", "0", "--max-len", "256", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = m.group(1)
+        for _ in range(100):
+            try:
+                r = httpx.get(url + "health", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert r.json()["models"] == ["tiny"]
+        chat = httpx.post(
+            url + "v1/chat/completions",
+            json={"model": "tiny:summarize", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+            timeout=30,
+        )
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 5
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_a_busy_port_is_reported_clearly(tiny_dir):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PippinError, match="Cannot listen"):
+            serve.run(parse("--model", str(tiny_dir), "--port", str(port)))
