@@ -89,7 +89,7 @@ def test_adapter_train_list_info_generate_merge_on_default_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "ZEBRA" in pippin("generate", "Code word 7?", "--model", str(tmp_path / "merged"), "--max-new-tokens", "8").stdout
     # Unknown and invalid adapters are one clear line.
-    for name, msg in [("nope", "Unknown adapter 'nope'"), ("../x", "Invalid adapter name")]:
+    for name, msg in [("nope", "Unknown adapter 'nope'"), ("bad name", "Invalid adapter name"), ("../x", "not an adapter folder")]:
         r = pippin("generate", "hi", "--adapter", name, "--adapters-dir", str(ad))
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 

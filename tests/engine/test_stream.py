@@ -37,6 +37,6 @@ def test_deltas_concatenate_to_final_text_and_stop_strings_cut():
     assert "".join(e.text for e in cut if isinstance(e, Delta)) == cut[-1].text
 
 
-def testheld_back_tail():
+def test_held_back_tail():
     assert held_back("abc</", ("</s>",)) == 2
     assert held_back("abc", ("</s>",)) == 0
