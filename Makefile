@@ -13,7 +13,7 @@ SHARED  ?= ../shared
 CALIB   ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
 QDIR    ?= $(HOME)/.cache/pippin/models
 
-.PHONY: setup run demo model compressed adapters test lint bench bench-setup bench-compression bench-adapters clean
+.PHONY: setup run demo model compressed adapters test lint bench bench-setup bench-compression bench-adapters bench-serving clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,6 +66,7 @@ bench: bench-setup model
 	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
 	$(MAKE) bench-compression
 	$(MAKE) bench-adapters
+	$(MAKE) bench-serving
 
 # Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum).
 bench-compression: bench-setup model
@@ -88,6 +89,9 @@ adapters: compressed
 	@test -f $(SERVE_MODEL)/adapters/summarize/adapter_model.safetensors || $(VENV)/bin/pippin adapter train summarize \
 	  --model $(SERVE_MODEL) --data $(DIALOGSUM) --format dialogsum --skip 100 --init-from recovery --seq-len 512 --batch-size 4 \
 	  --steps 40 --lr 5e-4 --save-every 10
+
+bench-serving: bench-setup adapters
+	$(PY) benchmarks/serving.py --model $(SERVE_MODEL) --clients 1,16 --seconds 60,240 --speculative --out docs/benchmarks/serving.json
 
 bench-adapters: bench-setup adapters
 	$(PY) benchmarks/adapters.py --xsum $(SHARED)/data/xsum/test.jsonl --compressed 3.5bpw=$(SERVE_MODEL) \
