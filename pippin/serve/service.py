@@ -161,7 +161,7 @@ class Service:
                 f"max_tokens is {max_tokens}, over this server's limit of {self.config.max_new_tokens}; ask for fewer.", param="max_tokens"
             )
         if max_tokens is None:
-            max_tokens = min(self.config.default_max_tokens, max_len - n_prompt)
+            max_tokens = min(self.config.default_max_tokens, self.config.max_new_tokens, max_len - n_prompt)
         if n_prompt + max_tokens > max_len:
             raise ApiError(
                 f"This model's context is {max_len} tokens, but the prompt has {n_prompt} tokens and max_tokens is {max_tokens}; "
