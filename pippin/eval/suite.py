@@ -187,3 +187,8 @@ def percent(num: float, den: int) -> float | None:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def generation_errors(system: System, outcomes: Sequence[Outcome]) -> list[ItemError]:
+    """The failed generations of one system, as recorded errors (never scored)."""
+    return [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outcomes if not o.ok]

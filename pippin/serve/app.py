@@ -265,49 +265,54 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/unload_lora_adapter", responses=ERRORS)
     async def unload_lora(req: UnloadAdapterRequest) -> dict:
         model = await service.unload_adapter(req.lora_name)
-        return {"status": "ok", "model": model, "message": "Adapter dropped from memory; its files are kept."}
+        return {"status": "ok", "model": model, "message": "Adapter unloaded; its files stay on disk."}
 
     return app
 
 
-async def _chat_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
+async def _event_stream(gen: Generation, *, chunk, text, done, include_usage: bool, opening: list[str] = ()):  # noqa: ANN001, ANN202
+    """SSE lines for one streamed generation: `text(index, str)` and `done(index, reason)` make a chunk's choice."""
+    try:
+        for line in opening:
+            yield line
+        async for ev in gen.events():
+            if isinstance(ev, TextDelta):
+                yield chunk([text(ev.index, ev.text)])
+            elif isinstance(ev, ChoiceDone):
+                yield chunk([done(ev.index, _finish(ev.finish_reason))])
+            elif isinstance(ev, Failed):
+                yield _sse(json.loads(_exception_response(ev.error).body))
+                break
+        else:
+            if include_usage:
+                yield chunk([], Usage(**gen.usage))
+        yield "data: [DONE]\n\n"
+    finally:
+        gen.close()
+
+
+def _chat_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
-    try:
-        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(gen.n_choices)])
-        async for ev in gen.events():
-            if isinstance(ev, TextDelta):
-                yield chunk([ChunkChoice(index=ev.index, delta=Delta(content=ev.text))])
-            elif isinstance(ev, ChoiceDone):
-                yield chunk([ChunkChoice(index=ev.index, delta=Delta(), finish_reason=_finish(ev.finish_reason))])
-            elif isinstance(ev, Failed):
-                yield _sse(json.loads(_exception_response(ev.error).body))
-                break
-        else:
-            if include_usage:
-                yield chunk([], Usage(**gen.usage))
-        yield "data: [DONE]\n\n"
-    finally:
-        gen.close()
+    return _event_stream(
+        gen,
+        chunk=chunk,
+        text=lambda i, t: ChunkChoice(index=i, delta=Delta(content=t)),
+        done=lambda i, r: ChunkChoice(index=i, delta=Delta(), finish_reason=r),
+        include_usage=include_usage,
+        opening=[chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(gen.n_choices)])],
+    )
 
 
-async def _completion_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
+def _completion_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _sse(Completion(id=rid, created=created, model=model, choices=choices, usage=usage))
 
-    try:
-        async for ev in gen.events():
-            if isinstance(ev, TextDelta):
-                yield chunk([CompletionChoice(index=ev.index, text=ev.text, finish_reason=None)])
-            elif isinstance(ev, ChoiceDone):
-                yield chunk([CompletionChoice(index=ev.index, text="", finish_reason=_finish(ev.finish_reason))])
-            elif isinstance(ev, Failed):
-                yield _sse(json.loads(_exception_response(ev.error).body))
-                break
-        else:
-            if include_usage:
-                yield chunk([], Usage(**gen.usage))
-        yield "data: [DONE]\n\n"
-    finally:
-        gen.close()
+    return _event_stream(
+        gen,
+        chunk=chunk,
+        text=lambda i, t: CompletionChoice(index=i, text=t, finish_reason=None),
+        done=lambda i, r: CompletionChoice(index=i, text="", finish_reason=r),
+        include_usage=include_usage,
+    )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -34,7 +35,7 @@ from pippin.errors import PippinError
 from pippin.io import write_atomic, write_json_atomic
 from pippin.train.checkpointing import load_state, save_state
 from pippin.train.data import Example, collate
-from pippin.train.losses import masked_cross_entropy, masked_kl
+from pippin.train.losses import masked_kl
 
 
 class Objective(StrEnum):
@@ -203,9 +204,8 @@ def train_adapter(
                 if config.objective is Objective.SFT:
                     # The head (V x dim, the largest matmul) only where the loss is taken: assistant tokens.
                     logits = model.head(model.features(inputs)[mask])
-                    loss = masked_cross_entropy(
-                        logits.unsqueeze(0), targets[mask].unsqueeze(0), torch.ones(1, len(logits), dtype=torch.bool)
-                    )
+                    # Every batch has answer tokens: examples without any were dropped above.
+                    loss = F.cross_entropy(logits.float(), targets[mask])
                 else:
                     logits = model(inputs)
                     with torch.no_grad():

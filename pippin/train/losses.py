@@ -1,7 +1,8 @@
-"""Losses for adapter training: masked next-token cross-entropy (SFT) and masked logit distillation (KL).
+"""Losses for adapter training: masked logit distillation (KL) and held-out perplexity.
 
-Both average over the masked positions only (prompt and padding tokens carry no loss) and stay finite
-when a batch has no masked token. The KL is KL(teacher || student) at temperature T, scaled by T^2 as in
+The KL averages over the masked positions only (padding carries no loss) and stays finite when a batch
+has no masked token; SFT needs no helper here (the trainer runs the head on the answer tokens only and takes
+plain cross-entropy). The KL is KL(teacher || student) at temperature T, scaled by T^2 as in
 Hinton et al. 2015; AFM's accuracy-recovery adapters are trained this way against the uncompressed model.
 """
 
@@ -11,13 +12,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean CE over positions where mask is True. logits (B, T, V), targets and mask (B, T)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    m = mask.flatten().float()
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
 def masked_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pippin.eval.ifeval import IFEvalItem, score
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, parse_rows, read_records
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, parse_rows, read_records
 from pippin.eval.systems import sampling_dict
 
 MAX_NEW_TOKENS = 1024
@@ -36,7 +36,7 @@ def run(ctx: EvalContext) -> SuiteResult:
     for system in ctx.systems:
         outs = ctx.generate(system, requests, params, desc="ifeval")
         answered = [(it, o) for it, o in zip(items, outs) if o.ok]
-        errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outs if not o.ok]
+        errors += generation_errors(system, outs)
         result = score([it for it, _ in answered], {it.prompt: o.text for it, o in answered})
         metrics[system.spec] = {
             "prompt strict %": result.prompt_strict if result.n_prompts else None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pippin.errors import PippinError
 from pippin.eval.judges import parse_rating
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, mean, parse_rows, read_records
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, mean, parse_rows, read_records
 from pippin.eval.systems import Message, System, sampling_dict
 
 MAX_NEW_TOKENS = 1024
@@ -121,7 +121,7 @@ def answer_mtbench(
             system, [Request(id=f"q{q.id} turn 1", messages=[{"role": "user", "content": q.turns[0]}]) for q in group], params, desc=desc
         )
         ok = [(q, o.text) for q, o in zip(group, first) if o.ok]
-        errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in first if not o.ok]
+        errors += generation_errors(system, first)
         history = [
             [{"role": "user", "content": q.turns[0]}, {"role": "assistant", "content": a1}, {"role": "user", "content": q.turns[1]}]
             for q, a1 in ok
@@ -131,7 +131,7 @@ def answer_mtbench(
             if o.ok:
                 answers[q.id] = [a1, o.text]
             else:
-                errors.append(ItemError(stage="generate", item=o.id, system=system.spec, message=o.error))
+                errors += generation_errors(system, [o])
     return answers, errors, settings
 
 

@@ -17,7 +17,7 @@ from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 from pippin.eval.judges import Preference, pairwise_outcome, parse_verdict
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, parse_rows, percent, read_records, require_str
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, parse_rows, percent, read_records, require_str
 from pippin.eval.systems import Message, System, sampling_dict
 from pippin.eval.tasks.mtbench import MAX_NEW_TOKENS, MTBench, Question, answer_mtbench, load_mtbench, needs_reference
 
@@ -70,7 +70,7 @@ def _answers(
     outs = ctx.generate(
         system, [Request(id=i.id, messages=[{"role": "user", "content": i.text}]) for i in instructions], params, desc="preference alpaca"
     )
-    errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outs if not o.ok]
+    errors += generation_errors(system, outs)
     return mt, {o.id: o.text for o in outs if o.ok}, errors, settings
 
 

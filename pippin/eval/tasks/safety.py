@@ -18,7 +18,7 @@ from pippin.eval.judges import parse_safety_class
 from pippin.eval.prompts import SAFETY_CLASSIFIER
 from pippin.eval.refusal import RefusalRule, is_refusal
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, parse_rows, percent, read_records, require_str
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, parse_rows, percent, read_records, require_str
 from pippin.eval.systems import sampling_dict
 
 MAX_NEW_TOKENS = 256
@@ -83,7 +83,7 @@ def run(ctx: EvalContext) -> SuiteResult:
     metrics, records = {}, []
     for system in ctx.systems:
         outs = ctx.generate(system, requests, params, desc="safety")
-        errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outs if not o.ok]
+        errors += generation_errors(system, outs)
         done = [(it, o.text) for it, o in zip(items, outs) if o.ok]
         classes: dict[str, str | None] = {}
         raws: dict[str, str | None] = {}

@@ -17,7 +17,7 @@ from pippin.eval.judges import Grade, Judgment, afm_overall, parse_afm_grades
 from pippin.eval.prompts import AFM_DIMENSIONS, SUMMARIZE_DIALOGUE, SUMMARIZE_NEWS, SUMMARY_GRADER, PromptTemplate
 from pippin.eval.rouge import rouge
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, mean, parse_rows, percent, read_records, require_str
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, mean, parse_rows, percent, read_records, require_str
 from pippin.eval.systems import sampling_dict
 
 MAX_NEW_TOKENS = 256
@@ -95,7 +95,7 @@ def run(ctx: EvalContext) -> SuiteResult:
     metrics, records = {}, []
     for system in ctx.systems:
         outs = ctx.generate(system, requests, params, desc="summarize")
-        errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outs if not o.ok]
+        errors += generation_errors(system, outs)
         done = [(it, o.text) for it, o in zip(items, outs) if o.ok]
         rouges = {it.id: best_rouge(text, it.references) for it, text in done}
         row: dict[str, float | None] = {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pippin.eval.judges import Criterion, parse_criteria_scores
 from pippin.eval.prompts import WRITING_RUBRIC
 from pippin.eval.runner import Request
-from pippin.eval.suite import EvalContext, ItemError, SuiteResult, mean, parse_rows, read_records
+from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, mean, parse_rows, read_records
 from pippin.eval.systems import sampling_dict
 
 MAX_NEW_TOKENS = 1024
@@ -78,7 +78,7 @@ def run(ctx: EvalContext, *, seed_index: int = 0) -> SuiteResult:
     metrics, records = {}, []
     for system in ctx.systems:
         outs = ctx.generate(system, requests, params, desc="writing")
-        errors += [ItemError(stage="generate", item=o.id, system=system.spec, message=o.error) for o in outs if not o.ok]
+        errors += generation_errors(system, outs)
         done = [(it, o.text) for it, o in zip(items, outs) if o.ok]
         judge_requests = [
             Request(
