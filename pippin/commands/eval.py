@@ -45,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--judge-max-new-tokens", type=int, default=512)
     p.add_argument("--judge-retries", type=int, default=2, help="re-asks for an unparseable judge answer")
+    p.add_argument(
+        "--judge-answers",
+        choices=("forced", "free"),
+        default="forced",
+        help="forced: a pippin judge answers in the suite's verdict format by forced choice (always parseable); "
+        "free: it writes freely and the answer is parsed. Endpoint judges always answer freely.",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for pippin models")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request")
     p.add_argument("--retries", type=int, default=3, help="HTTP retries before an endpoint counts as unreachable")
@@ -133,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         judge_config=JudgeConfig(
-            params=SamplingParams(max_new_tokens=args.judge_max_new_tokens, temperature=0.0), retries=args.judge_retries
+            params=SamplingParams(max_new_tokens=args.judge_max_new_tokens, temperature=0.0),
+            retries=args.judge_retries,
+            answers=args.judge_answers,
         ),
         progress=not args.no_progress,
     )

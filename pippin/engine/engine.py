@@ -75,7 +75,8 @@ class Engine:
             self._decode = torch.compile(decode_step, dynamic=True)
         self.last_stats: GenerationStats | None = None
 
-    def _cache_for(self, batch: int) -> KVCache:
+    def cache_for(self, batch: int) -> KVCache:
+        """A cache view over the first `batch` rows (the buffer grows once when a bigger batch comes)."""
         if batch > self.cache.batch_size:  # grow once; later calls reuse the bigger buffer
             self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len)
         return self.cache.first_rows(batch)
@@ -139,7 +140,7 @@ class Engine:
         # Repetition-penalty history: pad with each row's first token so padding adds nothing new.
         history = torch.where(torch.arange(T) < lengths.unsqueeze(1), tokens, tokens[:, :1]) if params.repetition_penalty != 1.0 else None
 
-        cache = self._cache_for(B)
+        cache = self.cache_for(B)
         t0 = time.perf_counter()
         logits = prefill(self.model, tokens, lengths, cache)
         done = torch.zeros(B, dtype=torch.bool)

@@ -90,6 +90,15 @@ class KVCache:
         row in a continuously batched cache is prefilled through it."""
         return KVCache._over(self.k[:, start:stop], self.v[:, start:stop], torch.zeros(stop - start, dtype=torch.long))
 
+    def branch(self, row: int, n: int, room: int) -> KVCache:
+        """n copies of `row`'s filled slots, with `room` free slots after them (to try n continuations at once).
+        Copies only the filled part, not the whole buffer."""
+        end = int(self.lengths[row])
+        k, v = (t.new_zeros(t.shape[0], n, t.shape[2], end + room, t.shape[4]) for t in (self.k, self.v))
+        k[:, :, :, :end] = self.k[:, row : row + 1, :, :end]
+        v[:, :, :, :end] = self.v[:, row : row + 1, :, :end]
+        return KVCache._over(k, v, self.lengths[row : row + 1].repeat(n))
+
     def clone_rows(self, row: int, n: int) -> KVCache:
         """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
         k, v = (t[:, row : row + 1].repeat(1, n, 1, 1, 1) for t in (self.k, self.v))

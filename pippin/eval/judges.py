@@ -4,7 +4,9 @@
 answer, and re-asks the ones that cannot be parsed (first attempt with the judge's settings, greedy by default;
 retries sample at `retry_temperature` with a new seed each, since a greedy judge would repeat itself). An answer
 still unparseable after the retries, or a judge that cannot be reached, is a `Judgment` with an error: it is
-reported and never counted as a pass or a fail. Parsers raise ValueError with the reason.
+reported and never counted as a pass or a fail. Parsers raise ValueError with the reason. A judge that can fill
+answer forms (a pippin model) answers in the suite's form by forced choice instead (pippin.eval.forms), so a
+small model still gives a parseable verdict; `JudgeConfig.answers="free"` turns that off.
 Rules: FastChat's `[[rating]]` and `[[A]]/[[B]]/[[C]]` formats (Zheng et al. 2023), with the pairwise verdict
 asked in both orders and a disagreement counted as a tie; AFM's summary grade (good if every dimension is good,
 poor if any is poor, else neutral); EQ-Bench's criteria scores with lower-is-better criteria inverted.
@@ -19,9 +21,10 @@ from enum import Enum
 from typing import Any
 
 from pippin.engine.sampling import SamplingParams
+from pippin.eval.forms import AnswerForm
 from pippin.eval.prompts import AFM_DIMENSIONS
 from pippin.eval.runner import GenerationCache, Request, run_requests
-from pippin.eval.systems import System, sampling_dict
+from pippin.eval.systems import System, can_fill, sampling_dict
 
 
 @dataclass(kw_only=True)
@@ -31,6 +34,16 @@ class JudgeConfig:
     retries: int = 2
     """Extra attempts for an answer that cannot be parsed."""
     retry_temperature: float = 0.7
+    answers: str = "forced"
+    """"forced": a judge that can (a pippin model) answers in the suite's form by forced choice, so it always
+    parses; "free": every judge writes its own answer, which is parsed (and re-asked when unparseable)."""
+
+    def __post_init__(self) -> None:
+        if self.answers not in ("forced", "free"):
+            raise ValueError(f"answers must be 'forced' or 'free', got {self.answers!r}")
+
+    def uses_forms(self, judge: System) -> bool:
+        return self.answers == "forced" and can_fill(judge)
 
     def attempt_params(self, attempt: int) -> SamplingParams:
         if attempt == 0:
@@ -38,7 +51,12 @@ class JudgeConfig:
         return replace(self.params, temperature=self.retry_temperature, seed=(self.params.seed or 0) + attempt)
 
     def describe(self) -> dict:
-        return {"sampling": sampling_dict(self.params), "retries": self.retries, "retry_temperature": self.retry_temperature}
+        return {
+            "answers": self.answers,
+            "sampling": sampling_dict(self.params),
+            "retries": self.retries,
+            "retry_temperature": self.retry_temperature,
+        }
 
 
 @dataclass(kw_only=True)
@@ -51,6 +69,8 @@ class Judgment:
     """The judge's last answer, as written."""
     error: str | None = None
     attempts: int = 0
+    probs: list[list[float]] | None = None
+    """A forced-form answer's option probabilities at each choice (None for a free answer)."""
 
     @property
     def ok(self) -> bool:
@@ -67,15 +87,23 @@ def judge_all(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "judge",
+    forms: AnswerForm | Sequence[AnswerForm] | None = None,
 ) -> list[Judgment]:
     """One Judgment per request, in order (see the module docstring for retries and errors).
 
     parse: one parser for every answer, or one per request (e.g. each item with its own rubric).
+    forms: the answer form (one, or one per request) a judge that can fill forms answers in when
+        `config.answers` is "forced"; the filled text goes through the same parser.
     """
     config = config or JudgeConfig()
     parsers = [parse] * len(requests) if callable(parse) else list(parse)
     if len(parsers) != len(requests):
         raise ValueError(f"got {len(parsers)} parsers for {len(requests)} judge requests")
+    if forms is not None and config.uses_forms(judge):
+        per = [forms] * len(requests) if isinstance(forms, AnswerForm) else list(forms)
+        if len(per) != len(requests):
+            raise ValueError(f"got {len(per)} answer forms for {len(requests)} judge requests")
+        requests = [replace(r, form=f) for r, f in zip(requests, per)]
     results = [Judgment(id=r.id) for r in requests]
     pending = list(range(len(requests)))
     for attempt in range(config.retries + 1):
@@ -95,12 +123,13 @@ def judge_all(
             if not out.ok:  # the runner already retried the endpoint: not a parse problem, do not re-ask
                 j.raw, j.error = None, f"judge failed: {out.error}"
                 continue
-            j.raw = out.text
+            j.raw, j.probs = out.text, out.probs
             try:
                 j.value, j.error = parsers[i](out.text), None
             except ValueError as e:
                 j.error = f"unparseable judge answer after {attempt + 1} attempt(s): {e}"
-                again.append(i)
+                if requests[i].form is None:  # a forced answer would come out the same again
+                    again.append(i)
         pending = again
         if not pending:
             break

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
-from pippin.eval.systems import EndpointError, Message, System, sampling_dict
+from pippin.eval.forms import AnswerForm, Filled
+from pippin.eval.systems import EndpointError, Message, System, can_fill, sampling_dict
 
 
 @dataclass(kw_only=True)
@@ -33,6 +34,8 @@ class Request:
 
     id: str
     messages: list[Message]
+    form: AnswerForm | None = None
+    """Answer in this form by forced choice instead of generating (for systems that `can_fill`)."""
 
 
 @dataclass(kw_only=True)
@@ -43,6 +46,8 @@ class Outcome:
     text: str | None = None
     error: str | None = None
     cached: bool = False
+    probs: list[list[float]] | None = None
+    """For a forced-form answer: each option's probability at each choice."""
 
     @property
     def ok(self) -> bool:
@@ -66,6 +71,7 @@ class GenerationCache:
         self.n_ignored = 0
         """Lines that could not be used: a partial last line, or a line that is not a cache record."""
         self._replies: dict[str, str] = {}
+        self._probs: dict[str, list[list[float]]] = {}
         self._load()
 
     def _load(self) -> None:
@@ -88,13 +94,22 @@ class GenerationCache:
             if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
                 self.n_ignored += 1
             elif isinstance(rec.get("text"), str) and rec.get("error") is None:
-                self._replies[rec["key"]] = rec["text"]
+                self._keep(rec)
 
     def __len__(self) -> int:
         return len(self._replies)
 
     def get(self, key: str) -> str | None:
         return self._replies.get(key)
+
+    def probs(self, key: str) -> list[list[float]] | None:
+        """The option probabilities stored with a forced-form answer."""
+        return self._probs.get(key)
+
+    def _keep(self, rec: dict) -> None:
+        self._replies[rec["key"]] = rec["text"]
+        if isinstance(rec.get("choice_probs"), list):
+            self._probs[rec["key"]] = rec["choice_probs"]
 
     def append(self, records: Sequence[dict]) -> None:
         """Append records and fsync: after this returns they survive a kill."""
@@ -107,22 +122,34 @@ class GenerationCache:
             os.fsync(f.fileno())
         for r in records:
             if r.get("error") is None and isinstance(r.get("text"), str):
-                self._replies[r["key"]] = r["text"]
+                self._keep(r)
 
 
-def _generate_rows(system: System, conversations: list[list[Message]], params: SamplingParams) -> list[tuple[str | None, str | None]]:
-    """(text, error) per conversation: one batched call, split into single rows if a row-level error occurs."""
+Row = tuple[str | None, str | None, list[list[float]] | None]
+"""(text, error, option probabilities) of one generated row."""
+
+
+def _generate_rows(
+    system: System, conversations: list[list[Message]], params: SamplingParams, forms: list[AnswerForm] | None = None
+) -> list[Row]:
+    """One Row per conversation: one batched call, split into single rows if a row-level error occurs.
+    With `forms`, the rows are answered in those forms (`system.fill`) instead of generated."""
     try:
+        if forms is not None:
+            filled = system.fill(conversations, forms)
+            if not isinstance(filled, list) or len(filled) != len(conversations) or not all(isinstance(f, Filled) for f in filled):
+                raise PippinError(f"{system.spec} returned {type(filled).__name__} instead of {len(conversations)} filled forms.")
+            return [(f.text, None, f.probs) for f in filled]
         texts = system.generate(conversations, params)
         if not isinstance(texts, list) or len(texts) != len(conversations) or not all(isinstance(t, str) for t in texts):
             raise PippinError(f"{system.spec} returned {type(texts).__name__} instead of {len(conversations)} strings.")
-        return [(t, None) for t in texts]
+        return [(t, None, None) for t in texts]
     except EndpointError as e:
-        return [(None, str(e))] * len(conversations)
+        return [(None, str(e), None)] * len(conversations)
     except PippinError as e:
         if len(conversations) == 1:
-            return [(None, str(e))]
-    return [row for c in conversations for row in _generate_rows(system, [c], params)]
+            return [(None, str(e), None)]
+    return [row for i, c in enumerate(conversations) for row in _generate_rows(system, [c], params, None if forms is None else [forms[i]])]
 
 
 def run_requests(
@@ -135,11 +162,18 @@ def run_requests(
     progress: bool = False,
     desc: str = "generate",
 ) -> list[Outcome]:
-    """One Outcome per request, in order: cached replies first, the rest generated `batch_size` at a time."""
-    settings = sampling_dict(params)
+    """One Outcome per request, in order: cached replies first, the rest generated `batch_size` at a time.
+
+    Requests with a form are answered in it by forced choice (the system must `can_fill`); their cache key and
+    record hold the form instead of the sampling settings. A batch is all forms or all free generations.
+    """
+    forced = [r.form is not None for r in requests]
+    if any(forced) and not can_fill(system):
+        raise PippinError(f"{system.spec} cannot answer in a forced form; ask it in free text.")
+    settings = [{"answer_form": r.form.spec} if r.form is not None else sampling_dict(params) for r in requests]
     shas = [prompt_hash(r.messages) for r in requests]
-    keys = [cache_key(system.identity, settings, s) for s in shas]
-    replies: dict[str, tuple[str | None, str | None]] = {}
+    keys = [cache_key(system.identity, st, s) for st, s in zip(settings, shas)]
+    replies: dict[str, Row] = {}
     cached = set()
     todo: list[int] = []  # first request of each key that must be generated (duplicates share it)
     for i, k in enumerate(keys):
@@ -148,35 +182,41 @@ def run_requests(
         hit = cache.get(k) if cache is not None else None
         if hit is not None:
             cached.add(k)
-            replies[k] = (hit, None)
+            replies[k] = (hit, None, cache.probs(k))
         else:
-            replies[k] = (None, "not generated")
+            replies[k] = (None, "not generated", None)
             todo.append(i)
     per_key = Counter(keys)  # requests answered by each key's one generation
     n_done = sum(per_key[k] for k in cached)
     bar = tqdm(total=len(requests), initial=n_done, desc=f"{desc} [{system.spec}]", disable=not progress, file=sys.stderr, leave=False)
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b : b + batch_size]
-        rows = _generate_rows(system, [list(requests[i].messages) for i in batch], params)
+    free, filled = [i for i in todo if not forced[i]], [i for i in todo if forced[i]]
+    batches = [group[b : b + batch_size] for group in (free, filled) for b in range(0, len(group), batch_size)]
+    for batch in batches:
+        rows = _generate_rows(
+            system, [list(requests[i].messages) for i in batch], params, [requests[i].form for i in batch] if forced[batch[0]] else None
+        )
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         records = []
-        for i, (text, error) in zip(batch, rows):
-            replies[keys[i]] = (text, error)
+        for i, (text, error, probs) in zip(batch, rows):
+            replies[keys[i]] = (text, error, probs)
             records.append(
                 {
                     "key": keys[i],
                     "system": system.spec,
                     "identity": system.identity,
-                    "sampling": settings,
+                    "sampling": settings[i],
                     "prompt_sha": shas[i],
                     "messages": requests[i].messages,
                     "text": text,
                     "error": error,
                     "time": stamp,
+                    **({"choice_probs": probs} if probs is not None else {}),
                 }
             )
         if cache is not None:
             cache.append(records)
         bar.update(sum(per_key[keys[i]] for i in batch))
     bar.close()
-    return [Outcome(id=r.id, text=replies[k][0], error=replies[k][1], cached=k in cached) for r, k in zip(requests, keys)]
+    return [
+        Outcome(id=r.id, text=replies[k][0], error=replies[k][1], cached=k in cached, probs=replies[k][2]) for r, k in zip(requests, keys)
+    ]

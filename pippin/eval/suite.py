@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
+from pippin.eval.forms import AnswerForm
 from pippin.eval.judges import JudgeConfig, Judgment, judge_all
 from pippin.eval.runner import GenerationCache, Outcome, Request, run_requests
 from pippin.eval.systems import System
@@ -94,7 +95,12 @@ class EvalContext:
         return self.judge
 
     def judge_all(
-        self, requests: Sequence[Request], parse: Callable[[str], Any] | Sequence[Callable[[str], Any]], *, desc: str = "judge"
+        self,
+        requests: Sequence[Request],
+        parse: Callable[[str], Any] | Sequence[Callable[[str], Any]],
+        *,
+        forms: AnswerForm | Sequence[AnswerForm] | None = None,
+        desc: str = "judge",
     ) -> list[Judgment]:
         judge = self.require_judge(desc)
         return judge_all(
@@ -106,6 +112,7 @@ class EvalContext:
             batch_size=self.batch_size,
             progress=self.progress,
             desc=desc,
+            forms=forms,
         )
 
     def path(self, *parts: str) -> Path:

@@ -2,7 +2,8 @@
 
 A `System` has a `spec` (the string that named it, recorded in every result), an `identity` (what cache keys
 use: the spec plus a fingerprint of the weights, so a retrained adapter never reuses stale generations) and
-`generate(conversations, params) -> list[str]`, which raises on failure. Two kinds:
+`generate(conversations, params) -> list[str]`, which raises on failure; a system that can also answer in a
+forced form (pippin.eval.forms) has `fill(conversations, forms) -> list[Filled]`. Two kinds:
 - `PippinSystem`: a pippin model (full, compressed, optionally one LoRA adapter), batched through the Engine.
 - `OpenAISystem`: any OpenAI-compatible `/v1/chat/completions` endpoint (pippin's server, llama.cpp's server,
   vLLM, a remote API), over the standard library's urllib with timeouts and retries with backoff.
@@ -31,6 +32,7 @@ from pippin.errors import PippinError
 
 if TYPE_CHECKING:
     from pippin.engine.engine import Engine
+    from pippin.eval.forms import AnswerForm, Filled
     from pippin.model.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -49,6 +51,11 @@ class System(Protocol):
     def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[str]:
         """One reply per conversation, in order; raises PippinError (EndpointError when unreachable)."""
         ...
+
+
+def can_fill(system: System) -> bool:
+    """Whether a system answers in forced forms (`fill(conversations, forms)`); pippin models do, endpoints do not."""
+    return callable(getattr(system, "fill", None))
 
 
 def sampling_dict(params: SamplingParams) -> dict:
@@ -142,6 +149,23 @@ class PippinSystem:
             chunk = prompts[i : i + self.batch_size]
             ids = self.engine.generate_ids(chunk, params, adapters=[self.adapter] * len(chunk))
             out += [cut_at_stop(self.tokenizer.decode(r), params.stop) for r in ids]
+        return out
+
+    def fill(self, conversations: Sequence[Sequence[Message]], forms: Sequence[AnswerForm]) -> list[Filled]:
+        """Each conversation's answer in its form, by forced choice (pippin.engine.constrained)."""
+        from pippin.engine.constrained import choose
+        from pippin.eval.forms import Filled
+
+        out = []
+        for conv, form in zip(conversations, forms, strict=True):
+            segments = [
+                self.tokenizer.encode(p, add_bos=False)
+                if isinstance(p, str)
+                else [self.tokenizer.encode(o, add_bos=False) for o in p.options]
+                for p in form.parts
+            ]
+            chosen = choose(self.engine, self.tokenizer.encode_chat(list(conv)), segments, adapter=self.adapter)
+            out.append(Filled(form.render([c.index for c in chosen]), [c.probs for c in chosen]))
         return out
 
 

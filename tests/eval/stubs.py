@@ -58,6 +58,9 @@ class ByteTokenizer:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return list("".join(f"{m['role']}: {m['content']}\n" for m in messages).encode()) + list(b"assistant: ")
 
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        return list(text.encode())
+
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("latin-1")
 

@@ -8,7 +8,9 @@ import re
 import pytest
 
 from pippin.errors import PippinError
+from pippin.eval.forms import Filled
 from pippin.eval.ifeval import load_ifeval, load_responses, score
+from pippin.eval.prompts import AFM_DIMENSIONS
 from pippin.eval.rank_correlation import spearman
 from pippin.eval.runner import GenerationCache
 from pippin.eval.suite import EvalContext
@@ -268,3 +270,31 @@ def test_judge_agreement_with_human_ratings(tmp_path):
     assert bad["spearman consistency~groundedness"] == pytest.approx(-expected)
     assert good["agreement consistency %"] == 100.0 and good["agreement relevance %"] == 100.0 and good["n graded"] == 28
     assert list(result.metrics) == ["stub:oracle", "stub:contrarian"] and not result.errors
+
+
+def test_judge_agreement_ranks_by_a_form_judges_expected_grade(tmp_path):
+    """A judge that fills the grading form: rho uses its option probabilities, not only its top grade."""
+    rows = read_jsonl(SHARED_DATA / "dialsummeval" / "human_judgment.jsonl", 20)
+    human = {r["summary"]: {d: sum(a[d] for a in r["annotations"]) / 3 for d in ("consistency", "relevance", "fluency")} for r in rows}
+
+    class FormJudge(StubSystem):
+        def fill(self, conversations, forms):
+            out = []
+            for messages, form in zip(conversations, forms):
+                h = human[re.search(r"\[Summary\]\n(.*?)\n\nRate", messages[-1]["content"], re.S).group(1)]
+                # Always "good" on top (a constant grade), but less sure the worse people rated it.
+                sure = {
+                    d: 0.5 + (h[k] - 1) / 8
+                    for d, k in (("composition", "fluency"), ("comprehensiveness", "relevance"), ("groundedness", "consistency"))
+                }
+                probs = [[sure.get(d, 1.0), 1.0 - sure.get(d, 1.0), 0.0] for d in AFM_DIMENSIONS]
+                out.append(Filled(form.render([0] * 5), probs))
+            return out
+
+    result = run("judge-agreement", context(tmp_path, [], limit=20, judge=FormJudge(spec="stub:form")))
+    row = result.metrics["stub:form"]
+    assert row["spearman consistency~groundedness"] == pytest.approx(1.0) and row["spearman relevance~comprehensiveness"] == pytest.approx(
+        1.0
+    )
+    assert row["n graded"] == 20 and result.settings["spearman_on"]["stub:form"].startswith("expected grade")
+    assert all(it["probs"] is not None for it in result.items)

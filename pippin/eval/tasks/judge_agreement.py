@@ -7,7 +7,9 @@ consistency ~ groundedness, relevance ~ comprehensiveness, fluency and coherence
 separate fluency/coherence; instruction following and harmfulness have no human counterpart). Reported per
 dimension: Spearman's rho (ties averaged) and exact agreement with the mean rating bucketed as SOURCE.md
 suggests (below 2.5 poor, below 3.5 neutral, else good); plus rho of the AFM overall grade against the mean of
-all four human dimensions. The judge is --judge, and every --system is rated as a judge too (one row each), so
+all four human dimensions. A pippin judge answers in the grading form by forced choice, and its rho is taken on
+its expected grade (the option probabilities weighted 3/2/1, G-Eval's probability-weighted score), which ranks
+summaries even when its top grade is the same for all. The judge is --judge, and every --system is rated as a judge too (one row each), so
 one report can compare the default model with a stronger judge. `--limit N` takes the first N summaries.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pippin.eval.forms import afm_expected
 from pippin.eval.judges import Grade, afm_overall
 from pippin.eval.prompts import SUMMARIZE_DIALOGUE, SUMMARY_GRADER
 from pippin.eval.rank_correlation import spearman
@@ -55,17 +58,24 @@ def bucket(mean_score: float) -> Grade:
     return Grade.POOR if mean_score < 2.5 else Grade.NEUTRAL if mean_score < 3.5 else Grade.GOOD
 
 
-def agreement(pairs: list[tuple[RatedSummary, dict[str, Grade]]]) -> dict[str, float | None]:
-    """Spearman rho and exact agreement per human dimension, and rho of the overall grade, from (item, grades)."""
+def agreement(
+    pairs: list[tuple[RatedSummary, dict[str, Grade]]], expected: list[dict[str, float]] | None = None
+) -> dict[str, float | None]:
+    """Spearman rho and exact agreement per human dimension, and rho of the overall grade, from (item, grades).
+
+    expected: per item, the judge's expected grade per dimension and "overall" (from its option probabilities);
+    when given, rho is taken on it instead of on the 3-level grade, which a small judge often leaves constant.
+    Exact agreement always uses the grade the judge gave."""
     out: dict[str, float | None] = {}
     for dim, judge_dim in HUMAN_TO_JUDGE.items():
         human = [it.human[dim] for it, _ in pairs]
-        judge = [GRADE_VALUE[g[judge_dim]] for _, g in pairs]
+        judge = [e[judge_dim] for e in expected] if expected is not None else [GRADE_VALUE[g[judge_dim]] for _, g in pairs]
         rho = spearman(human, judge) if pairs else float("nan")
         out[f"spearman {dim}~{judge_dim}"] = None if rho != rho else rho  # NaN (constant side) -> None
         out[f"agreement {dim} %"] = percent(sum(bucket(h) is g[judge_dim] for h, (_, g) in zip(human, pairs)), len(pairs))
     human = [sum(it.human.values()) / len(it.human) for it, _ in pairs]
-    rho = spearman(human, [GRADE_VALUE[afm_overall(g)] for _, g in pairs]) if pairs else float("nan")
+    overall = [e["overall"] for e in expected] if expected is not None else [GRADE_VALUE[afm_overall(g)] for _, g in pairs]
+    rho = spearman(human, overall) if pairs else float("nan")
     out["spearman overall"] = None if rho != rho else rho
     out["n graded"] = len(pairs)
     return out
@@ -77,25 +87,34 @@ def run(ctx: EvalContext) -> SuiteResult:
         ctx.require_judge("judge-agreement")
     path = ctx.path("dialsummeval", "human_judgment.jsonl")
     items, errors = parse_rows(read_records(path), _row, limit=ctx.limit)
-    metrics, records = {}, []
+    metrics, records, rho_on = {}, [], {}
     for judge in judges:
         judgments = grade_summaries(
             replace(ctx, judge=judge), [(it.id, INSTRUCTION, it.dialogue, it.summary) for it in items], desc="judge-agreement"
         )
-        pairs = []
+        pairs, expected = [], []
         for it, j in zip(items, judgments):
             if j.ok:
                 pairs.append((it, j.value))
+                expected.append(afm_expected(j.probs) if j.probs is not None else None)
             else:
                 errors.append(ItemError(stage="judge", item=it.id, system=judge.spec, message=j.error))
             grades = {d: g.value for d, g in j.value.items()} if j.ok else None
-            records.append({"judge": judge.spec, "id": it.id, "human": it.human, "grades": grades, "judge_raw": j.raw})
-        metrics[judge.spec] = agreement(pairs)
+            records.append({"judge": judge.spec, "id": it.id, "human": it.human, "grades": grades, "judge_raw": j.raw, "probs": j.probs})
+        weighted = bool(expected) and all(e is not None for e in expected)
+        metrics[judge.spec] = agreement(pairs, expected if weighted else None)
+        rho_on[judge.spec] = "expected grade (option probabilities)" if weighted else "grade"
     return SuiteResult(
         suite="judge-agreement",
         metrics=metrics,
         headline=[f"spearman {d}~{j}" for d, j in HUMAN_TO_JUDGE.items()] + ["spearman overall"],
-        settings={**ctx.describe(), "judges": [j.spec for j in judges], "data": [str(path)], "templates": [SUMMARY_GRADER.describe()]},
+        settings={
+            **ctx.describe(),
+            "judges": [j.spec for j in judges],
+            "spearman_on": rho_on,
+            "data": [str(path)],
+            "templates": [SUMMARY_GRADER.describe()],
+        },
         items=records,
         errors=errors,
     )

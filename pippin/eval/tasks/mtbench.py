@@ -5,7 +5,9 @@ turn-1 answer in the history; generation temperature is 0.7 for writing and role
 humanities, 0 otherwise (unless --temperature is given); math, reasoning and coding are graded against GPT-4's
 reference answers with the "-math" prompts; the judge prompts are FastChat's, read from
 `mt_bench/judge_prompts.jsonl`, with the system prompt as a system message. The score is the mean rating over
-every graded turn. `load_mtbench` and `answer_mtbench` are shared with the preference suite.
+every graded turn. A pippin judge answers in the `Rating: [[r]]` form by forced choice, and its expected rating
+(each rating weighted by its probability) is reported as "expected score" too. `load_mtbench` and
+`answer_mtbench` are shared with the preference suite.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from pippin.errors import PippinError
+from pippin.eval.forms import rating_form
 from pippin.eval.judges import parse_rating
 from pippin.eval.runner import Request
 from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, mean, parse_rows, read_records
 from pippin.eval.systems import Message, System, sampling_dict
 
 MAX_NEW_TOKENS = 1024
+RATINGS = range(1, 11)
+"""FastChat's single-answer scale."""
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1}
 NEED_REF_CATS = ("math", "reasoning", "coding")
 JUDGE_PROMPTS = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
@@ -159,7 +164,7 @@ def run(ctx: EvalContext) -> SuiteResult:
         errors += gen_errors
         answered = [q for q in bench.questions if q.id in answers]
         requests = [single_grading_request(bench, q, answers[q.id], turn) for q in answered for turn in (1, 2)]
-        judgments = ctx.judge_all(requests, parse_rating, desc="mt-bench judge")
+        judgments = ctx.judge_all(requests, parse_rating, forms=rating_form(RATINGS[0], RATINGS[-1]), desc="mt-bench judge")
         ratings: dict[str, list[float]] = defaultdict(list)
         for (q, turn), j in zip(((q, t) for q in answered for t in (1, 2)), judgments):
             records.append(
@@ -171,6 +176,7 @@ def run(ctx: EvalContext) -> SuiteResult:
                     "answer": answers[q.id][turn - 1],
                     "rating": j.value,
                     "judge_raw": j.raw,
+                    "rating_probs": j.probs[0] if j.probs else None,
                 }
             )
             if not j.ok:
@@ -178,7 +184,11 @@ def run(ctx: EvalContext) -> SuiteResult:
                 continue
             for key in ("score", f"turn {turn}", f"{q.category}"):
                 ratings[key].append(j.value)
+            if j.probs:  # a forced-form judge: also its expected rating
+                ratings["expected score"].append(sum(p * r for p, r in zip(j.probs[0], RATINGS)))
         row = {"score": mean(ratings["score"]), "turn 1": mean(ratings["turn 1"]), "turn 2": mean(ratings["turn 2"])}
+        if ratings["expected score"]:
+            row["expected score"] = mean(ratings["expected score"])
         row |= {cat: mean(ratings[cat]) for cat in sorted({q.category for q in bench.questions})}
         metrics[system.spec] = row | {"n turns graded": len(ratings["score"])}
     return SuiteResult(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
+from pippin.eval.forms import VERDICT_FORM
 from pippin.eval.judges import Preference, pairwise_outcome, parse_verdict
 from pippin.eval.runner import Request
 from pippin.eval.suite import EvalContext, ItemError, SuiteResult, generation_errors, parse_rows, percent, read_records, require_str
@@ -105,7 +106,7 @@ def run(ctx: EvalContext) -> SuiteResult:
         requests = [
             Request(id=f"{item} | {order}", messages=m) for item, _, ab, ba in pairs for order, m in (("system=A", ab), ("system=B", ba))
         ]
-        verdicts = ctx.judge_all(requests, parse_verdict, desc="preference judge")
+        verdicts = ctx.judge_all(requests, parse_verdict, forms=VERDICT_FORM, desc="preference judge")
         outcomes: dict[str, list[tuple[Preference, bool]]] = {"all": [], "mt-bench": [], "alpaca_eval": []}
         for k, (item, dataset, _, _) in enumerate(pairs):
             first, second = verdicts[2 * k], verdicts[2 * k + 1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from pippin.eval.forms import SAFETY_FORM
 from pippin.eval.judges import parse_safety_class
 from pippin.eval.prompts import SAFETY_CLASSIFIER
 from pippin.eval.refusal import RefusalRule, is_refusal
@@ -89,7 +90,7 @@ def run(ctx: EvalContext) -> SuiteResult:
         raws: dict[str, str | None] = {}
         if ctx.judge is not None:
             judge_requests = [Request(id=it.id, messages=SAFETY_CLASSIFIER.render(question=it.prompt, response=r)) for it, r in done]
-            for j in ctx.judge_all(judge_requests, parse_safety_class, desc="safety judge"):
+            for j in ctx.judge_all(judge_requests, parse_safety_class, forms=SAFETY_FORM, desc="safety judge"):
                 classes[j.id], raws[j.id] = (j.value if j.ok else None), j.raw
                 if not j.ok:
                     errors.append(ItemError(stage="judge", item=j.id, system=system.spec, message=j.error))

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pippin.eval.forms import AFM_GRADES_FORM
 from pippin.eval.judges import Grade, Judgment, afm_overall, parse_afm_grades
 from pippin.eval.prompts import AFM_DIMENSIONS, SUMMARIZE_DIALOGUE, SUMMARIZE_NEWS, SUMMARY_GRADER, PromptTemplate
 from pippin.eval.rouge import rouge
@@ -63,7 +64,7 @@ def best_rouge(prediction: str, references: Sequence[str]) -> dict[str, float]:
 def grade_summaries(ctx: EvalContext, entries: Sequence[tuple[str, str, str, str]], *, desc: str = "grade summaries") -> list[Judgment]:
     """Judge (id, instruction, source, summary) entries; a Judgment's value is {dimension: Grade}."""
     requests = [Request(id=i, messages=SUMMARY_GRADER.render(instruction=ins, source=src, summary=s)) for i, ins, src, s in entries]
-    return ctx.judge_all(requests, parse_afm_grades, desc=desc)
+    return ctx.judge_all(requests, parse_afm_grades, forms=AFM_GRADES_FORM, desc=desc)
 
 
 def afm_metrics(grades: Sequence[dict[str, Grade]]) -> dict[str, float | None]:

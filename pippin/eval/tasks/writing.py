@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pippin.eval.forms import criteria_form
 from pippin.eval.judges import Criterion, parse_criteria_scores
 from pippin.eval.prompts import WRITING_RUBRIC
 from pippin.eval.runner import Request
@@ -90,7 +91,8 @@ def run(ctx: EvalContext, *, seed_index: int = 0) -> SuiteResult:
             for it, text in done
         ]
         parsers = [lambda t, c=it.criteria: parse_criteria_scores(t, c) for it, _ in done]  # each item has its own criteria
-        judgments = ctx.judge_all(judge_requests, parsers, desc="writing judge")
+        forms = [criteria_form([c.name for c in it.criteria]) for it, _ in done]
+        judgments = ctx.judge_all(judge_requests, parsers, forms=forms, desc="writing judge")
         scores = []
         for (it, text), j in zip(done, judgments):
             piece = mean(list(j.value.values())) if j.ok else None
