@@ -53,12 +53,13 @@ class KVCache:
             vl[rows, :, self._positions] = v.transpose(1, 2)
         return kl[:, :, : self._end], vl[:, :, : self._end]
 
-    def uniform_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(k, v, start) buffers of one layer when every row writes at the same offset, for fused kernels
-        that write the cache themselves; None when rows are ragged."""
-        if self._start is None:
-            return None
-        return self.k[layer], self.v[layer], self._start
+    def block_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """(k, v, start, row_starts) of one layer for fused kernels that write the cache themselves: every row
+        writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of different
+        lengths), row b at row_starts[b]; each attends over its slots up to its own position."""
+        if self._start is not None:
+            return self.k[layer], self.v[layer], self._start, None
+        return self.k[layer], self.v[layer], 0, self._positions[:, 0].contiguous()
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Bool (B, 1, T, S) mask, True where query at position p may see slot j (j <= p).

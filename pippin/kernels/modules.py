@@ -6,10 +6,11 @@ otherwise (prefill is GEMM-bound and MKL is good at it). `KernelBlock` runs a wh
 kernel call when every projection is dense (`KernelLinear`) or palettized (anything with `packed`, `lut`
 and `bits`, i.e. pippin.quant's `PalettizedLinear`, recognised by shape so this package does not import
 quant), optionally wrapped in a LoRA adapter (anything with `base`, `lora_A`, `lora_B`, `lora_scale` and
-`routing`: pippin.adapters' `LoRALinear`, whose per-row slots run in the same call), and the cache offers
-uniform slots; anything else (ragged batch rows, training) takes the module-by-module path, as do QK-norm
-models. State dicts, names and LoRA targets are unchanged; `use_kernels_(model,
-enable=False)` restores the reference classes. Every fast path is tested against the reference.
+`routing`: pippin.adapters' `LoRALinear`, whose per-row slots run in the same call), and the cache gives
+it slots (all rows at one offset, or each row at its own: continuous batching, prompts of different lengths);
+anything else (training, no cache) takes the module-by-module path, as do QK-norm models. State dicts, names
+and LoRA targets are unchanged; `use_kernels_(model, enable=False)` restores the reference classes. Every fast
+path is tested against the reference.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class KernelBlock(Block):
 
     def forward(self, x, cos, sin, cache, mask):  # noqa: ANN001, ANN201 - same signature as Block
         attn, mlp = self.self_attn, self.mlp
-        slots = cache.uniform_slots(attn.layer) if cache is not None and hasattr(cache, "uniform_slots") else None
+        slots = cache.block_slots(attn.layer) if cache is not None and hasattr(cache, "block_slots") else None
         if (
             slots is None
             or not _small_fp32(x)
@@ -106,7 +107,7 @@ class KernelBlock(Block):
         groups = {p[4] for p in projs if p is not None and p[3]}
         if any(p is None for p in projs) or len(groups) > 1:
             return super().forward(x, cos, sin, cache, mask)
-        k, v, start = slots
+        k, v, start, row_starts = slots
         lo = [extra for _, extra in loras]
         idx = next((e[3] for e in lo if e is not None), None)
         if idx is not None and idx.numel() > 1 and idx.numel() != x.shape[0]:
@@ -116,7 +117,7 @@ class KernelBlock(Block):
             [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs],
             groups.pop() if groups else 1,
             cos.squeeze(1), sin.squeeze(1), k, v, start, attn.n_heads, attn.n_kv_heads, self.input_layernorm.eps,
-            [e and e[0] for e in lo], [e and e[1] for e in lo], [e and e[2] for e in lo], idx,
+            [e and e[0] for e in lo], [e and e[1] for e in lo], [e and e[2] for e in lo], idx, row_starts,
         )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def test_kernel_model_generates_like_reference(kv_heads, tied):
     assert isinstance(fast_model.layers[0], KernelBlock) and isinstance(fast_model.layers[0].mlp.down_proj, KernelLinear)
     prompts = [[1, 2, 3, 4], list(range(50, 70))]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    for batch in ([prompts[0]], prompts):  # uniform (fused block) and ragged (module path) positions
+    for batch in ([prompts[0]], prompts):  # uniform and ragged positions (both on the fused block)
         ref = Engine(ref_model, max_batch=2, max_len=64)
         fast = Engine(fast_model, max_batch=2, max_len=64)
         assert fast.generate_ids(batch, params) == ref.generate_ids(batch, params)
@@ -57,6 +57,31 @@ def test_kernel_model_generates_like_reference(kv_heads, tied):
     assert ref_model.state_dict().keys() == fast_model.state_dict().keys()
     use_kernels_(fast_model, enable=False)
     assert type(fast_model.layers[0]).__name__ == "Block"
+
+
+@pytest.mark.parametrize("n_rows", [3, 9])  # 9: enough rows for the block's dense projections to take the GEMM
+def test_fused_block_runs_ragged_rows_at_their_own_offsets(n_rows):
+    """Rows at different offsets (prompts of different lengths, continuous batching) stay on the fused block."""
+    import pippin.kernels.modules as km
+
+    ref_model, fast_model = tiny_model(), tiny_model()
+    use_kernels_(fast_model)
+    prompts = [[1, 2, 3], list(range(50, 71)), [9] * 8, [7, 8], list(range(100, 110)), [4] * 5, [200] * 12, [30, 31, 32, 33], [66]][:n_rows]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = Engine(ref_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
+    calls, real = [], ops().decode_block
+
+    class Spy:
+        def __getattr__(self, name):
+            if name != "decode_block":
+                return getattr(ops(), name)
+            return lambda *a: calls.append(a[-1] is not None) or real(*a)  # a[-1]: per-row starts
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(km, "ops", lambda: Spy())
+        fast = Engine(fast_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
+    assert fast == ref
+    assert calls.count(True) == 2 * 11  # both blocks at each of the 11 ragged decode steps (prefill is uniform but too big)
 
 
 def test_block_path_steps_aside_for_unknown_projection_modules():

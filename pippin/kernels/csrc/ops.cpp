@@ -479,7 +479,12 @@ void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const 
 // path (tested).
 at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& lut,
                         const c10::optional<at::Tensor>& lut_scale, int64_t bits, int64_t group) {
-  if (bits == 0) return gemv(x, w);
+  if (bits == 0) {
+    // From 8 rows (batched decode) a blocked GEMM beats the row-streaming gemv for fp32 weights (measured:
+    // 1.8 vs 3.6 ms for 16 x 576 -> 1536 on one core); the LUT paths stay ahead of dequantize + GEMM.
+    if (w.scalar_type() == at::kFloat && x.numel() / x.size(-1) >= 8) return at::linear(x, w);
+    return gemv(x, w);
+  }
   TORCH_CHECK(lut.has_value(), "decode_block: a palettized projection needs its LUT");
   if (lut_scale.has_value()) return lut4_gemv_act8(x, w, *lut, *lut_scale, group);  // int8 LUT: act8 path
   return lut_gemv(x, w, *lut, bits, group);
@@ -491,14 +496,27 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
                         int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                         at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps,
                         const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
-                        const c10::List<c10::optional<at::Tensor>>& lora_scale, const c10::optional<at::Tensor>& lora_idx) {
+                        const c10::List<c10::optional<at::Tensor>>& lora_scale, const c10::optional<at::Tensor>& lora_idx,
+                        const c10::optional<at::Tensor>& row_starts) {
   TORCH_CHECK(weights.size() == 7 && luts.size() == 7 && bits.size() == 7, "decode_block: need 7 projections");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat,
               "decode_block: the cache must be contiguous fp32 (B, H_kv, S, D)");
   auto x = x_in.contiguous();
   const int64_t B = x.size(0), T = x.size(1), D = k_cache.size(3), S_max = k_cache.size(2);
   const int64_t H = n_heads, Hkv = n_kv_heads, rep = H / Hkv;
-  TORCH_CHECK(start + T <= S_max, "decode_block: cache overflow");
+  // Each row writes its T new tokens at its own slot (row_starts, int64 (B,)) or all at `start`, and attends
+  // over its slots [0, its start + t]: continuously batched rows sit at different offsets.
+  std::vector<int64_t> starts(B, start);
+  if (row_starts.has_value()) {
+    TORCH_CHECK(row_starts->scalar_type() == at::kLong && row_starts->numel() == B, "decode_block: row_starts must be int64 (B,)");
+    auto rs = row_starts->contiguous();
+    std::copy(rs.data_ptr<int64_t>(), rs.data_ptr<int64_t>() + B, starts.begin());
+  }
+  int64_t max_start = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(starts[b] >= 0 && starts[b] + T <= S_max, "decode_block: cache overflow");
+    max_start = std::max(max_start, starts[b]);
+  }
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(0) == B && k_cache.size(1) == Hkv && v_cache.sizes() == k_cache.sizes(),
               "decode_block: cache must be (B, H_kv, S, D) for both k and v");
   const bool lora = lora_idx.has_value() && lora_a.size() == 7 && lora_b.size() == 7 && lora_scale.size() == 7;
@@ -518,7 +536,7 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < Hkv; ++g) {
         const float* src = qp + (b * T + t) * width + (H + g) * D;
-        const int64_t dst = ((b * Hkv + g) * S_max + start + t) * D;
+        const int64_t dst = ((b * Hkv + g) * S_max + starts[b] + t) * D;
         std::copy(src, src + D, kc + dst);
         std::copy(src + Hkv * D, src + Hkv * D + D, vc + dst);
       }
@@ -526,9 +544,9 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
   float* ap = attn.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(D));
   at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(start + T);
+    std::vector<float> p(max_start + T);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = start + t + 1;
+      const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
       const float* q = qp + (b * T + t) * width + hh * D;
       const float* kb = kc + (b * Hkv + g) * S_max * D;
       const float* vb = vc + (b * Hkv + g) * S_max * D;
@@ -572,7 +590,8 @@ TORCH_LIBRARY(pippin, m) {
       "decode_block(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor[] weights, Tensor?[] luts, "
       "Tensor?[] lut_scales, int[] bits, "
       "int group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads, "
-      "int n_kv_heads, float eps, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scale, Tensor? lora_idx) -> Tensor");
+      "int n_kv_heads, float eps, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scale, Tensor? lora_idx, "
+      "Tensor? row_starts=None) -> Tensor");
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
 }
 
