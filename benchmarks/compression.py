@@ -41,11 +41,19 @@ def heldout_ids(tokenizer, path: str, n_tokens: int) -> list[int]:
 
 
 @torch.no_grad()
-def pippin_ppl(model, windows: list[list[int]]) -> float:
+def pippin_ppl(model, windows: list[list[int]], *, kv8: bool = False) -> float:
+    """kv8: attend over an 8-bit KV cache (each window prefilled through it, so every query sees int8 keys/values)."""
     nll, n = 0.0, 0
     for w in windows:
         x = torch.tensor([w])
-        nll += F.cross_entropy(model(x)[0, :-1], x[0, 1:], reduction="sum").item()
+        if kv8:
+            cache = KVCache(model.config, batch_size=1, max_len=len(w), kv8=True)
+            positions = torch.arange(len(w)).unsqueeze(0)
+            cache.begin(positions)
+            logits = model(x, positions=positions, cache=cache, mask=cache.attention_mask(positions))
+        else:
+            logits = model(x)
+        nll += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
         n += len(w) - 1
     return math.exp(nll / n)
 
@@ -129,7 +137,12 @@ def main() -> None:
     for spec in args.pippin:
         label, path = spec.split("=", 1)
         lm = load_any(None if path == "default" else path)
-        rows[label] = {"engine": "pippin", "bpw": stored_bits(lm.model) / N_PARAMS, "ppl": pippin_ppl(lm.model, windows)}
+        rows[label] = {
+            "engine": "pippin",
+            "bpw": stored_bits(lm.model) / N_PARAMS,
+            "ppl": pippin_ppl(lm.model, windows),
+            "ppl_kv8": pippin_ppl(lm.model, windows, kv8=True),
+        }
         use_kernels_(lm.model)
         speed[label] = pippin_decode(lm.model)
         print(f"{label}: {rows[label]}", file=sys.stderr)

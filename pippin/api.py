@@ -66,8 +66,11 @@ def load_engine(
     threads: int | None = None,
     progress: bool = False,
     adapters: bool | str | os.PathLike = False,
+    kv8: bool | None = None,
 ) -> tuple[Engine, Tokenizer]:
     """Load a checkpoint (None = the default model) and wrap it in an Engine with its tokenizer.
+
+    kv8: an 8-bit KV cache; None follows the checkpoint (`pippin compress --kv8` records it).
 
     adapters: True to serve the adapters stored with the model (see default_adapters_dir), or a folder of
     adapters; requests then name one per row (`engine.generate(..., adapters=[...])`).
@@ -84,7 +87,13 @@ def load_engine(
         from pippin.kernels.modules import use_kernels_
 
         use_kernels_(loaded.model)
-    return Engine(loaded.model, max_len=max_len, max_batch=max_batch, adapters=store), loaded.tokenizer
+    kv8 = uses_kv8(loaded) if kv8 is None else kv8
+    return Engine(loaded.model, max_len=max_len, max_batch=max_batch, adapters=store, kv8=kv8), loaded.tokenizer
+
+
+def uses_kv8(loaded: LoadedModel) -> bool:
+    """Whether a checkpoint asks for an 8-bit KV cache."""
+    return bool(loaded.meta.get("quantization", {}).get("kv8"))
 
 
 SELF_PROMPTS = (

@@ -14,19 +14,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--max-len", type=int, default=None, help="KV-cache capacity in tokens (default 4096)")
+    p.add_argument(
+        "--kv8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="8-bit KV cache (default: as the checkpoint says; `pippin compress --kv8` records it)",
+    )
     p.add_argument("--adapter", default=None, help="LoRA adapter name (from --adapters-dir) or adapter folder")
     p.add_argument("--adapters-dir", default=None, help="where named adapters live (default: <model folder>/adapters)")
 
 
 def load_engine_from_args(args: argparse.Namespace):  # noqa: ANN201 - (Engine, Tokenizer, adapter name or None)
-    """The engine for --model/--threads/--no-kernels/--max-len, with LoRA slots when --adapter is given."""
+    """The engine for --model/--threads/--no-kernels/--max-len/--kv8, with LoRA slots when --adapter is given."""
     from pathlib import Path
 
     from pippin.api import load_engine
 
     use = args.adapters_dir or bool(args.adapter)
     engine, tok = load_engine(
-        args.model, kernels=not args.no_kernels, max_len=args.max_len, threads=args.threads, progress=True, adapters=use
+        args.model,
+        kernels=not args.no_kernels,
+        max_len=args.max_len,
+        threads=args.threads,
+        progress=True,
+        adapters=use,
+        kv8=getattr(args, "kv8", None),
     )
     name = args.adapter
     if name and ("/" in name or name.startswith("~")):  # a folder given directly: register it under its folder name

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--act8", action="store_true", help="dynamic 8-bit activations on palettized linears (fast 4-bit integer kernel)")
+    p.add_argument("--kv8", action="store_true", help="run the compressed model with an 8-bit KV cache (recorded in config.json)")
     p.add_argument("--embed-bits", type=int, default=8, choices=[4, 6, 8], help="tied embedding/head: 8 = int8 rows (AFM), 4/6 = LUT")
     p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens")
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         plan=load_plan(args.plan) if args.plan else None,
         n_seqs=args.calib_seqs,
         act8=args.act8,
+        kv8=args.kv8,
     )
     report = compress_(loaded.model, loaded.tokenizer.encode(text), cfg, progress=True)
     print(f"{'layer':<40} {'bits':>4} {'rel. error':>10}")

@@ -62,13 +62,16 @@ class Engine:
         max_len: int | None = None,
         compile: bool = False,
         adapters: AdapterStore | None = None,
+        kv8: bool = False,
     ) -> None:
         self.model = model.eval()
         self.adapters = adapters
         """Where per-row adapter names are resolved; None: the engine serves the base model only."""
         cfg = model.config
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
-        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len)
+        self.kv8 = kv8
+        """Keys and values stored in 8 bits (see KVCache)."""
+        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, kv8=kv8)
         self.eos_ids = list(cfg.eos_token_ids)
         self._decode = decode_step
         if compile:
@@ -78,7 +81,7 @@ class Engine:
     def cache_for(self, batch: int) -> KVCache:
         """A cache view over the first `batch` rows (the buffer grows once when a bigger batch comes)."""
         if batch > self.cache.batch_size:  # grow once; later calls reuse the bigger buffer
-            self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len)
+            self.cache = KVCache(self.model.config, batch_size=batch, max_len=self.max_len, kv8=self.kv8)
         return self.cache.first_rows(batch)
 
     def check_prompt(self, n_prompt: int, max_new_tokens: int) -> None:

@@ -5,8 +5,13 @@ where the new tokens go (`positions`, shape (B, T)); attention then calls `updat
 writes the new keys/values into their slots and returns a view over the filled prefix to attend over.
 No concatenation, no reallocation: decode touches only the new slots. Rows may sit at different
 positions (batched requests of different lengths); the causal-by-position mask from `attention_mask`
-hides stale slots. Rows can be cloned (n samples that share one prefill). Follows gpt-fast's static cache, but the cache is passed
-into the model rather than attached to it (nanochat, mlx-lm).
+hides stale slots. Rows can be cloned (n samples that share one prefill). Follows gpt-fast's static cache, but
+the cache is passed into the model rather than attached to it (nanochat, mlx-lm).
+
+`kv8=True` stores keys and values as int8 with one fp32 absmax scale per token and head (AFM's 8-bit KV cache,
+a quarter of the memory of fp32 plus 1/D for the scales); `update` quantizes the new entries and returns the
+dequantized prefix, so attention sees exactly what an 8-bit cache holds. The fused kernel block writes fp32
+caches only, so an 8-bit cache runs the module-by-module path.
 """
 
 from __future__ import annotations
@@ -16,11 +21,25 @@ import torch
 from pippin.model.config import ModelConfig
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) fp32 -> int8 values and (...) fp32 scales, symmetric absmax per vector."""
+    scale = x.abs().amax(dim=-1).clamp_min(1e-8) / 127.0
+    return torch.round(x / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.unsqueeze(-1)
+
+
 class KVCache:
-    def __init__(self, cfg: ModelConfig, *, batch_size: int, max_len: int) -> None:
+    def __init__(self, cfg: ModelConfig, *, batch_size: int, max_len: int, kv8: bool = False) -> None:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape)  # fp32, as the model computes; an 8-bit cache is issue #3's
-        self.v = torch.zeros(shape)
+        dtype = torch.int8 if kv8 else torch.float32
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.k_scale = torch.zeros(shape[:-1]) if kv8 else None
+        """int8 caches: one scale per (layer, row, head, slot); None for fp32."""
+        self.v_scale = torch.zeros(shape[:-1]) if kv8 else None
         self.max_len = max_len
         self.batch_size = batch_size
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
@@ -28,6 +47,18 @@ class KVCache:
         self._start: int | None = None  # all rows write at the same offset (fast path)
         self._positions: torch.Tensor | None = None  # (B, T) per-row slots otherwise
         self._end = 0  # attend over slots [0, _end)
+
+    @property
+    def kv8(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers())
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """Every tensor with a (layer, row, ...) layout: k, v and, for int8, their scales."""
+        return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.kv8 else [])
 
     def begin(self, positions: torch.Tensor) -> None:
         """Declare where this forward's T new tokens go: positions (B, T), contiguous per row."""
@@ -42,21 +73,33 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) at the declared slots; return keys/values over [0, end)."""
-        kl, vl = self.k[layer], self.v[layer]
-        if self._start is not None:
-            t = k.shape[2]
-            kl[:, :, self._start : self._start + t] = k
-            vl[:, :, self._start : self._start + t] = v
-        else:
-            rows = torch.arange(k.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
-            kl[rows, :, self._positions] = k.transpose(1, 2)
-            vl[rows, :, self._positions] = v.transpose(1, 2)
-        return kl[:, :, : self._end], vl[:, :, : self._end]
+        if not self.kv8:
+            self._store(self.k[layer], k)
+            self._store(self.v[layer], v)
+            return self.k[layer][:, :, : self._end], self.v[layer][:, :, : self._end]
+        out = []
+        for buf, scales, x in ((self.k[layer], self.k_scale[layer], k), (self.v[layer], self.v_scale[layer], v)):
+            q, scale = quantize_kv(x)
+            self._store(buf, q)
+            self._store(scales, scale)
+            out.append(dequantize_kv(buf[:, :, : self._end], scales[:, :, : self._end]))
+        return out[0], out[1]
 
-    def block_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    def _store(self, buf: torch.Tensor, x: torch.Tensor) -> None:
+        """Write x (B, H_kv, T[, D]) into buf (B, H_kv, S[, D]) at the declared slots."""
+        if self._start is not None:
+            buf[:, :, self._start : self._start + x.shape[2]] = x
+        else:
+            rows = torch.arange(x.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
+            buf[rows, :, self._positions] = x.transpose(1, 2)
+
+    def block_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
         """(k, v, start, row_starts) of one layer for fused kernels that write the cache themselves: every row
         writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of different
-        lengths), row b at row_starts[b]; each attends over its slots up to its own position."""
+        lengths), row b at row_starts[b]; each attends over its slots up to its own position. None for an
+        int8 cache, which the kernels do not write."""
+        if self.kv8:
+            return None
         if self._start is not None:
             return self.k[layer], self.v[layer], self._start, None
         return self.k[layer], self.v[layer], 0, self._positions[:, 0].contiguous()
@@ -74,11 +117,13 @@ class KVCache:
         return slots.view(1, 1, 1, -1) <= positions.view(positions.shape[0], 1, T, 1)
 
     @classmethod
-    def _over(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> KVCache:
-        """A cache over existing (L, B, H_kv, S, D) buffers."""
+    def _over(cls, buffers: list[torch.Tensor], lengths: torch.Tensor) -> KVCache:
+        """A cache over existing (L, B, ...) buffers: [k, v] or [k, v, k_scale, v_scale]."""
         new = cls.__new__(cls)
-        new.k, new.v, new.lengths = k, v, lengths
-        new.max_len, new.batch_size = k.shape[3], k.shape[1]
+        new.k, new.v = buffers[0], buffers[1]
+        new.k_scale, new.v_scale = (buffers[2], buffers[3]) if len(buffers) == 4 else (None, None)
+        new.lengths = lengths
+        new.max_len, new.batch_size = new.k.shape[3], new.k.shape[1]
         new._start, new._positions, new._end = None, None, 0
         return new
 
@@ -89,18 +134,25 @@ class KVCache:
     def rows(self, start: int, stop: int) -> KVCache:
         """An empty cache over rows [start, stop) of this one's buffers (a view, updated in place): one request's
         row in a continuously batched cache is prefilled through it."""
-        return KVCache._over(self.k[:, start:stop], self.v[:, start:stop], torch.zeros(stop - start, dtype=torch.long))
+        return KVCache._over([t[:, start:stop] for t in self._buffers()], torch.zeros(stop - start, dtype=torch.long))
+
+    def copy_row(self, src: int, dst: int, n_slots: int) -> None:
+        """Copy row `src`'s first n_slots slots into row `dst` (n samples sharing one prefill)."""
+        for t in self._buffers():
+            t[:, dst, :, :n_slots] = t[:, src, :, :n_slots]
 
     def branch(self, row: int, n: int, room: int) -> KVCache:
         """n copies of `row`'s filled slots, with `room` free slots after them (to try n continuations at once).
         Copies only the filled part, not the whole buffer."""
         end = int(self.lengths[row])
-        k, v = (t.new_zeros(t.shape[0], n, t.shape[2], end + room, t.shape[4]) for t in (self.k, self.v))
-        k[:, :, :, :end] = self.k[:, row : row + 1, :, :end]
-        v[:, :, :, :end] = self.v[:, row : row + 1, :, :end]
-        return KVCache._over(k, v, self.lengths[row : row + 1].repeat(n))
+        out = []
+        for t in self._buffers():
+            new = t.new_zeros(t.shape[0], n, t.shape[2], end + room, *t.shape[4:])
+            new[:, :, :, :end] = t[:, row : row + 1, :, :end]
+            out.append(new)
+        return KVCache._over(out, self.lengths[row : row + 1].repeat(n))
 
     def clone_rows(self, row: int, n: int) -> KVCache:
         """A new cache of n rows, each a copy of `row` (n samples sharing one prefill)."""
-        k, v = (t[:, row : row + 1].repeat(1, n, 1, 1, 1) for t in (self.k, self.v))
-        return KVCache._over(k, v, self.lengths[row : row + 1].repeat(n))
+        copies = [t[:, row : row + 1].repeat(1, n, *[1] * (t.dim() - 2)) for t in self._buffers()]
+        return KVCache._over(copies, self.lengths[row : row + 1].repeat(n))

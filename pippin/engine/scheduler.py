@@ -108,6 +108,7 @@ class BatchScheduler:
         max_queue: int = 64,
         adapters: AdapterStore | None = None,
         eos_ids: Sequence[int] | None = None,
+        kv8: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
@@ -119,7 +120,7 @@ class BatchScheduler:
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
         self.adapters = adapters
         self.eos_ids = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
-        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len)
+        self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, kv8=kv8)
         self.lengths = torch.zeros(max_batch, dtype=torch.long)
         """Filled cache slots per row (0 for a free row)."""
         self.rows: list[_Row | None] = [None] * max_batch
@@ -274,8 +275,7 @@ class BatchScheduler:
         view = _row_view(self.cache, first)
         logits = prefill(self.model, torch.tensor([ticket.prompt]), torch.tensor([T]), view)
         for i in rows[1:]:  # n samples share one prefill
-            self.cache.k[:, i, :, :T] = self.cache.k[:, first, :, :T]
-            self.cache.v[:, i, :, :T] = self.cache.v[:, first, :, :T]
+            self.cache.copy_row(first, i, T)
         self.lengths[rows] = T
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.prefills += 1

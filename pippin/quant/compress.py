@@ -39,6 +39,8 @@ class CompressConfig:
     """An explicit {layer: bits} plan; skips allocation (and the budget)."""
     act8: bool = False
     """Dynamic 8-bit per-token activations on palettized linears (the fast integer kernel for 4-bit layers)."""
+    kv8: bool = False
+    """Record that this model runs with an 8-bit KV cache (int8 with a scale per token and head)."""
     embed_bits: int = 8
     """The tied embedding (also the head): 8 = int8 rows with a scale each (AFM); 4 or 6 = a LUT per group of rows."""
     seq_len: int = 256
@@ -197,6 +199,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "plan": report.plan,
         "embedding": "int8" if config.embed_bits == 8 else f"palette{config.embed_bits}",
         "act8": config.act8,
+        "kv8": config.kv8,
         "bpw": report.bpw,
     }
 

@@ -18,7 +18,7 @@ import jinja2
 
 from pippin.adapters.peft_format import check_compatible, load_adapter
 from pippin.adapters.store import AdapterStore, check_name
-from pippin.api import attach_adapters, load_any
+from pippin.api import attach_adapters, load_any, uses_kv8
 from pippin.engine.sampling import SamplingParams
 from pippin.engine.scheduler import BatchScheduler
 from pippin.errors import PippinError
@@ -91,7 +91,13 @@ def load_base(spec: str, config: ServeConfig, *, adapters_dir: str | os.PathLike
         raise PippinError(f"Model name {name!r} must not contain ':' (it separates base and adapter); give NAME=PATH.")
     eos = set(loaded.model.config.eos_token_ids) | set(loaded.tokenizer.eos_ids)
     sched = BatchScheduler(
-        loaded.model, max_batch=config.max_batch, max_len=config.max_len, max_queue=config.max_queue, adapters=store, eos_ids=sorted(eos)
+        loaded.model,
+        max_batch=config.max_batch,
+        max_len=config.max_len,
+        max_queue=config.max_queue,
+        adapters=store,
+        eos_ids=sorted(eos),
+        kv8=uses_kv8(loaded),
     )
     return Base(name=name, loaded=loaded, tokenizer=loaded.tokenizer, store=store, scheduler=sched, created=now())
 
@@ -316,7 +322,7 @@ class Service:
         out: list[Sample] = []
         for b in self.bases.values():
             s, st, lab = b.scheduler, b.store.stats, {"model": b.name}
-            kv = s.cache.k.numel() * s.cache.k.element_size() * 2
+            kv = s.cache.nbytes
             adapter_bytes, n_loaded = b.store.memory_bytes, len(b.store.loaded())
             out += [
                 ("pippin_queue_depth", lab, s.n_waiting),

@@ -133,7 +133,7 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
 
     model = tiny_model()
     plan = {f"layers.{i}.{m}": b for i in range(2) for m, b in [("mlp.up_proj", 2), ("self_attn.q_proj", 4)]}
-    cfg = CompressConfig(plan=plan, seq_len=128, n_seqs=2)
+    cfg = CompressConfig(plan=plan, seq_len=128, n_seqs=2, kv8=True)
     report = compress_(model, CALIB, cfg)
     save_pippin(
         LoadedModel(model=model, tokenizer=None, path=tmp_path, meta={}),
@@ -145,6 +145,9 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
 
     monkeypatch.setattr(comp, "fit_palette", lambda *a, **k: pytest.fail("loading ran k-means"))
     loaded = load_any(tmp_path / "ck")
+    from pippin.api import uses_kv8
+
+    assert uses_kv8(loaded)  # the checkpoint asks for an 8-bit KV cache; load_engine follows it
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens), model(tokens))

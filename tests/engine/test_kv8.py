@@ -1,0 +1,79 @@
+"""The 8-bit KV cache: quantization error bounds, memory, generation close to fp32 and independent of batching,
+row copies that carry the scales, and the kernel block stepping aside (it writes fp32 caches only)."""
+
+import pytest
+import torch
+
+from pippin.engine.engine import Engine
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache, dequantize_kv, quantize_kv
+from pippin.engine.sampling import SamplingParams
+from pippin.kernels import ops
+from pippin.kernels.modules import use_kernels_
+from tests.conftest import tiny_model
+
+
+def test_quantize_kv_error_is_at_most_half_a_step():
+    x = torch.randn(2, 3, 5, 64) * torch.rand(2, 3, 5, 1) * 10
+    q, scale = quantize_kv(x)
+    assert q.dtype == torch.int8 and scale.shape == (2, 3, 5)
+    err = (dequantize_kv(q, scale) - x).abs()
+    assert bool((err <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+    assert int(q.abs().amax()) == 127  # absmax maps to the full range
+    zero_q, zero_s = quantize_kv(torch.zeros(1, 1, 1, 8))  # an all-zero vector stays zero, no NaN
+    assert torch.equal(dequantize_kv(zero_q, zero_s), torch.zeros(1, 1, 1, 8))
+
+
+def test_kv8_memory_is_a_quarter_plus_the_scales():
+    cfg = tiny_model().config
+    fp32 = KVCache(cfg, batch_size=2, max_len=64)
+    kv8 = KVCache(cfg, batch_size=2, max_len=64, kv8=True)
+    assert kv8.nbytes == fp32.nbytes // 4 + fp32.nbytes // cfg.head_dim
+    assert kv8.kv8 and not fp32.kv8
+
+
+def test_kv8_logits_stay_close_to_fp32():
+    model = tiny_model()
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for kv8 in (False, True):
+        cache = KVCache(model.config, batch_size=1, max_len=64, kv8=kv8)
+        prefill(model, tokens[:, :32], torch.tensor([32]), cache)
+        out[kv8] = torch.stack([decode_step(model, tokens[:, t], cache)[0] for t in range(32, 40)])
+    rel = (out[True] - out[False]).norm() / out[False].norm()
+    assert 0 < rel < 0.02  # quantized (not identical) but close
+    assert (out[True].argmax(-1) == out[False].argmax(-1)).float().mean() >= 0.75
+
+
+def test_kv8_generation_does_not_depend_on_batching():
+    model = tiny_model()
+    prompts = [[5, 6, 7], list(range(20, 40)), [100] * 9]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    batched = Engine(model, max_batch=3, max_len=64, kv8=True).generate_ids(prompts, params)
+    alone = [Engine(model, max_len=64, kv8=True).generate_ids([p], params)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_kv8_row_copies_carry_the_scales():
+    cfg = tiny_model().config
+    cache = KVCache(cfg, batch_size=3, max_len=16, kv8=True)
+    cache.k_scale[:, 0, :, :4] = 2.0
+    cache.k[:, 0, :, :4] = 5
+    cache.copy_row(0, 2, 4)
+    assert bool((cache.k_scale[:, 2, :, :4] == 2.0).all()) and bool((cache.k[:, 2, :, :4] == 5).all())
+    cache.lengths[0] = 4
+    for other in (cache.clone_rows(0, 2), cache.branch(0, 2, 3)):
+        assert other.kv8 and bool((other.k_scale[:, 1, :, :4] == 2.0).all())
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+def test_kernel_model_with_kv8_matches_the_reference_path():
+    ref, fast = tiny_model(), tiny_model()
+    use_kernels_(fast)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    cache = KVCache(fast.config, batch_size=1, max_len=8, kv8=True)
+    assert cache.block_slots(0) is None  # the fused block writes fp32 caches only: it steps aside
+    assert Engine(fast, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params) == Engine(
+        ref, max_batch=2, max_len=64, kv8=True
+    ).generate_ids(prompts, params)
