@@ -55,7 +55,7 @@ lint: setup
 # Benchmarks need transformers, psutil, matplotlib and llama-cpp-python (a 8-25 minute compile: built
 # once into $(LLAMA_CPP_WHEEL_DIR) and reused; never part of CI).
 bench-setup: setup
-	$(PIP) install -e '.[dev]' psutil matplotlib
+	$(PIP) install -e '.[dev]' psutil matplotlib coremltools==9.0
 	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
 	  ls $(LLAMA_CPP_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	    CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) wheel --no-deps llama-cpp-python==0.3.36 -w $(LLAMA_CPP_WHEEL_DIR); \
@@ -79,6 +79,8 @@ bench-compression: bench-setup model
 	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-act8=$(QDIR)/bench-4bit-act8 --pippin 4bit-g1-act8=$(QDIR)/bench-4bit-g1-act8 \
 	  --pippin 4.5bpw-act8=$(QDIR)/bench-4.5bpw-act8 --pippin 3.5bpw-act8=$(QDIR)/bench-3.5bpw-act8 \
 	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
+	$(PY) benchmarks/coremltools_anchor.py --xsum $(SHARED)/data/xsum/test.jsonl --calib $(CALIB) --bits 4,3,2 \
+	  --out docs/benchmarks/coremltools.json
 
 # AFM's adapters for that base (~40 min on 2 cores; a killed run resumes): the accuracy-recovery adapter,
 # distilled from the full-precision model, then the summarization adapter, started from it and trained on
