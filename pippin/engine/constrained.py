@@ -99,7 +99,9 @@ def choose(engine: Engine, prompt: Sequence[int], segments: Sequence[Segment], *
         if not seg:
             continue
         if is_choice(seg):
+            engine.use_adapters([adapter] * len(seg), len(seg))  # the options run as rows of one batch
             logp = option_logprobs(model, cache, logits, seg)
+            engine.use_adapters([adapter], 1)
             pick = int(torch.argmax(logp))
             out.append(Chosen(pick, torch.softmax(logp, dim=0).tolist()))
             seg = seg[pick]

@@ -172,3 +172,19 @@ def test_runner_answers_mixed_free_and_forced_requests(tiny_judge):
     assert all(o.ok for o in outs)
     assert all(o.text in ("Answer: yes.", "Answer: no.") for o in outs[1::2])
     assert all(len(o.text.encode("latin-1")) <= 3 for o in outs[0::2])
+
+
+def test_a_judge_with_an_adapter_fills_forms_like_the_merged_model():
+    from tests.adapters.test_lora import dense_reference, random_adapter, served
+
+    model, store = served()
+    adapter = random_adapter(model, "a", seed=3)
+    store.put(adapter)
+    convs = [[{"role": "user", "content": f"grade {i}"}] for i in range(3)]
+    form = rating_form()
+    judge = PippinSystem(Engine(model, max_len=128, adapters=store), ByteTokenizer(), spec="j:a", adapter="a")
+    merged_judge = PippinSystem(Engine(dense_reference(model, adapter), max_len=128), ByteTokenizer(), spec="merged")
+    with_adapter, merged = judge.fill(convs, [form] * 3), merged_judge.fill(convs, [form] * 3)
+    for a, b in zip(with_adapter, merged):
+        assert a.text == b.text
+        torch.testing.assert_close(torch.tensor(a.probs), torch.tensor(b.probs), atol=1e-4, rtol=1e-3)
