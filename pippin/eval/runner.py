@@ -162,7 +162,8 @@ def run_requests(
     progress: bool = False,
     desc: str = "generate",
 ) -> list[Outcome]:
-    """One Outcome per request, in order: cached replies first, the rest generated `batch_size` at a time.
+    """One Outcome per request, in order: cached replies first, the rest generated `batch_size` at a time (or the
+    system's `chunk_size`, when it has one and it is larger; each chunk is saved when it finishes).
 
     Requests with a form are answered in it by forced choice (the system must `can_fill`); their cache key and
     record hold the form instead of the sampling settings. A batch is all forms or all free generations.
@@ -190,7 +191,8 @@ def run_requests(
     n_done = sum(per_key[k] for k in cached)
     bar = tqdm(total=len(requests), initial=n_done, desc=f"{desc} [{system.spec}]", disable=not progress, file=sys.stderr, leave=False)
     free, filled = [i for i in todo if not forced[i]], [i for i in todo if forced[i]]
-    batches = [group[b : b + batch_size] for group in (free, filled) for b in range(0, len(group), batch_size)]
+    step = max(batch_size, getattr(system, "chunk_size", 0))  # a continuously batching system wants more than its rows
+    batches = [group[b : b + step] for group in (free, filled) for b in range(0, len(group), step)]
     for batch in batches:
         rows = _generate_rows(
             system, [list(requests[i].messages) for i in batch], params, [requests[i].form for i in batch] if forced[batch[0]] else None

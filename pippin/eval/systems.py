@@ -115,6 +115,12 @@ class PippinSystem:
         self.identity = identity or spec
         self._scheduler = None  # made on first use, then reused (it owns a KV cache of batch_size rows)
 
+    @property
+    def chunk_size(self) -> int:
+        """Conversations per `generate` call the runner should send: several times the rows, so that a finished
+        row is refilled from the same call instead of idling until the slowest reply ends."""
+        return 4 * self.batch_size
+
     @classmethod
     def load(
         cls,

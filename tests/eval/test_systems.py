@@ -141,3 +141,13 @@ def test_pippin_system_with_an_adapter_equals_the_merged_model():
     base = PippinSystem(engine, ByteTokenizer(), spec="pippin:tiny", batch_size=2).generate(convs, params)
     merged = PippinSystem(Engine(dense_reference(model, adapter), max_len=128), ByteTokenizer(), spec="merged").generate(convs, params)
     assert with_adapter == merged and with_adapter != base
+
+
+def test_runner_sends_a_pippin_system_chunks_larger_than_its_rows(tiny_system, monkeypatch):
+    sizes = []
+    real = tiny_system.generate
+    monkeypatch.setattr(tiny_system, "generate", lambda convs, params: sizes.append(len(convs)) or real(convs, params))
+    reqs = [Request(id=str(i), messages=[{"role": "user", "content": f"q{i}"}]) for i in range(11)]
+    outs = run_requests(tiny_system, reqs, SamplingParams(max_new_tokens=3), batch_size=2)
+    assert all(o.ok for o in outs) and sizes == [8, 3]  # chunk_size = 4 rows' worth, the scheduler keeps 2 rows busy
+    assert tiny_system._scheduler.stats.last_batch <= 2
