@@ -48,12 +48,14 @@ def recovery(args, full_ppl: float, windows) -> dict:
         label, path = spec.split("=", 1)
         lm = load_any(path)
         row = {"path": path, "ppl": perplexity(lm.model, windows)}
-        rec = default_adapters_dir(lm) / "recovery"
-        if rec.is_dir():
+        names = [n for n in args.recovery_names.split(",") if (default_adapters_dir(lm) / n).is_dir()]
+        if names:
             store = attach_adapters(lm, n_slots=2)
-            store.route(["recovery"])
-            row["ppl_recovery"] = perplexity(lm.model, windows)
-            row["gap_closed"] = (row["ppl"] - row["ppl_recovery"]) / (row["ppl"] - full_ppl)
+        for name in names:  # e.g. the closed-form start alone, and the trained adapter
+            store.route([name])
+            key = "" if name == "recovery" else f"_{name}"
+            row[f"ppl_recovery{key}"] = perplexity(lm.model, windows)
+            row[f"gap_closed{key}"] = (row["ppl"] - row[f"ppl_recovery{key}"]) / (row["ppl"] - full_ppl)
         out[label] = row
         print(f"recovery {label}: {row}", file=sys.stderr)
     return out
@@ -207,6 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xsum", default=None, help="XSum test.jsonl (held-out text for recovery)")
     ap.add_argument("--compressed", action="append", default=[], help="LABEL=PATH of a compressed model (its adapters/recovery is used)")
+    ap.add_argument("--recovery-names", default="recovery", help="comma list of recovery adapters to score (those present)")
     ap.add_argument("--dialogsum", default=None, help="DialogSum jsonl (rows [0, n) held out)")
     ap.add_argument("--summarize-model", default=None, help="model whose adapters dir holds 'summarize' (default: first compressed)")
     ap.add_argument("--n-summaries", type=int, default=48)

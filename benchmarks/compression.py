@@ -5,7 +5,9 @@ token ids for every engine: pippin's tokenizer, non-overlapping windows, every t
 first scored. llama.cpp variants are made from the shipped Q4_1 by llama.cpp's own quantizer (first to
 F32, an exact dequantization, then to each type) and scored through llama-cpp-python's logits.
 bpw counts every stored byte for both (llama.cpp: file size; pippin: every tensor in the checkpoint).
-Decode speed: 2 threads, batch 1, 64 greedy steps, medians of interleaved rounds.
+Decode speed: 2 threads, batch 1, 64 greedy steps, medians of interleaved rounds in shuffled order. Each pippin
+checkpoint is also measured with 8-bit activations switched on (the integer kernels; same weights) and with an
+8-bit KV cache.
   python benchmarks/compression.py --xsum ../shared/data/xsum/test.jsonl \\
       --pippin full=default --pippin 4bit=PATH ... --llama Q4_0,Q3_K_M,Q2_K --out docs/benchmarks/compression.json
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -30,7 +33,7 @@ from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.kernels.modules import use_kernels_
 from pippin.model.checkpoint import default_gguf_path
-from pippin.quant.compress import stored_bits
+from pippin.quant.compress import set_act8_, stored_bits
 
 N_PARAMS = 134_515_008
 
@@ -92,10 +95,11 @@ def make_llama_variants(types: list[str], workdir: Path) -> dict[str, Path]:
     return out
 
 
-def pippin_decode(model) -> callable:
+def pippin_decode(model, *, act8: bool = False) -> callable:
     cache = KVCache(model.config, batch_size=1, max_len=512)
 
     def run() -> float:
+        set_act8_(model, act8)  # the prefill below rebuilds the kernels' cached arguments, outside the timing
         tok = prefill(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), torch.tensor([8]), cache).argmax(-1)
         t = time.perf_counter()
         for _ in range(64):
@@ -124,7 +128,7 @@ def main() -> None:
     ap.add_argument("--llama", default="Q4_0,Q3_K_M,Q2_K", help="llama.cpp types to make and score ('' for none)")
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG of perplexity against bpw")
@@ -136,16 +140,21 @@ def main() -> None:
     rows, speed = {}, {}
     for spec in args.pippin:
         label, path = spec.split("=", 1)
-        lm = load_any(None if path == "default" else path)
-        rows[label] = {
-            "engine": "pippin",
-            "bpw": stored_bits(lm.model) / N_PARAMS,
-            "ppl": pippin_ppl(lm.model, windows),
-            "ppl_kv8": pippin_ppl(lm.model, windows, kv8=True),
-        }
-        use_kernels_(lm.model)
-        speed[label] = pippin_decode(lm.model)
-        print(f"{label}: {rows[label]}", file=sys.stderr)
+        model = load_any(None if path == "default" else path).model
+        # Each checkpoint is measured with and without 8-bit activations (a runtime switch: same weights).
+        has_act8 = set_act8_(model, False) > 0
+        row = {"engine": "pippin", "bpw": stored_bits(model) / N_PARAMS, "ppl": pippin_ppl(model, windows)}
+        row["ppl_kv8"] = pippin_ppl(model, windows, kv8=True)
+        if has_act8:
+            set_act8_(model, True)
+            row["ppl_act8"] = pippin_ppl(model, windows)
+            row["ppl_act8_kv8"] = pippin_ppl(model, windows, kv8=True)
+        rows[label] = row
+        use_kernels_(model)
+        speed[(label, "decode_tok_s")] = pippin_decode(model)
+        if has_act8:
+            speed[(label, "decode_act8_tok_s")] = pippin_decode(model, act8=True)
+        print(f"{label}: {row}", file=sys.stderr)
     tmp = tempfile.TemporaryDirectory()
     types = [t for t in args.llama.split(",") if t]
     if types:
@@ -159,21 +168,30 @@ def main() -> None:
             llm = llama_cpp.Llama(
                 str(path), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, flash_attn=True, verbose=False
             )
-            speed[label] = llama_decode(llm)
+            speed[(label, "decode_tok_s")] = llama_decode(llm)
             print(f"{label}: {rows[label]}", file=sys.stderr)
     samples = {k: [] for k in speed}
+    order = list(speed)
     for _ in range(args.rounds):
-        for k, fn in speed.items():
-            samples[k].append(fn())
-    for k in rows:
-        rows[k]["decode_tok_s"] = statistics.median(samples[k])
-        rows[k]["decode_samples"] = samples[k]
+        random.shuffle(order)  # interleaved, in a new order each round: slow drifts of the machine hit all alike
+        for k in order:
+            samples[k].append(speed[k]())
+    for (label, key), values in samples.items():
+        rows[label][key] = statistics.median(values)
+        rows[label][key.replace("_tok_s", "_samples")] = values
     full = rows.get("full", {}).get("ppl")
-    print("\n| model | bpw (all weights) | PPL | vs full | decode tok/s |")
-    print("| --- | --- | --- | --- | --- |")
+
+    def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(r[key]) if key in r else "–"
+
+    print("\n| model | bpw (all weights) | PPL | vs full | PPL, kv8 | PPL, act8 | PPL, act8 + kv8 | decode tok/s | decode act8 tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["bpw"]):
         rel = f"{100 * (r['ppl'] / full - 1):+.1f} %" if full else "-"
-        print(f"| {k} | {r['bpw']:.2f} | {r['ppl']:.2f} | {rel} | {r['decode_tok_s']:.1f} |")
+        print(
+            f"| {k} | {r['bpw']:.2f} | {r['ppl']:.2f} | {rel} | {cell(r, 'ppl_kv8')} | {cell(r, 'ppl_act8')} | {cell(r, 'ppl_act8_kv8')} "
+            f"| {cell(r, 'decode_tok_s', '{:.1f}')} | {cell(r, 'decode_act8_tok_s', '{:.1f}')} |"
+        )
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv),

@@ -13,7 +13,6 @@ Perplexity is scored on the same held-out XSum windows as benchmarks/compression
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -92,7 +91,9 @@ def main() -> None:
             "tokens_scored": sum(len(w) - 1 for w in windows),
             "rows": rows,
         }
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        from pippin.io import write_json_atomic
+
+        write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ Engines, all on the default model with the same thread count, measured in one pr
   pippin-fp32        pippin with its CPU kernels (fused decode blocks, AVX2 matvecs), fp32 weights
   pippin-fp32-ref    pippin's plain PyTorch reference path (no kernels), fp32 weights
   transformers-fp32  transformers LlamaForCausalLM with the same fp32 weights (sdpa, DynamicCache)
+  pippin-4bit-act8   pippin's 4-bit palette (one LUT per 16 rows, 8-bit embedding), 8-bit activations (integer kernels)
+  pippin-3.5bpw[-act8][-kv8]  the 3.5 bpw mixed 2/3/4-bit model (4-bit LUT embedding), with and without 8-bit
+                     activations, and with an 8-bit KV cache
   llama.cpp-Q4_1     llama-cpp-python on the shipped Q4_1 GGUF, flash_attn off and on
+  llama.cpp-Q4_0/Q3_K_M  llama.cpp's own quantizations of the same model (flash_attn on)
 Prefill: one forward over a 512-token prompt. Decode: 128 greedy steps after a 15-token prompt, batch 1.
 Peak RSS is measured per engine in a fresh subprocess. Every sample records the CPU time other
 processes used meanwhile, so a noisy run shows itself. Usage:
@@ -63,14 +67,20 @@ class Sample:
 # --- engines: each returns (prefill_fn, decode_fn) where decode_fn runs DECODE steps -------------
 
 
-def pippin_engine(kernels: bool):
-    loaded = load_model()
-    model = loaded.model
+def pippin_engine(kernels: bool, path: str | None = None, act8: bool = False, kv8: bool = False):
+    if path is None:
+        model = load_model().model
+    else:
+        from pippin.api import load_any
+        from pippin.quant.compress import set_act8_
+
+        model = load_any(os.path.expanduser(path)).model
+        set_act8_(model, act8)
     if kernels:
         from pippin.kernels.modules import use_kernels_
 
         assert use_kernels_(model), "pippin kernels unavailable"
-    cache = KVCache(model.config, batch_size=1, max_len=1024)
+    cache = KVCache(model.config, batch_size=1, max_len=1024, kv8=kv8)
 
     def run_prefill(ids):
         prefill(model, torch.tensor([ids]), torch.tensor([len(ids)]), cache)
@@ -109,10 +119,31 @@ def transformers_engine():
     return run_prefill, run_decode, 4 * sum(p.numel() for p in hf.parameters())
 
 
-def llama_cpp_engine(threads: int, flash_attn: bool):
+def llama_cpp_variant(ftype: str) -> Path:
+    """A llama.cpp quantization of the default model, made by llama.cpp's own quantizer from the shipped Q4_1 (to
+    F32, an exact dequantization, then to `ftype`); cached under $PIPPIN_HOME/llama.cpp."""
     import llama_cpp
 
-    path = default_gguf_path()
+    from pippin.model.checkpoint import pippin_home
+
+    folder = pippin_home() / "llama.cpp"
+    folder.mkdir(parents=True, exist_ok=True)
+    f32, dst = folder / "smollm2-135m-f32.gguf", folder / f"smollm2-135m-{ftype}.gguf"
+    for src, out, t in ((default_gguf_path(), f32, "ALL_F32"), (f32, dst, f"MOSTLY_{ftype}")):
+        if not out.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_{t}"), True, 2
+            tmp = out.with_suffix(".part")
+            if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+                raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+            tmp.replace(out)
+    return dst
+
+
+def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
+    import llama_cpp
+
+    path = default_gguf_path() if ftype is None else llama_cpp_variant(ftype)
     llm = llama_cpp.Llama(
         str(path),
         n_ctx=1024,
@@ -138,12 +169,22 @@ def llama_cpp_engine(threads: int, flash_attn: bool):
     return run_prefill, run_decode, path.stat().st_size
 
 
+COMPRESSED = os.environ.get("PIPPIN_BENCH_COMPRESSED", "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw")
+"""The 3.5 bpw checkpoint (`make compressed`); the 4-bit one is `make bench-compression`'s bench-4bit."""
+FOUR_BIT = os.environ.get("PIPPIN_BENCH_4BIT", "~/.cache/pippin/models/bench-4bit")
+
 ENGINES = {
     "pippin-fp32": lambda th: pippin_engine(True),
     "pippin-fp32-ref": lambda th: pippin_engine(False),
+    "pippin-4bit-act8": lambda th: pippin_engine(True, FOUR_BIT, act8=True),
+    "pippin-3.5bpw-act8": lambda th: pippin_engine(True, COMPRESSED, act8=True),
+    "pippin-3.5bpw-act8-kv8": lambda th: pippin_engine(True, COMPRESSED, act8=True, kv8=True),
+    "pippin-3.5bpw": lambda th: pippin_engine(True, COMPRESSED),
     "transformers-fp32": lambda th: transformers_engine(),
     "llama.cpp-Q4_1": lambda th: llama_cpp_engine(th, False),
     "llama.cpp-Q4_1-fa": lambda th: llama_cpp_engine(th, True),
+    "llama.cpp-Q4_0-fa": lambda th: llama_cpp_engine(th, True, "Q4_0"),
+    "llama.cpp-Q3_K_M-fa": lambda th: llama_cpp_engine(th, True, "Q3_K_M"),
 }
 
 

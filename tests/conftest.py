@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,41 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
             else:
                 p.normal_(0, 0.08 if "embed" not in name else 0.3)
     return model.eval()
+
+
+@contextlib.contextmanager
+def fused_block_calls() -> Iterator[list[bool]]:
+    """Record every decoder block that runs on the fused kernel, whether one block at a time (`decode_block`) or all
+    of a step's blocks in one model-level `DecodePlan` call: one bool per block, True when its rows ran at their own
+    cache offsets (ragged rows)."""
+    import pippin.kernels.modules as km
+    from pippin.kernels import ops
+
+    calls: list[bool] = []
+    real, plan_of = ops(), km.KernelTransformer._decode_plan
+
+    class Ops:
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            if name != "decode_block":
+                return getattr(real, name)
+            return lambda *a: calls.append(a[20] is not None) or real.decode_block(*a)  # a[20]: per-row starts
+
+    class Plan:
+        def __init__(self, plan, n_layers: int) -> None:  # noqa: ANN001
+            self.plan, self.n_layers = plan, n_layers
+
+        def forward(self, *a):  # noqa: ANN002, ANN201
+            calls.extend([a[6] is not None] * self.n_layers)  # a[6]: per-row starts
+            return self.plan.forward(*a)
+
+    def spy_plan(model):  # noqa: ANN001, ANN202
+        plan = plan_of(model)
+        return None if plan is None else Plan(plan, len(model.layers))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(km, "ops", lambda: Ops())
+        mp.setattr(km.KernelTransformer, "_decode_plan", spy_plan)
+        yield calls
 
 
 @pytest.fixture(scope="session")

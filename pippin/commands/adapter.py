@@ -1,7 +1,7 @@
 """`pippin adapter train|list|info|merge`: LoRA adapters for a base model, trained and kept next to it.
 
   pippin adapter train summarize --model M --data dialogsum.jsonl --format dialogsum --init-from recovery
-  pippin adapter train recovery --model M-3.5bpw --teacher default --objective distill --data calib.json --format text
+  pippin adapter train recovery --model M-3.5bpw --teacher default --init-residual --data calib.json --format text
   pippin adapter list --model M
   pippin adapter info summarize --model M
   pippin adapter merge summarize --model default --out merged/      (full-precision bases only)
@@ -26,10 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="train an adapter on a frozen base (SFT or distillation)")
     t.add_argument("name", help="adapter name (its folder under the adapters dir)")
     t.add_argument("--data", required=True, help="training data: JSONL; for --format text a text/JSON file or 'self[:N]'")
-    t.add_argument("--format", default="chat", choices=["chat", "dialogsum", "xsum", "text"], help="how to read --data")
+    t.add_argument("--format", default="chat", choices=["chat", "dialogsum", "xsum", "alpaca", "text"], help="how to read --data")
     t.add_argument("--objective", default=None, choices=["sft", "distill"], help="default: sft, or distill for --format text")
     t.add_argument("--teacher", default=None, help="teacher model for distillation ('default' = the full-precision default model)")
     t.add_argument("--init-from", default=None, help="adapter name or folder to start from (AFM: the recovery adapter)")
+    t.add_argument(
+        "--init-residual",
+        action="store_true",
+        help="recovery adapters: start from each layer's compression error (rank-r SVD weighted by the model's inputs; needs --teacher)",
+    )
     t.add_argument("--skip", type=int, default=0, help="skip the first N rows (hold them out)")
     t.add_argument("--limit", type=int, default=None, help="use at most N rows")
     t.add_argument("--rank", type=int, default=16)
@@ -97,15 +102,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     objective = args.objective or ("distill" if args.format == "text" else "sft")
-    if objective == "distill" and not args.teacher:
-        raise PippinError("--objective distill needs --teacher (e.g. --teacher default for the full-precision model).")
+    if (objective == "distill" or args.init_residual) and not args.teacher:
+        what = "--objective distill" if objective == "distill" else "--init-residual"
+        raise PippinError(f"{what} needs --teacher (e.g. --teacher default for the full-precision model).")
     loaded = load_any(args.model, progress=True)
     tok = loaded.tokenizer
     if tok is None:
         raise PippinError(f"{loaded.path} has no tokenizer.")
     root = _root(args, loaded)
     out = _adapter_path(args.name, root)
-    teacher = load_any(args.teacher).model if objective == "distill" else None
+    teacher = load_any(args.teacher).model if objective == "distill" or args.init_residual else None
     if args.format == "text":
         from pippin.api import read_text_source
 
@@ -128,6 +134,7 @@ def _train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         seed=args.seed,
         init_from=init,
+        init_residual=args.init_residual,
     )
     meta = {"base_model": loaded.meta.get("name", str(loaded.path)), "data": str(args.data), "format": args.format}
     res = train_adapter(loaded.model, examples, cfg, out_dir=out, name=Path(out).name, teacher=teacher, meta=meta)

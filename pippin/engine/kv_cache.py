@@ -10,8 +10,8 @@ the cache is passed into the model rather than attached to it (nanochat, mlx-lm)
 
 `kv8=True` stores keys and values as int8 with one fp32 absmax scale per token and head (AFM's 8-bit KV cache,
 a quarter of the memory of fp32 plus 1/D for the scales); `update` quantizes the new entries and returns the
-dequantized prefix, so attention sees exactly what an 8-bit cache holds. The fused kernel block writes fp32
-caches only, so an 8-bit cache runs the module-by-module path.
+dequantized prefix, so attention sees exactly what an 8-bit cache holds. The fused kernel block writes and reads
+the int8 cache itself (`block_slots` hands it the scales), quantizing exactly as `quantize_kv`.
 """
 
 from __future__ import annotations
@@ -93,16 +93,26 @@ class KVCache:
             rows = torch.arange(x.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
             buf[rows, :, self._positions] = x.transpose(1, 2)
 
-    def block_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
-        """(k, v, start, row_starts) of one layer for fused kernels that write the cache themselves: every row
-        writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of different
-        lengths), row b at row_starts[b]; each attends over its slots up to its own position. None for an
-        int8 cache, which the kernels do not write."""
-        if self.kv8:
-            return None
+    def block_slots(self, layer: int) -> tuple | None:
+        """(k, v, start, row_starts, k_scale, v_scale) of one layer for fused kernels that write the cache themselves:
+        every row writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of
+        different lengths), row b at row_starts[b]; each attends over its slots up to its own position. The scales
+        are None for an fp32 cache; an int8 cache passes its (B, H_kv, S) scales (the kernel quantizes new entries
+        exactly as `quantize_kv`)."""
+        ks, vs = (self.k_scale[layer], self.v_scale[layer]) if self.kv8 else (None, None)
         if self._start is not None:
-            return self.k[layer], self.v[layer], self._start, None
-        return self.k[layer], self.v[layer], 0, self._positions[:, 0].contiguous()
+            return self.k[layer], self.v[layer], self._start, None, ks, vs
+        return self.k[layer], self.v[layer], 0, self._positions[:, 0].contiguous(), ks, vs
+
+    def all_slots(self) -> tuple | None:
+        """`block_slots` for every layer at once: the whole (L, B, H_kv, S, D) buffers (and (L, B, H_kv, S) scales),
+        for one fused call over all blocks of a decode step. None if a buffer is not contiguous."""
+        if not all(t.is_contiguous() for t in self._buffers()):
+            return None
+        ks, vs = (self.k_scale, self.v_scale) if self.kv8 else (None, None)
+        if self._start is not None:
+            return self.k, self.v, self._start, None, ks, vs
+        return self.k, self.v, 0, self._positions[:, 0].contiguous(), ks, vs
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Bool (B, 1, T, S) mask, True where query at position p may see slot j (j <= p).

@@ -8,9 +8,13 @@ and `bits`, i.e. pippin.quant's `PalettizedLinear`, recognised by shape so this 
 quant), optionally wrapped in a LoRA adapter (anything with `base`, `lora_A`, `lora_B`, `lora_scale` and
 `routing`: pippin.adapters' `LoRALinear`, whose per-row slots run in the same call), and the cache gives
 it slots (all rows at one offset, or each row at its own: continuous batching, prompts of different lengths);
-anything else (training, no cache) takes the module-by-module path, as do QK-norm models. State dicts, names
-and LoRA targets are unchanged; `use_kernels_(model, enable=False)` restores the reference classes. Every fast
-path is tested against the reference.
+anything else (training, no cache) takes the module-by-module path, as do QK-norm models. `KernelTransformer`
+goes one step further for decode: when every block can run fused and no adapter is active, all blocks of a
+step run in one call (`DecodePlan`), whose per-layer arguments are built once and kept in C++ (on a 135M
+model, Python and argument conversion cost as much as the matvecs). The cached arguments are rebuilt when a
+projection module, a LUT or an act8 flag changes. State dicts, names and LoRA targets are unchanged;
+`use_kernels_(model, enable=False)` restores the reference classes. Every fast path is tested against the
+reference.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from pippin.kernels import ops
-from pippin.model.transformer import MLP, Block, RMSNorm, TiedLinear
+from pippin.model.transformer import MLP, Block, RMSNorm, TiedLinear, Transformer
 
 GEMV_MAX_ROWS = 16
 """Above this many rows a matmul is compute-bound and PyTorch's GEMM wins."""
@@ -87,41 +91,154 @@ def _lora(m: nn.Module) -> tuple[nn.Module, tuple | None]:
     return m.base, (m.lora_A, m.lora_B, m.lora_scale, idx)
 
 
+_PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
+
+
+class _BlockPlan:
+    """The fused block's per-layer arguments that do not change from token to token (weights, LUTs, bits,
+    norms), built once and reused: rebuilding them costs more Python time per token than the kernel's
+    own work on a small model. It is rebuilt when a projection module, a LUT or an act8 flag changes."""
+
+    __slots__ = ("mods", "luts", "flags", "args", "wrapped", "ok")
+
+    def __init__(self, block: KernelBlock, mods: tuple[nn.Module, ...]) -> None:
+        self.mods = mods
+        bases = [m.base if _is_lora(m) else m for m in mods]
+        self.wrapped = [i for i, m in enumerate(mods) if _is_lora(m)]
+        self.luts = [(b.lut, b.lut._version) for b in bases if hasattr(b, "lut")]
+        self.flags = [(b, b.act8) for b in bases if hasattr(b, "act8")]
+        projs = [_projection(b) for b in bases]
+        groups = {p[4] for p in projs if p is not None and p[3]}
+        attn = block.self_attn
+        self.ok = (
+            all(p is not None for p in projs)
+            and len(groups) <= 1
+            and attn.q_norm is None
+            and type(block.input_layernorm) is KernelRMSNorm
+            and type(block.post_attention_layernorm) is KernelRMSNorm
+        )
+        self.args = (
+            (
+                block.input_layernorm.weight, block.post_attention_layernorm.weight,
+                [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs],
+                groups.pop() if groups else 1,
+            ),
+            (attn.n_heads, attn.n_kv_heads, block.input_layernorm.eps),
+        ) if self.ok else None  # fmt: skip
+
+    def valid(self, mods: tuple[nn.Module, ...]) -> bool:
+        return mods == self.mods and all(t._version == v for t, v in self.luts) and all(m.act8 == a for m, a in self.flags)
+
+
+class _Cached:
+    """Kernel arguments cached on a module: rebuilt on demand, so never deep-copied or pickled with it (a copy
+    would point at the original's tensors, and the C++ plan cannot be pickled)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object = None) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> _Cached:
+        return _Cached()
+
+    def __reduce__(self) -> tuple:
+        return (_Cached, ())
+
+
+def _is_lora(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("base", "lora_A", "lora_B", "lora_scale", "routing"))
+
+
 class KernelBlock(Block):
     """The whole block in one kernel call when every part is on a kernel-backed path."""
 
+    def _plan(self) -> _BlockPlan:
+        attn, mlp = self._modules["self_attn"], self._modules["mlp"]
+        mods = tuple((attn if owner == "self_attn" else mlp)._modules[name] for owner, name in _PROJ)
+        cached = self.__dict__.get("_kernel_plan")
+        plan = cached.value if cached is not None else None
+        if plan is None or not plan.valid(mods):
+            plan = _BlockPlan(self, mods)
+            self.__dict__["_kernel_plan"] = _Cached(plan)
+        return plan
+
     def forward(self, x, cos, sin, cache, mask):  # noqa: ANN001, ANN201 - same signature as Block
-        attn, mlp = self.self_attn, self.mlp
-        slots = cache.block_slots(attn.layer) if cache is not None and hasattr(cache, "block_slots") else None
-        if (
-            slots is None
-            or not _small_fp32(x)
-            or attn.q_norm is not None
-            or type(self.input_layernorm) is not KernelRMSNorm
-            or type(self.post_attention_layernorm) is not KernelRMSNorm
-        ):
+        slots = cache.block_slots(self.self_attn.layer) if cache is not None and hasattr(cache, "block_slots") else None
+        if slots is None or not _small_fp32(x):
             return super().forward(x, cos, sin, cache, mask)
-        mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        loras = [_lora(m) for m in mods]
-        projs = [_projection(base) for base, _ in loras]
-        groups = {p[4] for p in projs if p is not None and p[3]}
-        if any(p is None for p in projs) or len(groups) > 1:
+        plan = self._plan()
+        if not plan.ok:
             return super().forward(x, cos, sin, cache, mask)
-        k, v, start, row_starts = slots
-        lo = [extra for _, extra in loras]
+        lo: list[tuple | None] = [None] * 7
+        for i in plan.wrapped:
+            base, extra = _lora(plan.mods[i])
+            if base is plan.mods[i]:  # trainable adapter (autograd): the module path
+                return super().forward(x, cos, sin, cache, mask)
+            lo[i] = extra
         idx = next((e[3] for e in lo if e is not None), None)
         if idx is not None and idx.numel() > 1 and idx.numel() != x.shape[0]:
             return super().forward(x, cos, sin, cache, mask)
+        k, v, start, row_starts, k_scale, v_scale = slots
+        (norm1, norm2, weights, luts, scales, bits, group), (n_heads, n_kv_heads, eps) = plan.args
         return ops().decode_block(
-            x, self.input_layernorm.weight, self.post_attention_layernorm.weight,
-            [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs],
-            groups.pop() if groups else 1,
-            cos.squeeze(1), sin.squeeze(1), k, v, start, attn.n_heads, attn.n_kv_heads, self.input_layernorm.eps,
-            [e and e[0] for e in lo], [e and e[1] for e in lo], [e and e[2] for e in lo], idx, row_starts,
+            x, norm1, norm2, weights, luts, scales, bits, group,
+            cos.squeeze(1), sin.squeeze(1), k, v, start, n_heads, n_kv_heads, eps,
+            [e and e[0] for e in lo], [e and e[1] for e in lo], [e and e[2] for e in lo], idx, row_starts, k_scale, v_scale,
         )  # fmt: skip
 
 
-_FAST = {nn.Linear: KernelLinear, TiedLinear: KernelTiedLinear, RMSNorm: KernelRMSNorm, MLP: KernelMLP, Block: KernelBlock}
+class KernelTransformer(Transformer):
+    """A decode step's blocks in one kernel call (`DecodePlan`) when every block runs fused and no adapter is active.
+
+    The per-layer arguments are handed to C++ once and kept there; a step then costs one call from Python
+    instead of one per layer (about 40 us of argument conversion and module dispatch each on this model).
+    Anything else (prefill, training, active adapters, a block on the module path) runs the blocks one by one."""
+
+    def features(self, tokens, *, positions=None, cache=None, mask=None):  # noqa: ANN001, ANN201 - as Transformer
+        slots = cache.all_slots() if positions is not None and hasattr(cache, "all_slots") else None
+        plan = self._decode_plan() if slots is not None and tokens.numel() <= GEMV_MAX_ROWS and not torch.is_grad_enabled() else None
+        if plan is None:
+            return super().features(tokens, positions=positions, cache=cache, mask=mask)
+        h = self.embed_tokens(tokens)
+        if h.dtype != torch.float32:
+            return super().features(tokens, positions=positions, cache=cache, mask=mask)
+        return plan.forward(h, self.rope_cos[positions], self.rope_sin[positions], *slots)
+
+    def _decode_plan(self):  # noqa: ANN202 - a torch.classes.pippin.DecodePlan or None
+        plans = []
+        for block in self.layers._modules.values():
+            if type(block) is not KernelBlock:
+                return None
+            p = block._plan()
+            if not p.ok or any(_routed(p.mods[i]) for i in p.wrapped):
+                return None
+            plans.append(p)
+        cached = getattr(self.__dict__.get("_kernel_decode_plan"), "value", None)
+        if cached is not None and len(cached[0]) == len(plans) and all(a is b for a, b in zip(cached[0], plans)):
+            return cached[1]
+        per_layer = [p.args for p in plans]
+        attn = self.layers[0].self_attn
+        plan = torch.classes.pippin.DecodePlan(
+            [a[0][0] for a in per_layer], [a[0][1] for a in per_layer],
+            [w for a in per_layer for w in a[0][2]], [t for a in per_layer for t in a[0][3]], [t for a in per_layer for t in a[0][4]],
+            [b for a in per_layer for b in a[0][5]], [a[0][6] for a in per_layer],
+            attn.n_heads, attn.n_kv_heads, self.layers[0].input_layernorm.eps,
+        )  # fmt: skip
+        self.__dict__["_kernel_decode_plan"] = _Cached((plans, plan))
+        return plan
+
+
+def _routed(m: nn.Module) -> bool:
+    """A LoRA wrapper with an adapter active for this step."""
+    return m.routing.index is not None or m.routing.slot is not None
+
+
+_FAST = {
+    nn.Linear: KernelLinear, TiedLinear: KernelTiedLinear, RMSNorm: KernelRMSNorm, MLP: KernelMLP, Block: KernelBlock,
+    Transformer: KernelTransformer,
+}  # fmt: skip
 _SLOW = {v: k for k, v in _FAST.items()}
 
 

@@ -165,10 +165,22 @@ def compress_(
         q.lut.copy_(p.lut)
         model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
     elif isinstance(embed, nn.Embedding):
-        _quantize_embedding_(model)
+        _quantize_embedding_(model, act8=config.act8)
     linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
     linear_w = sum(m.in_features * m.out_features for m in model.modules() if type(m) is PalettizedLinear)
     return CompressReport(plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers)
+
+
+def set_act8_(model: nn.Module, enable: bool = True) -> int:
+    """Switch dynamic 8-bit activations on (or off) for every compressed layer of a loaded model: the palettized
+    linears (2-, 3- and 4-bit then take the integer kernels) and the int8 or palettized head. The weights do not
+    change, so one checkpoint can be measured both ways. Returns how many modules were switched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (PalettizedLinear, Int8TiedHead)):
+            m.act8 = enable
+            n += 1
+    return n
 
 
 def modules_bits(model: nn.Module, names: list[str]):  # noqa: ANN201 - generator of ints
@@ -182,13 +194,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _quantize_embedding_(model: nn.Module) -> None:
+def _quantize_embedding_(model: nn.Module, *, act8: bool = False) -> None:
     """Tied embedding -> int8 rows + scales, used both for lookup and (through Int8TiedHead) as the head."""
     tied = getattr(model.lm_head, "_embedding", None) is model.embed_tokens
     q = Int8Embedding.from_float(model.embed_tokens.weight.detach())
     model.embed_tokens = q
     if tied:
-        model.lm_head = Int8TiedHead(q)
+        model.lm_head = Int8TiedHead(q, act8=act8)
 
 
 def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[str, Any]:
@@ -231,4 +243,4 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
         tied = getattr(model.lm_head, "_embedding", None) is e
         model.embed_tokens = q
         if tied:
-            model.lm_head = Int8TiedHead(q)
+            model.lm_head = Int8TiedHead(q, act8=bool(meta.get("act8")))

@@ -17,6 +17,8 @@ from pippin.quant.pack import pack, unpack
 from pippin.quant.palettize import Palette
 
 FAST_MAX_ROWS = 16
+ACT8_BLOCK = 64
+"""Activations per scale under act8 (the kernel's block)."""
 
 
 class PalettizedLinear(nn.Module):
@@ -26,7 +28,7 @@ class PalettizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.act8 = act8
-        """Dynamic 8-bit per-token activations (and an int8 copy of the LUT): the fast 4-bit integer kernel."""
+        """Dynamic 8-bit per-token activations (and an int8 copy of the LUT): the fast 2/3/4-bit integer kernel."""
         self._lut_i8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("lut", torch.zeros(out_features // group_size, 2**bits, dtype=torch.float16))
@@ -62,18 +64,22 @@ class PalettizedLinear(nn.Module):
         return self._lut32
 
     def lut_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, 2**b) int8 LUT and its (G,) fp32 absmax scales, for the act8 kernel (cached)."""
+        """(G, 16) int8 LUT (entries past 2**b are zero) and its (G,) fp32 absmax scales, for the act8 kernel (cached).
+
+        16 bytes per group whatever the bit width: the kernel looks up 32 indices with one byte shuffle."""
         key = (id(self.lut), self.lut._version)
         if self._lut_i8 is None or self._lut_src_i8 != key:
             lut = self.lut.float()
             scale = lut.abs().amax(1).clamp_min(1e-12) / 127.0
-            self._lut_i8 = (torch.round(lut / scale[:, None]).to(torch.int8), scale)
+            q = torch.round(lut / scale[:, None]).to(torch.int8)
+            self._lut_i8 = (F.pad(q, (0, 16 - q.shape[1])), scale)
             self._lut_src_i8 = key
         return self._lut_i8
 
     def act8_applies(self) -> bool:
-        """act8 covers 4-bit layers with K % 32 == 0 (the integer kernel's shape); others stay fp32."""
-        return self.act8 and self.bits == 4 and self.in_features % 32 == 0
+        """act8 covers 2-, 3- and 4-bit layers whose input width is a multiple of 64 (one activation scale per 64);
+        others stay fp32."""
+        return self.act8 and self.bits in (2, 3, 4) and self.in_features % ACT8_BLOCK == 0
 
     def uses_act8_kernel(self) -> bool:
         return self.act8_applies() and ops() is not None
@@ -83,18 +89,21 @@ class PalettizedLinear(nn.Module):
         if self.act8_applies():
             if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
                 lut_i8, scale = self.lut_int8()
-                return k.lut4_gemv_act8(x, self.packed, lut_i8, scale, self.group_size)
+                return k.lut_gemv_act8(x, self.packed, lut_i8, scale, self.bits, self.group_size)
             return self._act8_reference(x)
         if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
             return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size)
         return F.linear(x, self.dequantize())
 
     def _act8_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """act8 numerics in plain PyTorch: per-token int8 activations times the int8 LUT (as the kernel computes)."""
-        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-        xq = torch.round(x / scale) * scale
+        """act8 numerics in plain PyTorch: 7-bit activations with one scale per 64 times the int8 LUT (as the kernel)."""
+        xq = quantize_act8_reference(x)
         lut_i8, lut_scale = self.lut_int8()
-        lut = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(self.group_size, dim=0)
+        lut = (lut_i8.float() * lut_scale[:, None])[:, : 2**self.bits].contiguous()
+        k = ops()
+        if k is not None:  # the same weights, built by the (tested) dequantization kernel: prefill stays GEMM-fast
+            return F.linear(xq, k.lut_dequant(self.packed, lut, self.bits, self.group_size))
+        lut = lut.repeat_interleave(self.group_size, dim=0)
         return F.linear(xq, lut.gather(1, unpack(self.packed, self.bits, self.in_features)))
 
     def nbytes(self) -> int:
@@ -175,13 +184,35 @@ class Int8Embedding(nn.Module):
 class Int8TiedHead(nn.Module):
     """The output head of a tied model whose embedding is `Int8Embedding`: logits from the int8 rows."""
 
-    def __init__(self, embedding: Int8Embedding) -> None:
+    def __init__(self, embedding: Int8Embedding, *, act8: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_embedding", embedding)  # a reference: the rows are stored once
+        self.act8 = act8
+        """Dynamic 8-bit per-token activations: an int8 x int8 dot product (the head is a fifth of this model's weights)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding
         k = ops()
-        if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
+        fast = k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS
+        if self.act8 and e.qweight.shape[1] % 32 == 0:
+            if fast:
+                return k.gemv_i8_act8(x, e.qweight, e.scale)
+            return F.linear(quantize_act8_rows_reference(x), e.dequantize())
+        if fast:
             return k.gemv_i8(x, e.qweight, e.scale)
         return F.linear(x, e.dequantize())
+
+
+def quantize_act8_reference(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the palettized act8 kernel rounds it, and back: 7-bit integers ([-63, 63]) with one absmax scale
+    per 64 consecutive features (llama.cpp's Q8 activations use a scale per 32: per-block scales keep one outlier
+    from flattening a whole token). 7 bits, so that the kernel's unsigned 8-bit LUT times x never saturates."""
+    blocks = x.unflatten(-1, (-1, ACT8_BLOCK))
+    scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 63.0
+    return (torch.round(blocks / scale) * scale).flatten(-2)
+
+
+def quantize_act8_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int8 head's act8 kernel rounds it, and back: int8 with one absmax scale per token."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
+    return torch.round(x / scale) * scale

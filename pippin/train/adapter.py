@@ -33,9 +33,10 @@ from pippin.adapters.lora import LoraConfig, apply_lora, base_fingerprint, lora_
 from pippin.adapters.peft_format import adapter_from_model, check_compatible, load_adapter, save_adapter
 from pippin.errors import PippinError
 from pippin.io import write_atomic, write_json_atomic
-from pippin.train.checkpointing import load_state, save_state
+from pippin.train.checkpointing import STATE_JSON, load_state, save_state
 from pippin.train.data import Example, collate
 from pippin.train.losses import masked_kl
+from pippin.train.recovery import residual_factors
 
 
 class Objective(StrEnum):
@@ -66,6 +67,11 @@ class TrainConfig:
     seed: int = 0
     init_from: str | None = None
     """An adapter folder to start from (e.g. the recovery adapter), instead of PEFT's zero-B init."""
+    init_residual: bool = False
+    """Start from each layer's compression error, low-rank and weighted by calibration inputs (pippin.train.recovery):
+    for recovery adapters, with the full-precision teacher. Needs a teacher; excludes init_from."""
+    init_seqs: int = 8
+    """Training examples whose activations weight the residual initialisation."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -76,6 +82,8 @@ class TrainConfig:
                 raise PippinError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.lr <= 0:
             raise PippinError(f"TrainConfig.lr must be > 0, got {self.lr}.")
+        if self.init_residual and self.init_from:
+            raise PippinError("Start from an adapter (init_from) or from the compression residual (init_residual), not both.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,9 +157,19 @@ def train_adapter(
         raise PippinError(f"None of the {n_given} training examples has an answer token within the length limit; raise --seq-len.")
     if config.objective is Objective.DISTILL and teacher is None:
         raise PippinError("Distillation needs a teacher model.")
+    if config.init_residual and teacher is None:
+        raise PippinError("The residual initialisation needs the full-precision teacher (--teacher).")
     fingerprint = base_fingerprint(model)
+    ckpt = out / "checkpoint"
+    residual = None
+    if config.init_residual and not (ckpt / STATE_JSON).exists():  # a resumed run restores its own weights
+        seqs = [torch.tensor(e.ids) for e in examples[: config.init_seqs]]
+        residual = residual_factors(teacher, model, seqs, config.lora, progress=progress)
     apply_lora(model, config.lora, trainable=True)
     mods = lora_modules(model)
+    if residual is not None:
+        for mod, m in mods.items():
+            m.load_slot(0, *residual[mod], config.lora.scaling)
     if config.init_from:
         init = load_adapter(config.init_from)
         check_compatible(init, model, fingerprint=fingerprint, max_rank=config.lora.rank)
@@ -171,7 +189,6 @@ def train_adapter(
     if config.grad_checkpointing:
         _enable_grad_checkpointing(model)
     run_hash = _run_hash(config, examples, fingerprint)
-    ckpt = out / "checkpoint"
     start, losses = 0, []
     resumed = load_state(ckpt)
     if resumed is not None:
@@ -233,6 +250,7 @@ def train_adapter(
     info = {
         "base_fingerprint": fingerprint,
         "init_from": config.init_from,
+        "init_residual": config.init_residual,
         "objective": config.objective.value,
         "steps": config.steps,
         "final_loss": losses[-1] if losses else None,

@@ -3,8 +3,10 @@
 Readers are chosen by an explicit format, never guessed from a file name:
 - `chat`: one {"messages": [{"role": ..., "content": ...}, ...]} per line (the OpenAI / TRL shape);
 - `dialogsum`: DialogSum rows ({"dialogue", "summary1", ...}) turned into "summarize this dialogue" chats;
-- `xsum`: XSum rows ({"document", "summary"}) turned into one-sentence news summaries.
-A malformed row is an error naming the file and line. Each chat is rendered with the model's own template
+- `xsum`: XSum rows ({"document", "summary"}) turned into one-sentence news summaries;
+- `alpaca`: instruction-following rows ({"instruction", "output"}: Alpaca, AlpacaEval) turned into one-turn chats.
+Files are JSONL, or one JSON array of rows (AlpacaEval's shape). A malformed row is an error naming the file and line
+(or array index). Each chat is rendered with the model's own template
 turn by turn, so the mask covers exactly the assistant replies (and their end-of-turn token), as TRL's
 `assistant_only_loss` does.
 """
@@ -28,6 +30,7 @@ class DataFormat(StrEnum):
     CHAT = "chat"
     DIALOGSUM = "dialogsum"
     XSUM = "xsum"
+    ALPACA = "alpaca"
 
 
 @dataclass(kw_only=True)
@@ -56,6 +59,9 @@ def _row_to_messages(row: object, fmt: DataFormat, where: str) -> list[dict[str,
                 {"role": "user", "content": SUMMARIZE_DIALOGUE.format(dialogue=str(row["dialogue"]).strip())},
                 {"role": "assistant", "content": str(row["summary1"] if "summary1" in row else row["summary"]).strip()},
             ]
+        if fmt is DataFormat.ALPACA:
+            instruction, output = str(row["instruction"]).strip(), str(row["output"]).strip()
+            return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
         return [
             {"role": "user", "content": SUMMARIZE_ARTICLE.format(document=str(row["document"]).strip())},
             {"role": "assistant", "content": str(row["summary"]).strip()},
@@ -73,7 +79,14 @@ def read_conversations(
     if not path.is_file():
         raise PippinError(f"Training data {path} does not exist.")
     out = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    text = path.read_text(errors="replace")
+    if text.lstrip().startswith("["):  # one JSON array of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PippinError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        out = [_row_to_messages(row, fmt, f"{path}[{i}]") for i, row in enumerate(rows)]
+    for i, line in enumerate([] if out else text.splitlines(), 1):
         if not line.strip():
             continue
         try:

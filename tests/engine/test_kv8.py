@@ -1,5 +1,5 @@
 """The 8-bit KV cache: quantization error bounds, memory, generation close to fp32 and independent of batching,
-row copies that carry the scales, and the kernel block stepping aside (it writes fp32 caches only)."""
+row copies that carry the scales, and the fused kernel blocks writing and reading the int8 cache like the reference."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from pippin.engine.kv_cache import KVCache, dequantize_kv, quantize_kv
 from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
 from pippin.kernels.modules import use_kernels_
-from tests.conftest import tiny_model
+from tests.conftest import fused_block_calls, tiny_model
 
 
 def test_quantize_kv_error_is_at_most_half_a_step():
@@ -72,8 +72,17 @@ def test_kernel_model_with_kv8_matches_the_reference_path():
     use_kernels_(fast)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
-    cache = KVCache(fast.config, batch_size=1, max_len=8, kv8=True)
-    assert cache.block_slots(0) is None  # the fused block writes fp32 caches only: it steps aside
-    assert Engine(fast, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params) == Engine(
-        ref, max_batch=2, max_len=64, kv8=True
-    ).generate_ids(prompts, params)
+    want = Engine(ref, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params)
+    with fused_block_calls() as calls:  # the fused blocks write and read the int8 cache themselves
+        assert Engine(fast, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params) == want
+    assert calls == [False] * 2 + [True] * 2 * 7  # both blocks: the prefill (uniform), then 7 ragged decode steps
+    # Step by step, through the whole-model plan: the same logits, and the cache holds the same int8 entries.
+    tokens = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(2))
+    caches = [KVCache(m.config, batch_size=1, max_len=32, kv8=True) for m in (ref, fast)]
+    for m, c in zip((ref, fast), caches):
+        prefill(m, tokens[:, :3], torch.tensor([3]), c)
+    for t in range(3, 14):
+        got, want = decode_step(fast, tokens[:, t], caches[1]), decode_step(ref, tokens[:, t], caches[0])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (caches[0].k.int() - caches[1].k.int()).abs().max() <= 1 and (caches[0].v.int() - caches[1].v.int()).abs().max() <= 1
+    torch.testing.assert_close(caches[1].k_scale, caches[0].k_scale, atol=1e-6, rtol=1e-5)

@@ -1,14 +1,18 @@
 """Each CPU kernel against its PyTorch reference, and the kernel model path against the reference model."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pippin.engine.engine import Engine
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
 from pippin.kernels.modules import KernelBlock, KernelLinear, use_kernels_
-from tests.conftest import tiny_model
+from tests.conftest import fused_block_calls, tiny_model
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
 
@@ -38,10 +42,11 @@ def test_rms_norm_silu_mul_rope():
     torch.testing.assert_close(qk.view(2, 2, 3, 16), ref, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False), (4, True)])
-def test_kernel_model_generates_like_reference(kv_heads, tied):
-    ref_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied)
-    fast_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied)
+@pytest.mark.parametrize("kv_heads,tied,shape", [(2, True, {}), (1, False, {}), (4, True, {}), (1, True, {"dim": 128, "n_heads": 2})])
+def test_kernel_model_generates_like_reference(kv_heads, tied, shape):
+    # The last case has 64-wide heads, the size whose attention output the fused block keeps in registers.
+    ref_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied, **shape)
+    fast_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied, **shape)
     assert use_kernels_(fast_model)
     assert isinstance(fast_model.layers[0], KernelBlock) and isinstance(fast_model.layers[0].mlp.down_proj, KernelLinear)
     prompts = [[1, 2, 3, 4], list(range(50, 70))]
@@ -53,6 +58,29 @@ def test_kernel_model_generates_like_reference(kv_heads, tied):
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(fast_model(tokens), ref_model(tokens), atol=1e-5, rtol=1e-5)
+    caches = [KVCache(m.config, batch_size=1, max_len=64) for m in (ref_model, fast_model)]
+    for m, c in zip((ref_model, fast_model), caches):
+        prefill(m, tokens[:, :2], torch.tensor([2]), c)
+    for t in range(2, 12):  # decode logits through the fused blocks, over contexts past 8 keys
+        torch.testing.assert_close(
+            decode_step(fast_model, tokens[:, t], caches[1]), decode_step(ref_model, tokens[:, t], caches[0]), atol=1e-4, rtol=1e-4
+        )
+    # A copy of a model that has decoded (and cached its kernel arguments) decodes the same, from its own weights.
+    twin = copy.deepcopy(fast_model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.01)  # a copy that reused the original's cached tensors would not see this
+    twin_cache, ref_cache = KVCache(twin.config, batch_size=1, max_len=64), KVCache(twin.config, batch_size=1, max_len=64)
+    scaled_ref = copy.deepcopy(ref_model)
+    with torch.no_grad():
+        for p in scaled_ref.parameters():
+            p.mul_(1.01)
+    prefill(twin, tokens[:, :2], torch.tensor([2]), twin_cache)
+    prefill(scaled_ref, tokens[:, :2], torch.tensor([2]), ref_cache)
+    for t in range(2, 6):
+        torch.testing.assert_close(
+            decode_step(twin, tokens[:, t], twin_cache), decode_step(scaled_ref, tokens[:, t], ref_cache), atol=1e-4, rtol=1e-4
+        )
     # State dict is untouched by the swap (names and values), and it switches back.
     assert ref_model.state_dict().keys() == fast_model.state_dict().keys()
     use_kernels_(fast_model, enable=False)
@@ -62,23 +90,12 @@ def test_kernel_model_generates_like_reference(kv_heads, tied):
 @pytest.mark.parametrize("n_rows", [3, 9])  # 9: enough rows for the block's dense projections to take the GEMM
 def test_fused_block_runs_ragged_rows_at_their_own_offsets(n_rows):
     """Rows at different offsets (prompts of different lengths, continuous batching) stay on the fused block."""
-    import pippin.kernels.modules as km
-
     ref_model, fast_model = tiny_model(), tiny_model()
     use_kernels_(fast_model)
     prompts = [[1, 2, 3], list(range(50, 71)), [9] * 8, [7, 8], list(range(100, 110)), [4] * 5, [200] * 12, [30, 31, 32, 33], [66]][:n_rows]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     ref = Engine(ref_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
-    calls, real = [], ops().decode_block
-
-    class Spy:
-        def __getattr__(self, name):
-            if name != "decode_block":
-                return getattr(ops(), name)
-            return lambda *a: calls.append(a[-1] is not None) or real(*a)  # a[-1]: per-row starts
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(km, "ops", lambda: Spy())
+    with fused_block_calls() as calls:
         fast = Engine(fast_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
     assert fast == ref
     assert calls.count(True) == 2 * 11  # both blocks at each of the 11 ragged decode steps (prefill is uniform but too big)

@@ -18,7 +18,7 @@ from pippin.quant.compress import CompressConfig, compress_, quantization_meta, 
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
 from pippin.quant.pack import SUPPORTED_BITS, pack, unpack
 from pippin.quant.palettize import fit_palette
-from tests.conftest import tiny_model
+from tests.conftest import fused_block_calls, tiny_model
 
 CALIB = list(range(3, 250)) * 4  # 988 tokens of "text" for the tiny 256-token vocabulary
 
@@ -69,13 +69,21 @@ def test_lut_kernel_matches_dequantize_linear(bits, m, n, k, group):
 
 
 def test_int8_embedding_and_head():
-    w = torch.randn(50, 32)
+    w = torch.randn(51, 32)  # odd: the two-rows-at-a-time decode loop has a tail
     q = Int8Embedding.from_float(w)
     assert (q.dequantize() - w).abs().max() <= w.abs().amax(1).max() / 127
     tokens = torch.tensor([[3, 49, 0]])
     torch.testing.assert_close(q(tokens), q.dequantize()[tokens])
     x = torch.randn(2, 32)
     torch.testing.assert_close(Int8TiedHead(q)(x), F.linear(x, q.dequantize()), atol=1e-4, rtol=1e-4)
+    # act8: int8 activations times the int8 rows; the kernel (few rows) equals the reference (many rows) row by row.
+    head = Int8TiedHead(q, act8=True)
+    rows = torch.randn(20, 32)
+    many = head(rows)  # 20 rows: the PyTorch reference
+    torch.testing.assert_close(torch.cat([head(rows[i : i + 5]) for i in range(0, 20, 5)]), many, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat([head(rows[i : i + 1]) for i in range(20)]), many, atol=1e-4, rtol=1e-4)  # decode
+    exact = F.linear(rows, q.dequantize())
+    assert 0 < (many - exact).abs().max() < 0.03 * exact.abs().max()
 
 
 def test_allocator_hits_budget_and_prefers_sensitive_layers():
@@ -175,22 +183,9 @@ def test_fused_block_runs_palettized_projections_like_the_reference():
     compress_(model, CALIB, CompressConfig(plan=plan, seq_len=128, n_seqs=2))
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     ref = Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params)
-    calls = []
     use_kernels_(model)
-    real = ops().decode_block
-    monkey = lambda *a: calls.append(1) or real(*a)  # noqa: E731
-    import pippin.kernels.modules as km
-
-    class Spy:
-        def __getattr__(self, name):
-            return monkey if name == "decode_block" else getattr(ops(), name)
-
-    orig = km.ops
-    km.ops = lambda: Spy()
-    try:
+    with fused_block_calls() as calls:
         assert Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params) == ref
-    finally:
-        km.ops = orig
     assert len(calls) == 2 * 12  # both blocks, for the 4-token prefill and each of the 11 decode steps
 
 
@@ -206,9 +201,9 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     ref = lin._act8_reference(x)
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # integer kernel == its PyTorch reference
     assert (ref - F.linear(x, lin.dequantize())).abs().max() < 0.05 * ref.abs().max()  # and close to fp32
-    two_bit = PalettizedLinear.from_palette(fit_palette(w, bits=2))
-    two_bit.act8 = True
-    torch.testing.assert_close(two_bit(x), F.linear(x, two_bit.dequantize()), atol=1e-4, rtol=1e-4)  # act8 skips 2-bit
+    six_bit = PalettizedLinear.from_palette(fit_palette(w, bits=6))
+    six_bit.act8 = True
+    torch.testing.assert_close(six_bit(x), F.linear(x, six_bit.dequantize()), atol=1e-4, rtol=1e-4)  # act8 skips 6-bit
 
     # A model with act8 layers decodes the same through the fused block as through the module path.
     model = tiny_model()
@@ -223,6 +218,67 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     prefill(model, tokens[:, :4], torch.tensor([4]), cache)
     for t, ref_logits in zip(range(4, 14), module_path):
         torch.testing.assert_close(decode_step(model, tokens[:, t], cache), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+def test_model_level_decode_plan_follows_lut_and_act8_changes():
+    # One call runs all blocks of a decode step from arguments kept in C++: a LUT changed in place or an act8
+    # flag switched after the first step must rebuild them, or the fast path would decode with stale weights.
+    from pippin.kernels.modules import use_kernels_
+
+    model = tiny_model()
+    # q, k, v (and gate, up) at different widths: each shared input is quantized once per width, and they run as
+    # one call writing side by side; layer 0 keeps o and down dense.
+    widths = {"self_attn.q_proj": 2, "self_attn.k_proj": 3, "self_attn.v_proj": 4, "mlp.gate_proj": 3, "mlp.up_proj": 4}
+    plan = {f"layers.{i}.{m}": b for i in range(2) for m, b in widths.items()} | {
+        "layers.1.mlp.down_proj": 4,
+        "layers.1.self_attn.o_proj": 2,
+    }
+    compress_(model, CALIB, CompressConfig(plan=plan, act8=True, seq_len=128, n_seqs=2))
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def decode(kernels: bool) -> torch.Tensor:
+        use_kernels_(model, enable=kernels)
+        cache = KVCache(model.config, batch_size=1, max_len=32)
+        prefill(model, tokens[:, :4], torch.tensor([4]), cache)
+        return decode_step(model, tokens[:, 4], cache)
+
+    gate = model.layers[1].mlp.gate_proj
+    with fused_block_calls() as calls:
+        torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            gate.lut.mul_(-1.5)
+        torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
+        gate.act8 = False
+        torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 3 * 2 * 2  # every prefill and decode step ran fused, on both blocks
+
+
+@pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("n", "k", "group", "rows"), [(48, 64, 16, 1), (33, 192, 1, 1), (80, 128, 16, 3), (7, 64, 1, 16)])
+def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
+    # The integer kernel reads 2-, 3- and 4-bit indices straight from the packed bitstream (each width in
+    # its own byte order, with x quantized to match): it must equal the PyTorch reference of the same numerics
+    # for odd row counts (the two-rows-at-a-time loop's tail), per-row LUTs and batched rows.
+    g = torch.Generator().manual_seed(bits * 100 + n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
+    lin.act8 = True
+    assert lin.uses_act8_kernel()
+    ref = lin._act8_reference(x)
+    torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+    exact = F.linear(x, lin.dequantize())
+    assert (ref - exact).abs().max() < 0.05 * exact.abs().max()
+    # The reference itself, written out: x rounded to 7 bits with a scale per 64 features, times the int8 LUT rows
+    # gathered by the unpacked indices.
+    xb = x.view(rows, k // 64, 64)
+    scale = xb.abs().amax(-1, keepdim=True) / 63
+    xq = (torch.round(xb / scale) * scale).view(rows, k)
+    lut_i8, lut_scale = lin.lut_int8()
+    assert lut_i8.abs().max() == 127
+    w = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(group, 0).gather(1, unpack(lin.packed, bits, k))
+    torch.testing.assert_close(ref, xq @ w.T, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("embed_bits", [4, 6])

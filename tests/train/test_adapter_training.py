@@ -158,6 +158,16 @@ def test_data_readers_and_bad_rows(tmp_path):
         read_conversations(p)
     with pytest.raises(PippinError, match="missing field"):
         read_conversations(p, "dialogsum")
+    # AlpacaEval's shape: one JSON array of {instruction, output} rows -> one-turn chats; a bad row names its index.
+    a = tmp_path / "alpaca.json"
+    a.write_text(json.dumps([{"instruction": " Name a color. ", "output": "Blue.", "generator": "x"}, {"instruction": "Hi"}]))
+    with pytest.raises(PippinError, match=r"alpaca.json\[1\]: missing field 'output'"):
+        read_conversations(a, "alpaca")
+    a.write_text(json.dumps([{"instruction": " Name a color. ", "output": "Blue."}]))
+    assert read_conversations(a, "alpaca") == [[{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]]
+    if (SHARED_DATA / "alpaca_eval").is_dir():
+        rows = read_conversations(SHARED_DATA / "alpaca_eval" / "gpt4_1106_preview_model_outputs.json", "alpaca", limit=3)
+        assert len(rows) == 3 and all(len(r) == 2 and r[1]["content"] for r in rows)
 
 
 @pytest.mark.real
@@ -193,3 +203,59 @@ def test_self_generated_text_needs_no_outside_data():
     assert {type(m) for m in lm.model.modules()} == kinds  # the model is left as it was found (no kernel classes)
     with pytest.raises(PippinError, match="does not exist"):
         read_text_source("/no/such/file.txt", lm.model, lm.tokenizer)
+
+
+def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_path):
+    from pippin.quant.compress import CompressConfig, compress_
+    from pippin.train.recovery import input_second_moments, residual_factors
+
+    teacher, student = tiny_model(), tiny_model()
+    compress_(student, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 250, (48,), generator=g) for _ in range(6)]
+    mods = dict(student.named_modules())
+    names = [n for n in mods if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))]
+    moments = input_second_moments(student, seqs, names)
+    assert moments["layers.0.self_attn.q_proj"] is moments["layers.0.self_attn.v_proj"]  # one shared input, one matrix
+    x = torch.cat([s for s in seqs])
+    with torch.no_grad():
+        h = student.embed_tokens(x)  # the first layer's q input is the normed embedding: check H against it
+        xin = student.layers[0].input_layernorm(h).double()
+    torch.testing.assert_close(moments["layers.0.self_attn.q_proj"], xin.T @ xin / len(x))
+
+    # Full rank: the correction restores the teacher's weights exactly.
+    full = LoraConfig(rank=128, alpha=128.0)
+    for name, (A, B) in residual_factors(teacher, student, seqs, full).items():
+        restored = mods[name].dequantize() + full.scaling * B @ A
+        torch.testing.assert_close(restored, dict(teacher.named_modules())[name].weight, atol=1e-4, rtol=1e-4)
+
+    # Low rank: on the calibration inputs it beats the plain (unweighted) truncated SVD of the same residual.
+    low = LoraConfig(rank=4, alpha=8.0)
+    name = "layers.1.mlp.down_proj"
+    A, B = residual_factors(teacher, student, seqs, low)[name]
+    R = (dict(teacher.named_modules())[name].weight - mods[name].dequantize()).detach().double()
+    U, S, Vh = torch.linalg.svd(R)
+    plain = (U[:, :4] * S[:4]) @ Vh[:4]
+    H = moments[name] + 1e-2 * moments[name].diagonal().mean() * torch.eye(R.shape[1], dtype=torch.float64)  # as damped
+
+    def err(L: torch.Tensor) -> float:
+        D = (R - L).detach()
+        return float(torch.trace(D @ H @ D.T))
+
+    assert err(low.scaling * (B @ A).double()) < err(plain) < err(torch.zeros_like(R))
+
+    # In training: the run starts from that correction, so its first loss is already below a zero start's.
+    text = torch.randint(3, 250, (40, 31), generator=g)
+    ex = text_examples(text.flatten().tolist(), seq_len=31)
+
+    def first_loss(**kw) -> float:
+        s = tiny_model()
+        compress_(s, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
+        run = cfg(objective=Objective.DISTILL, steps=1, batch_size=8, lr=1e-9, lora=LoraConfig(rank=8, alpha=16.0), **kw)
+        return train_adapter(s, ex, run, out_dir=tmp_path / str(kw), name="r", teacher=teacher, progress=False).losses[0]
+
+    assert first_loss(init_residual=True) < 0.8 * first_loss()
+    with pytest.raises(PippinError, match="not both"):
+        cfg(init_residual=True, init_from="x")
+    with pytest.raises(PippinError, match="teacher"):
+        train_adapter(tiny_model(), ex, cfg(init_residual=True), out_dir=tmp_path / "t", name="t", progress=False)

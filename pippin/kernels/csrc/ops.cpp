@@ -5,21 +5,26 @@
 // rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w, one pass per row.
 // silu_mul:  y = silu(g) * u (the SwiGLU gate).
 // lut_gemv:  y = x @ W^T for palettized W (packed indices + per-group LUTs), never materialising W;
-//            lut_dequant builds W for the prefill path; lut4_gemv_act8 is the 4-bit x int8-activation kernel.
-// gemv_i8:   int8 rows with per-row scales (the 8-bit embedding read as the output head).
+//            lut_dequant builds W for the prefill path; lut_gemv_act8 is the 2/3/4-bit x int8-activation kernel.
+// gemv_i8:   int8 rows with per-row scales (the 8-bit embedding read as the output head); gemv_i8_act8 with
+//            int8 activations.
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
 // lora_add_: y += scale[s] * (x A[s]^T) B[s]^T per row, with each row's adapter slot s (fp16 A/B stacks):
 //            mixed-adapter batches in one call (S-LoRA / punica's gathered LoRA, for a few rows).
-// decode_block: a whole decoder block for a few tokens (decode), built from the above.
+// decode_block: a whole decoder block for a few tokens (decode), built from the above, over an fp32 or int8 KV cache.
+// DecodePlan: every block of a model for one decode step in one call, from per-layer arguments kept in C++.
 // Each has a slow reference in Python (F.linear, F.rms_norm, F.silu) and a test that they agree.
+// Decode streams every weight from DRAM once per token, so the matvecs prefetch a few rows ahead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -92,6 +97,24 @@ at::Tensor gemv(const at::Tensor& x_in, const at::Tensor& w) {
   return y.view(sizes);
 }
 
+// exp(x) for 8 floats: 2^n * p(r) with n = round(x / ln 2) and Cephes' degree-6 polynomial for exp(r), |r| <= ln2 / 2
+// (about 2 ulp). The scalar std::exp cost more than the matvecs around it in the SwiGLU of a decode step.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: fp32 only");
   auto x = x_in.contiguous();
@@ -106,13 +129,30 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * D;
       float* yr = yp + r * D;
-      double ss = 0;
-      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
+      __m256 acc = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
+      double ss = hsum(acc);
+      for (; i < D; ++i) ss += double(xr[i]) * xr[i];
       const float inv = 1.0f / std::sqrt(float(ss / D) + float(eps));
-      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
+      const __m256 inv8 = _mm256_set1_ps(inv);
+      for (i = 0; i + 8 <= D; i += 8) _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv8), _mm256_loadu_ps(wp + i)));
+      for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
     }
   });
   return y;
+}
+
+// y[i] = silu(g[i]) * u[i] for i in [a, b).
+inline void silu_mul_range(const float* gp, const float* up, float* yp, int64_t a, int64_t b) {
+  int64_t i = a;
+  const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+  for (; i + 8 <= b; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(gp + i);
+    const __m256 sig = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, neg))));
+    _mm256_storeu_ps(yp + i, _mm256_mul_ps(sig, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < b; ++i) yp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];
 }
 
 at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
@@ -121,9 +161,7 @@ at::Tensor silu_mul(const at::Tensor& g_in, const at::Tensor& u_in) {
   auto y = at::empty_like(g);
   const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, g.numel(), 16384, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) yp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up[i];
-  });
+  at::parallel_for(0, g.numel(), 16384, [&](int64_t a, int64_t b) { silu_mul_range(gp, up, yp, a, b); });
   return y;
 }
 
@@ -268,6 +306,7 @@ at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
     __m256 acc[16];
     for (int64_t n = a; n < b; ++n) {
       const int8_t* row = wp + n * K;
+      for (int64_t off = 0; off < K; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * K + off), _MM_HINT_T0);  // 8 rows ahead
       if (M == 1) {  // decode: register accumulators
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         int64_t k = 0;
@@ -300,20 +339,80 @@ at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 }
 
 
-// ---- 4-bit palettized weights x 8-bit activations (act8) -------------------------------------------
-// x is quantized once per row to int8 with one absmax scale (dynamic per-token activation quantization);
-// each group's 16-entry LUT to int8 with one scale. A 32-weight block is then 16 packed bytes: the low and
-// high nibbles index the int8 LUT with one byte shuffle each, and maddubs/madd do the int8 dot product
-// (llama.cpp's trick for signed x signed). x is stored with even positions first within each 32-block,
-// the order the nibble split yields. About 10 instructions per 32 weights instead of ~10 per 8.
+// ---- palettized weights x 8-bit activations (act8) -------------------------------------------
+// x is quantized per row in blocks of 64 to 7-bit integers in [-63, 63], one absmax scale per block (as
+// llama.cpp's Q8 activations: a per-block scale keeps outliers from flattening a whole row), and each group's
+// LUT (4, 8 or 16 entries) to int8 in [-127, 127] with one scale, padded to 16 bytes.
+// The packed indices are read as stored (the bitstream of pippin/quant/pack.py): 4-bit rows 64 weights (32
+// bytes) at a time, split into low and high nibbles; 2-bit rows 32 weights (8 bytes) by shifting 64-bit lanes;
+// 3-bit rows 32 weights (12 bytes) by shuffling 16-bit windows into place and shifting them with a multiply.
+// The 32 index bytes come out in an order fixed per bit width (act8_order), and x is quantized into that same
+// order. One byte shuffle then looks up 32 weights in the LUT shifted by +128 (unsigned, as maddubs wants; with
+// 7-bit x, 2 * 255 * 63 never saturates its int16 pairs), and maddubs + madd do the dot product of a block,
+// which is scaled by its x scale into a float accumulator. The shift adds 128 * sum(x) to every output; that sum
+// is taken once per row of x and subtracted.
+
+// Weights per block: 4-bit rows are read 32 bytes (64 weights) at a time, 2- and 3-bit rows 32 weights.
+constexpr int64_t act8_block(int64_t bits) { return bits == 4 ? 64 : 32; }
+
+// The position (within its block) of the weight whose index the kernel puts in byte q of its x block.
+inline int act8_order(int64_t bits, int q) {
+  if (bits == 4) return q < 32 ? 2 * q : 2 * (q - 32) + 1;  // low nibbles, then high nibbles
+  if (bits == 2) return 4 * (q % 8) + q / 8;                // 64-bit lane L holds the pairs shifted by 2L
+  return (q < 8 || q >= 24) ? q : (q < 16 ? q + 8 : q - 8);  // 3-bit: packus interleaves 128-bit lanes
+}
+
+constexpr int64_t ACT8_BLOCK = 64;  // activations per scale
+
 struct Act8 {
-  at::Tensor q;      // (M, K) int8, even/odd-deinterleaved per 32-block
+  at::Tensor q;      // (M, K) int8 in [-63, 63], in act8_order within each block
+  at::Tensor scale;  // (M, K / ACT8_BLOCK) fp32: one per 64 activations
+  std::vector<float> shift;  // (M,) 128 * sum over blocks of scale * sum(q): what the +128 LUT shift adds
+};
+
+Act8 quantize_act8(const at::Tensor& x, int64_t bits) {
+  const int64_t M = x.size(0), K = x.size(1), nb = K / ACT8_BLOCK;
+  TORCH_CHECK(K % ACT8_BLOCK == 0, "act8: the input width must be a multiple of 64");
+  Act8 a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, nb}, x.options()), std::vector<float>(M, 0.0f)};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = a.q.data_ptr<int8_t>();
+  float* sp = a.scale.data_ptr<float>();
+  const int64_t blk = act8_block(bits);
+  int order[64];
+  for (int q = 0; q < blk; ++q) order[q] = act8_order(bits, q);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = 0; m < M; ++m) {
+    double shift = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* r = xp + m * K + b * ACT8_BLOCK;
+      __m256 mx8 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < ACT8_BLOCK; k += 8) mx8 = _mm256_max_ps(mx8, _mm256_and_ps(_mm256_loadu_ps(r + k), abs_mask));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, mx8);
+      const float mx = *std::max_element(lanes, lanes + 8);
+      const float s = std::max(mx, 1e-12f) / 63.0f;
+      sp[m * nb + b] = s;
+      int32_t sum = 0;
+      int8_t* qb = qp + m * K + b * ACT8_BLOCK;
+      for (int64_t k0 = 0; k0 < ACT8_BLOCK; k0 += blk)
+        for (int q = 0; q < blk; ++q) sum += qb[k0 + q] = int8_t(std::nearbyint(r[k0 + order[q]] / s));
+      shift += 128.0 * s * sum;
+    }
+    a.shift[m] = float(shift);
+  }
+  return a;
+}
+
+// The 8-bit head (gemv_i8_act8) keeps one scale per row of x and the full int8 range: its weights are signed,
+// so it multiplies with the sign trick and needs no shift.
+struct Act8Row {
+  at::Tensor q;      // (M, K) int8 in [-127, 127]
   at::Tensor scale;  // (M,) fp32
 };
 
-Act8 quantize_act8(const at::Tensor& x) {
+Act8Row quantize_act8_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
-  Act8 a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M}, x.options())};
+  Act8Row a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M}, x.options())};
   const float* xp = x.data_ptr<float>();
   int8_t* qp = a.q.data_ptr<int8_t>();
   float* sp = a.scale.data_ptr<float>();
@@ -321,60 +420,237 @@ Act8 quantize_act8(const at::Tensor& x) {
     const float* r = xp + m * K;
     float mx = 0;
     for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
-    const float s = mx > 0 ? mx / 127.0f : 1.0f, inv = 1.0f / s;
+    const float s = std::max(mx, 1e-12f) / 127.0f;
     sp[m] = s;
-    for (int64_t k0 = 0; k0 < K; k0 += 32)
-      for (int64_t j = 0; j < 16; ++j) {
-        qp[m * K + k0 + j] = int8_t(std::nearbyint(r[k0 + 2 * j] * inv));
-        qp[m * K + k0 + 16 + j] = int8_t(std::nearbyint(r[k0 + 2 * j + 1] * inv));
-      }
+    for (int64_t k = 0; k < K; ++k) qp[m * K + k] = int8_t(std::nearbyint(r[k] / s));
   }
   return a;
 }
 
-// lut_i8 (G, 16) int8 and lut_scale (G,) fp32: the int8 LUTs. K must be a multiple of 32.
-at::Tensor lut4_gemv_act8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_i8,
-                          const at::Tensor& lut_scale, int64_t group) {
-  const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(K % 32 == 0 && x_in.size(-1) == K, "lut4_gemv_act8: K must be a multiple of 32 and match x");
-  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut4_gemv_act8: packed must be contiguous uint8");
+// Shuffle controls and multipliers of the 3-bit decode: 16-bit lane i of half h holds index p = 8h + i (and
+// p + 16 in the second register): the two bytes around bit 3p, shifted left by 13 - 3p % 8 so that a right
+// shift by 13 leaves exactly the 3 index bits.
+struct Decode3 {
+  __m256i c0, c1, m0, m1;
+  Decode3() {
+    alignas(32) int8_t c[2][32];
+    alignas(32) int16_t mul[2][16];
+    for (int r = 0; r < 2; ++r)
+      for (int h = 0; h < 2; ++h)
+        for (int i = 0; i < 8; ++i) {
+          const int p = 16 * r + 8 * h + i, o = 3 * p / 8;
+          c[r][16 * h + 2 * i] = int8_t(o);
+          c[r][16 * h + 2 * i + 1] = int8_t(o + 1 < 12 ? o + 1 : 0x80);  // past the block: zero (never needed)
+          mul[r][8 * h + i] = int16_t(1 << (13 - 3 * p % 8));
+        }
+    c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[0]));
+    c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c[1]));
+    m0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(mul[0]));
+    m1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(mul[1]));
+  }
+};
+
+// The 32 LUT indices of one 32-weight block (4*BITS bytes at p), one per byte, in act8_order.
+template <int BITS>
+inline __m256i decode32(const uint8_t* p, const Decode3& d3) {
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+  } else if constexpr (BITS == 2) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
+  } else {
+    int32_t hi;
+    std::memcpy(&hi, p + 8, 4);  // 12 bytes exactly: never reads past the row
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_insert_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), hi, 2));
+    const __m256i lo = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(b, d3.c0), d3.m0), 13);
+    const __m256i up = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_shuffle_epi8(b, d3.c1), d3.m1), 13);
+    return _mm256_packus_epi16(lo, up);
+  }
+}
+
+// acc += the 32 products (lut[idx] + 128) * x, summed in pairs/quads into 8 int32 lanes (lut_u is shifted).
+inline __m256i dot32(__m256i acc, __m256i lut_u, __m256i idx, __m256i xv) {
+  const __m256i d16 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut_u, idx), xv);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
+}
+
+inline int32_t hsum_i32(__m256i acc) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  s = _mm_hadd_epi32(s, s);
+  s = _mm_hadd_epi32(s, s);
+  return _mm_cvtsi128_si32(s);
+}
+
+// A group's 16 LUT bytes shifted by +128 into [1, 255] (read as unsigned), in both 128-bit lanes.
+inline __m256i load_lut16(const int8_t* p) {
+  return _mm256_broadcastsi128_si256(_mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm_set1_epi8(char(-128))));
+}
+
+// acc += one block of a row (act8_block(BITS) weights at p) times x (xq, in act8_order).
+template <int BITS>
+inline __m256i block_dot(__m256i acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, const Decode3& d3) {
+  if constexpr (BITS == 4) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nib = _mm256_set1_epi8(0x0F);
+    acc = dot32(acc, lut_u, _mm256_and_si256(b, nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+    return dot32(acc, lut_u, _mm256_and_si256(_mm256_srli_epi16(b, 4), nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+  } else {
+    return dot32(acc, lut_u, decode32<BITS>(p, d3), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+  }
+}
+
+constexpr int64_t PF_PAIRS = 4;
+
+// acc (float) += one activation block (64 weights of a row at p) times x (xq, in act8_order), scaled by its x scale.
+template <int BITS>
+inline __m256 act_block(__m256 acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, float xs, const Decode3& d3) {
+  __m256i i = block_dot<BITS>(_mm256_setzero_si256(), lut_u, p, xq, d3);
+  if constexpr (BITS != 4) i = block_dot<BITS>(i, lut_u, p + 4 * BITS, xq + 32, d3);  // 2- and 3-bit blocks hold 32
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(xs), acc);
+}
+
+template <int BITS>
+void act8_rows(const Act8& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M, int64_t K,
+               int64_t group, int64_t n0, int64_t n1) {
+  const Decode3 d3;
+  const int64_t row_bytes = K * BITS / 8, nb = K / ACT8_BLOCK, block_bytes = ACT8_BLOCK * BITS / 8;
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xs = a.scale.data_ptr<float>();
+  int64_t n = n0;
+  if (M == 1) {  // decode: two rows at a time share each x load and give the core two independent chains
+    for (; n + 1 < n1; n += 2) {
+      const __m256i la = load_lut16(luts + (n / group) * 16), lb = load_lut16(luts + ((n + 1) / group) * 16);
+      const uint8_t *ra = packed + n * row_bytes, *rb = ra + row_bytes;
+      // Weights stream from DRAM in decode (a layer is far larger than the caches by the time it comes round
+      // again), and the hardware prefetcher alone left this loop latency-bound: fetch the pair PF_PAIRS ahead.
+      for (int64_t off = 0; off < 2 * row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ra + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
+      __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        acc_a = act_block<BITS>(acc_a, la, ra + b * block_bytes, xq + b * ACT8_BLOCK, xs[b], d3);
+        acc_b = act_block<BITS>(acc_b, lb, rb + b * block_bytes, xq + b * ACT8_BLOCK, xs[b], d3);
+      }
+      y[n] = (hsum(acc_a) - a.shift[0]) * lsc[n / group];
+      y[n + 1] = (hsum(acc_b) - a.shift[0]) * lsc[(n + 1) / group];
+    }
+  }
+  for (; n < n1; ++n) {
+    const __m256i lut = load_lut16(luts + (n / group) * 16);
+    const uint8_t* row = packed + n * row_bytes;
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
+    for (int64_t m = 0; m < M; ++m) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) acc = act_block<BITS>(acc, lut, row + b * block_bytes, xq + m * K + b * ACT8_BLOCK, xs[m * nb + b], d3);
+      y[m * ldy + n] = (hsum(acc) - a.shift[m]) * lsc[n / group];
+    }
+  }
+}
+
+// One act8 projection: packed indices, its int8 LUT (G, 16) in [-127, 127] (entries past 2^bits unused) and the
+// LUT scales (G,). K % 64 == 0.
+struct Act8Proj {
+  at::Tensor packed, lut, scale;
+  int64_t bits, group, N;
+};
+
+Act8Proj act8_proj(const at::Tensor& packed, const at::Tensor& lut_i8, const at::Tensor& lut_scale, int64_t bits, int64_t group, int64_t K) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "lut_gemv_act8: bits must be 2, 3 or 4");
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_gemv_act8: packed must be contiguous uint8");
+  const int64_t N = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 8 / bits == K && K % ACT8_BLOCK == 0, "lut_gemv_act8: K must be a multiple of 64 and match x");
   TORCH_CHECK(lut_i8.scalar_type() == at::kChar && lut_i8.dim() == 2 && lut_i8.size(1) == 16 && lut_i8.size(0) * group == N,
-              "lut4_gemv_act8: LUT must be int8 (N / group, 16)");
-  TORCH_CHECK(lut_scale.numel() == lut_i8.size(0), "lut4_gemv_act8: one LUT scale per group");
+              "lut_gemv_act8: LUT must be int8 (N / group, 16)");
+  TORCH_CHECK(lut_scale.numel() == lut_i8.size(0), "lut_gemv_act8: one LUT scale per group");
+  return {packed, lut_i8.contiguous(), lut_scale.to(at::kFloat).contiguous(), bits, group, N};
+}
+
+// y[:, offset_j : offset_j + N_j] = x @ W_j^T for projections j that share their input x (M, K) fp32 (q, k and v;
+// gate and up), written side by side into y (row stride ldy): x is quantized once per bit width, and one
+// parallel region covers all their rows (one fork/join instead of one per projection).
+void act8_multi(const at::Tensor& x, const std::vector<Act8Proj>& projs, float* y, int64_t ldy) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M <= 16, "lut_gemv_act8: at most 16 rows");
+  Act8 qx[5];  // by bits (2, 3, 4)
+  std::vector<int64_t> offset(projs.size() + 1, 0);
+  for (size_t j = 0; j < projs.size(); ++j) {
+    if (!qx[projs[j].bits].q.defined()) qx[projs[j].bits] = quantize_act8(x, projs[j].bits);
+    offset[j + 1] = offset[j] + projs[j].N;
+  }
+  at::parallel_for(0, offset.back(), 64, [&](int64_t r0, int64_t r1) {
+    for (size_t j = 0; j < projs.size(); ++j) {
+      const int64_t n0 = std::max(r0, offset[j]) - offset[j], n1 = std::min(r1, offset[j + 1]) - offset[j];
+      if (n0 >= n1) continue;
+      const Act8Proj& p = projs[j];
+      const int8_t* lp = p.lut.data_ptr<int8_t>();
+      const float* ls = p.scale.data_ptr<float>();
+      const uint8_t* pp = p.packed.data_ptr<uint8_t>();
+      float* yj = y + offset[j];
+      switch (p.bits) {
+        case 2: act8_rows<2>(qx[2], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        case 3: act8_rows<3>(qx[3], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        default: act8_rows<4>(qx[4], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+      }
+    }
+  });
+}
+
+at::Tensor lut_gemv_act8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_i8,
+                         const at::Tensor& lut_scale, int64_t bits, int64_t group) {
+  const int64_t K = x_in.size(-1);
   auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  const Act8Proj p = act8_proj(packed, lut_i8, lut_scale, bits, group, K);
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = p.N;
+  auto y = at::empty({x.size(0), p.N}, x.options());
+  act8_multi(x, {p}, y.data_ptr<float>(), p.N);
+  return y.view(sizes);
+}
+
+// Rows of int8 weights (one fp32 scale per row) times int8 activations: the 8-bit tied embedding read as the
+// output head under act8. x is quantized per row (natural order); maddubs multiplies |w| by x carrying w's sign
+// (pairs stay within int16: 2 * 127 * 127), so 32 weights cost a load, sign, abs, maddubs, madd and add.
+at::Tensor gemv_i8_act8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale_in) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar, "gemv_i8_act8: weight must be contiguous int8");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 32 == 0 && x_in.size(-1) == K, "gemv_i8_act8: K must be a multiple of 32 and match x");
+  auto x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  auto scale = scale_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0);
-  TORCH_CHECK(M <= 16, "lut4_gemv_act8: at most 16 rows");
-  Act8 a = quantize_act8(x);
+  TORCH_CHECK(M <= 16, "gemv_i8_act8: at most 16 rows");
+  Act8Row a = quantize_act8_rows(x);
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
   auto y = at::empty({M, N}, x.options());
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const auto lut_c = lut_i8.contiguous();  // kept alive while the kernel reads it
-  const auto lsc = lut_scale.to(at::kFloat).contiguous();
-  const int8_t *lp = lut_c.data_ptr<int8_t>(), *qp = a.q.data_ptr<int8_t>();
-  const float *lsp = lsc.data_ptr<float>(), *xsp = a.scale.data_ptr<float>();
+  const float *sp = scale.data_ptr<float>(), *xs = a.scale.data_ptr<float>();
+  const int8_t *wp = w.data_ptr<int8_t>(), *xq = a.q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
+  auto dot = [](__m256i acc, __m256i wv, __m256i xv) {
+    const __m256i d16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
+  };
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lp + (n / group) * 16));
-      const __m256i lut = _mm256_set_m128i(l, l);
-      const uint8_t* row = pp + n * (K / 2);
+    int64_t n = n0;
+    if (M == 1)  // decode: two rows at a time share each x load
+      for (; n + 1 < n1; n += 2) {
+        const int8_t *ra = wp + n * K, *rb = ra + K;
+        for (int64_t off = 0; off < 2 * K; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ra + 8 * K + off), _MM_HINT_T0);
+        __m256i acc_a = _mm256_setzero_si256(), acc_b = _mm256_setzero_si256();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+          acc_a = dot(acc_a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + k)), xv);
+          acc_b = dot(acc_b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + k)), xv);
+        }
+        yp[n] = float(hsum_i32(acc_a)) * sp[n] * xs[0];
+        yp[n + 1] = float(hsum_i32(acc_b)) * sp[n + 1] * xs[0];
+      }
+    for (; n < n1; ++n) {
+      const int8_t* row = wp + n * K;
+      for (int64_t off = 0; off < K; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + 8 * K + off), _MM_HINT_T0);
       for (int64_t m = 0; m < M; ++m) {
         __m256i acc = _mm256_setzero_si256();
-        const int8_t* xq = qp + m * K;
-        for (int64_t k = 0; k < K; k += 32) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-          const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), nib);  // even | odd
-          const __m256i w = _mm256_shuffle_epi8(lut, idx);
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-          const __m256i d16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(d16, ones));
-        }
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s = _mm_hadd_epi32(s, s);
-        s = _mm_hadd_epi32(s, s);
-        yp[m * N + n] = float(_mm_cvtsi128_si32(s)) * lsp[n / group] * xsp[m];
+        for (int64_t k = 0; k < K; k += 32)
+          acc = dot(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + k)));
+        yp[m * N + n] = float(hsum_i32(acc)) * sp[n] * xs[m];
       }
     }
   });
@@ -486,24 +762,109 @@ at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     return gemv(x, w);
   }
   TORCH_CHECK(lut.has_value(), "decode_block: a palettized projection needs its LUT");
-  if (lut_scale.has_value()) return lut4_gemv_act8(x, w, *lut, *lut_scale, group);  // int8 LUT: act8 path
+  if (lut_scale.has_value()) return lut_gemv_act8(x, w, *lut, *lut_scale, bits, group);  // int8 LUT: act8 path
   return lut_gemv(x, w, *lut, bits, group);
 }
 
-at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
-                        at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& luts,
-                        const c10::List<c10::optional<at::Tensor>>& lut_scales, at::IntArrayRef bits,
-                        int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
-                        at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps,
-                        const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
-                        const c10::List<c10::optional<at::Tensor>>& lora_scale, const c10::optional<at::Tensor>& lora_idx,
-                        const c10::optional<at::Tensor>& row_starts) {
-  TORCH_CHECK(weights.size() == 7 && luts.size() == 7 && bits.size() == 7, "decode_block: need 7 projections");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat,
-              "decode_block: the cache must be contiguous fp32 (B, H_kv, S, D)");
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const int8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v)));
+}
+
+// Causal GQA attention of each (row, new token, head) over its cache slots [0, start + t]: keys and values fp32,
+// or int8 with one scale per (row, head, slot) (ksc, vsc; the 8-bit KV cache), read as stored: a score is
+// scale_k * (q . k8), a value weight p * scale_v. Softmax with a vectorised exp.
+template <typename KT>
+void attend(const float* qp, int64_t width, const KT* kc, const KT* vc, const float* ksc, const float* vsc, float* ap,
+            const std::vector<int64_t>& starts, int64_t max_start, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t S_max) {
+  const int64_t rep = H / Hkv;
+  const float scale = 1.0f / std::sqrt(float(D));
+  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(max_start + T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
+      const float* q = qp + (b * T + t) * width + hh * D;
+      const KT* kb = kc + (b * Hkv + g) * S_max * D;
+      const KT* vb = vc + (b * Hkv + g) * S_max * D;
+      const float* ks = ksc ? ksc + (b * Hkv + g) * S_max : nullptr;
+      const float* vs = vsc ? vsc + (b * Hkv + g) * S_max : nullptr;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) {
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8f(kb + j * D + d), acc);
+        float sc = hsum(acc);
+        for (; d < D; ++d) sc += q[d] * float(kb[j * D + d]);
+        p[j] = sc * scale * (ks ? ks[j] : 1.0f);
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0;
+      int64_t j = 0;
+      const __m256 mx8 = _mm256_set1_ps(mx);
+      __m256 sum8 = _mm256_setzero_ps();
+      for (; j + 8 <= S; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + j), mx8));
+        _mm256_storeu_ps(p.data() + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+      }
+      sum = hsum(sum8);
+      for (; j < S; ++j) sum += (p[j] = std::exp(p[j] - mx));
+      if (vs)
+        for (j = 0; j < S; ++j) p[j] *= vs[j];
+      float* out = ap + (b * T + t) * H * D + hh * D;
+      const float inv = 1.0f / sum;
+      if (D == 64) {  // the common head size: the output row lives in 8 registers
+        __m256 o[8];
+        for (int r = 0; r < 8; ++r) o[r] = _mm256_setzero_ps();
+        for (j = 0; j < S; ++j) {
+          const __m256 w = _mm256_set1_ps(p[j]);
+          for (int r = 0; r < 8; ++r) o[r] = _mm256_fmadd_ps(w, load8f(vb + j * D + 8 * r), o[r]);
+        }
+        for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(o[r], _mm256_set1_ps(inv)));
+      } else {
+        std::fill(out, out + D, 0.0f);
+        for (j = 0; j < S; ++j) {
+          const float w = p[j] * inv;
+          for (int64_t d = 0; d < D; ++d) out[d] += w * float(vb[j * D + d]);
+        }
+      }
+    }
+  });
+}
+
+// One token's key or value vector into an int8 cache slot: absmax scale, round-half-even, exactly as
+// pippin.engine.kv_cache.quantize_kv (so the fused block and the module path hold the same cache).
+inline void store_kv8(const float* src, int64_t D, int8_t* dst, float* scale) {
+  float mx = 0;
+  for (int64_t d = 0; d < D; ++d) mx = std::max(mx, std::fabs(src[d]));
+  const float s = std::max(mx, 1e-8f) / 127.0f;
+  *scale = s;
+  for (int64_t d = 0; d < D; ++d) dst[d] = int8_t(std::min(127.0f, std::max(-127.0f, std::nearbyint(src[d] / s))));
+}
+
+using Opt = c10::optional<at::Tensor>;
+using Proj7 = std::array<at::Tensor, 7>;
+using Opt7 = std::array<Opt, 7>;
+
+at::Tensor decode_block_impl(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, const Proj7& weights,
+                             const Opt7& luts, const Opt7& lut_scales, const std::array<int64_t, 7>& bits, int64_t group,
+                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t start,
+                             int64_t n_heads, int64_t n_kv_heads, double eps, const Opt7* lora_a, const Opt7* lora_b,
+                             const Opt7* lora_scale, const Opt& lora_idx, const Opt& row_starts, const Opt& k_scale = c10::nullopt,
+                             const Opt& v_scale = c10::nullopt) {
+  const bool kv8 = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && (k_cache.scalar_type() == at::kFloat || kv8) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "decode_block: the cache must be contiguous fp32 or int8 (B, H_kv, S, D)");
+  TORCH_CHECK(!kv8 || (k_scale.has_value() && v_scale.has_value() && k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                       k_scale->scalar_type() == at::kFloat && k_scale->sizes() == k_cache.sizes().slice(0, 3) &&
+                       v_scale->sizes() == k_scale->sizes()),
+              "decode_block: an int8 cache needs contiguous fp32 scales (B, H_kv, S) for k and v");
   auto x = x_in.contiguous();
   const int64_t B = x.size(0), T = x.size(1), D = k_cache.size(3), S_max = k_cache.size(2);
-  const int64_t H = n_heads, Hkv = n_kv_heads, rep = H / Hkv;
+  const int64_t H = n_heads, Hkv = n_kv_heads;
   // Each row writes its T new tokens at its own slot (row_starts, int64 (B,)) or all at `start`, and attends
   // over its slots [0, its start + t]: continuously batched rows sit at different offsets.
   std::vector<int64_t> starts(B, start);
@@ -519,61 +880,142 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
   }
   TORCH_CHECK(H % Hkv == 0 && k_cache.size(0) == B && k_cache.size(1) == Hkv && v_cache.sizes() == k_cache.sizes(),
               "decode_block: cache must be (B, H_kv, S, D) for both k and v");
-  const bool lora = lora_idx.has_value() && lora_a.size() == 7 && lora_b.size() == 7 && lora_scale.size() == 7;
+  const bool lora = lora_idx.has_value() && lora_a != nullptr;
   auto lin = [&](const at::Tensor& in, int i) {
-    auto y = apply_linear(in, weights[i], luts.get(i), lut_scales.get(i), bits[i], group);
-    const auto a = lora ? lora_a.get(i) : c10::optional<at::Tensor>();
-    if (a.has_value()) lora_add_(y, in, *a, *lora_b.get(i), *lora_scale.get(i), *lora_idx);
+    auto y = apply_linear(in, weights[i], luts[i], lut_scales[i], bits[i], group);
+    if (lora && (*lora_a)[i].has_value()) lora_add_(y, in, *(*lora_a)[i], *(*lora_b)[i], *(*lora_scale)[i], *lora_idx);
     return y;
   };
+  // Projections that share an input run as one act8_multi call, straight into one buffer, when all are act8
+  // and none has an adapter (lora_add_ wants each output on its own).
+  auto fusable = [&](std::initializer_list<int> idx) {
+    for (int i : idx)
+      if (!lut_scales[i].has_value() || (lora && (*lora_a)[i].has_value())) return false;
+    return true;
+  };
+  auto multi = [&](const at::Tensor& in, std::initializer_list<int> idx) {
+    const int64_t K = in.size(-1);
+    std::vector<Act8Proj> projs;
+    int64_t width = 0;
+    for (int i : idx) {
+      projs.push_back(act8_proj(weights[i], *luts[i], *lut_scales[i], bits[i], group, K));
+      width += projs.back().N;
+    }
+    auto out = at::empty({B, T, width}, in.options());
+    act8_multi(in.reshape({-1, K}), projs, out.data_ptr<float>(), width);
+    return out;
+  };
   auto h = rms_norm(x, attn_norm, eps);
-  auto qkv = at::cat({lin(h, 0), lin(h, 1), lin(h, 2)}, -1).contiguous();  // (B, T, (H + 2 Hkv) D)
+  auto qkv = fusable({0, 1, 2}) ? multi(h, {0, 1, 2}) : at::cat({lin(h, 0), lin(h, 1), lin(h, 2)}, -1).contiguous();  // (B, T, (H + 2 Hkv) D)
   rope_(qkv, cos, sin, H + Hkv, D);
   const int64_t width = (H + 2 * Hkv) * D;
   float* qp = qkv.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < Hkv; ++g) {
         const float* src = qp + (b * T + t) * width + (H + g) * D;
-        const int64_t dst = ((b * Hkv + g) * S_max + starts[b] + t) * D;
-        std::copy(src, src + D, kc + dst);
-        std::copy(src + Hkv * D, src + Hkv * D + D, vc + dst);
+        const int64_t slot = (b * Hkv + g) * S_max + starts[b] + t;
+        if (kv8) {
+          store_kv8(src, D, k_cache.data_ptr<int8_t>() + slot * D, k_scale->data_ptr<float>() + slot);
+          store_kv8(src + Hkv * D, D, v_cache.data_ptr<int8_t>() + slot * D, v_scale->data_ptr<float>() + slot);
+        } else {
+          std::copy(src, src + D, k_cache.data_ptr<float>() + slot * D);
+          std::copy(src + Hkv * D, src + Hkv * D + D, v_cache.data_ptr<float>() + slot * D);
+        }
       }
   auto attn = at::empty({B, T, H * D}, x.options());
   float* ap = attn.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(max_start + T);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
-      const float* q = qp + (b * T + t) * width + hh * D;
-      const float* kb = kc + (b * Hkv + g) * S_max * D;
-      const float* vb = vc + (b * Hkv + g) * S_max * D;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        __m256 acc = _mm256_setzero_ps();
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kb + j * D + d), acc);
-        float s = hsum(acc);
-        for (; d < D; ++d) s += q[d] * kb[j * D + d];
-        p[j] = s * scale;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0;
-      for (int64_t j = 0; j < S; ++j) sum += (p[j] = std::exp(p[j] - mx));
-      float* out = ap + (b * T + t) * H * D + hh * D;
-      std::fill(out, out + D, 0.0f);
-      for (int64_t j = 0; j < S; ++j) {
-        const float w = p[j] / sum;
-        for (int64_t d = 0; d < D; ++d) out[d] += w * vb[j * D + d];
-      }
-    }
-  });
+  if (kv8)
+    attend<int8_t>(qp, width, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scale->data_ptr<float>(), v_scale->data_ptr<float>(),
+                   ap, starts, max_start, B, T, H, Hkv, D, S_max);
+  else
+    attend<float>(qp, width, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr, ap, starts, max_start, B, T, H, Hkv,
+                  D, S_max);
   x = x + lin(attn, 3);
   auto h2 = rms_norm(x, mlp_norm, eps);
-  return x + lin(silu_mul(lin(h2, 4), lin(h2, 5)), 6);
+  if (!fusable({4, 5})) return x + lin(silu_mul(lin(h2, 4), lin(h2, 5)), 6);
+  auto gu = multi(h2, {4, 5});  // (B, T, 2F): gate | up
+  const int64_t F = gu.size(-1) / 2;
+  auto act = at::empty({B, T, F}, x.options());
+  const float* gp = gu.data_ptr<float>();
+  float* yp = act.data_ptr<float>();
+  for (int64_t r = 0; r < B * T; ++r) silu_mul_range(gp + r * 2 * F, gp + r * 2 * F + F, yp + r * F, 0, F);
+  return x + lin(act, 6);
 }
+
+
+template <typename T>
+Opt7 opt7(const c10::List<c10::optional<T>>& l, int64_t offset = 0) {
+  Opt7 out;
+  for (int i = 0; i < 7; ++i) out[i] = l.get(offset + i);
+  return out;
+}
+
+at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
+                        at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& luts,
+                        const c10::List<c10::optional<at::Tensor>>& lut_scales, at::IntArrayRef bits,
+                        int64_t group, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                        at::Tensor v_cache, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps,
+                        const c10::List<c10::optional<at::Tensor>>& lora_a, const c10::List<c10::optional<at::Tensor>>& lora_b,
+                        const c10::List<c10::optional<at::Tensor>>& lora_scale, const c10::optional<at::Tensor>& lora_idx,
+                        const c10::optional<at::Tensor>& row_starts, const c10::optional<at::Tensor>& k_scale,
+                        const c10::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK(weights.size() == 7 && luts.size() == 7 && lut_scales.size() == 7 && bits.size() == 7, "decode_block: need 7 projections");
+  Proj7 w;
+  std::array<int64_t, 7> b;
+  for (int i = 0; i < 7; ++i) w[i] = weights[i], b[i] = bits[i];
+  const bool lora = lora_idx.has_value() && lora_a.size() == 7 && lora_b.size() == 7 && lora_scale.size() == 7;
+  Opt7 la, lb, ls;
+  if (lora) la = opt7(lora_a), lb = opt7(lora_b), ls = opt7(lora_scale);
+  return decode_block_impl(x_in, attn_norm, mlp_norm, w, opt7(luts), opt7(lut_scales), b, group, cos, sin, k_cache, v_cache, start,
+                           n_heads, n_kv_heads, eps, lora ? &la : nullptr, lora ? &lb : nullptr, lora ? &ls : nullptr, lora_idx,
+                           row_starts, k_scale, v_scale);
+}
+
+// Every decoder block of a model for one decode step, in one call: the per-layer arguments of decode_block
+// (norms, 7 projections each, LUTs, bits, group) are handed over once and kept here, so a step costs one
+// call from Python instead of one per layer with 30-odd arguments each. k and v are the cache's whole
+// (L, B, H_kv, S, D) buffers. No LoRA: a step with active adapters runs block by block.
+struct DecodePlan : torch::CustomClassHolder {
+  std::vector<at::Tensor> norm1, norm2;
+  std::vector<Proj7> weights;
+  std::vector<Opt7> luts, scales;
+  std::vector<std::array<int64_t, 7>> bits;
+  std::vector<int64_t> groups;
+  int64_t n_heads, n_kv_heads;
+  double eps;
+
+  DecodePlan(std::vector<at::Tensor> attn_norms, std::vector<at::Tensor> mlp_norms, std::vector<at::Tensor> w,
+             c10::List<c10::optional<at::Tensor>> lut, c10::List<c10::optional<at::Tensor>> lut_scale, std::vector<int64_t> b,
+             std::vector<int64_t> group, int64_t heads, int64_t kv_heads, double norm_eps)
+      : norm1(std::move(attn_norms)), norm2(std::move(mlp_norms)), groups(std::move(group)), n_heads(heads), n_kv_heads(kv_heads), eps(norm_eps) {
+    const size_t L = norm1.size();
+    TORCH_CHECK(norm2.size() == L && groups.size() == L && w.size() == 7 * L && lut.size() == 7 * L && lut_scale.size() == 7 * L && b.size() == 7 * L,
+                "DecodePlan: need 7 projections, LUTs, scales and bits per layer");
+    for (size_t l = 0; l < L; ++l) {
+      Proj7 wl;
+      std::array<int64_t, 7> bl;
+      for (int i = 0; i < 7; ++i) wl[i] = w[7 * l + i], bl[i] = b[7 * l + i];
+      weights.push_back(wl);
+      bits.push_back(bl);
+      luts.push_back(opt7(lut, 7 * l));
+      scales.push_back(opt7(lut_scale, 7 * l));
+    }
+  }
+
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                     const c10::optional<at::Tensor>& row_starts, const c10::optional<at::Tensor>& k_scale,
+                     const c10::optional<at::Tensor>& v_scale) {
+    const int64_t L = int64_t(norm1.size());
+    TORCH_CHECK(k.dim() == 5 && k.size(0) == L && v.sizes() == k.sizes(), "DecodePlan: the cache must be (L, B, H_kv, S, D) for k and v");
+    const bool kv8 = k_scale.has_value() && v_scale.has_value();
+    for (int64_t l = 0; l < L; ++l)
+      x = decode_block_impl(x, norm1[l], norm2[l], weights[l], luts[l], scales[l], bits[l], groups[l], cos, sin, k.select(0, l),
+                            v.select(0, l), start, n_heads, n_kv_heads, eps, nullptr, nullptr, nullptr, c10::nullopt, row_starts,
+                            kv8 ? Opt(k_scale->select(0, l)) : c10::nullopt, kv8 ? Opt(v_scale->select(0, l)) : c10::nullopt);
+    return x;
+  }
+};
 
 }  // namespace
 
@@ -584,15 +1026,20 @@ TORCH_LIBRARY(pippin, m) {
   m.def("lut_gemv(Tensor x, Tensor packed, Tensor lut, int bits, int group) -> Tensor");
   m.def("lut_dequant(Tensor packed, Tensor lut, int bits, int group) -> Tensor");
   m.def("gemv_i8(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("lut4_gemv_act8(Tensor x, Tensor packed, Tensor lut_i8, Tensor lut_scale, int group) -> Tensor");
+  m.def("gemv_i8_act8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("lut_gemv_act8(Tensor x, Tensor packed, Tensor lut_i8, Tensor lut_scale, int bits, int group) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()");
   m.def(
       "decode_block(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor[] weights, Tensor?[] luts, "
       "Tensor?[] lut_scales, int[] bits, "
       "int group, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, int n_heads, "
       "int n_kv_heads, float eps, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scale, Tensor? lora_idx, "
-      "Tensor? row_starts=None) -> Tensor");
+      "Tensor? row_starts=None, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor");
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>,
+                       c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double>())
+      .def("forward", &DecodePlan::forward);
 }
 
 TORCH_LIBRARY_IMPL(pippin, CPU, m) {
@@ -602,7 +1049,8 @@ TORCH_LIBRARY_IMPL(pippin, CPU, m) {
   m.impl("lut_gemv", &lut_gemv);
   m.impl("lut_dequant", &lut_dequant);
   m.impl("gemv_i8", &gemv_i8);
-  m.impl("lut4_gemv_act8", &lut4_gemv_act8);
+  m.impl("gemv_i8_act8", &gemv_i8_act8);
+  m.impl("lut_gemv_act8", &lut_gemv_act8);
   m.impl("rope_", &rope_);
   m.impl("decode_block", &decode_block);
   m.impl("lora_add_", &lora_add_);
