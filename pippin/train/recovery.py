@@ -7,10 +7,10 @@ W_hat the compressed one and H = E[x x^T] the second moment of the compressed mo
     minimise E || (W - W_hat - L) x ||^2  over rank-r L   =>   L = SVD_r((W - W_hat) H^1/2) H^-1/2
 
 (as in LQER / QERA / CLoQ). This module computes it for every LoRA target from a few calibration sequences,
-so distillation starts from an adapter that already cancels most of each layer's error instead of from zero.
-On SmolLM2-135M at 3.5 bpw the start alone closes about 45 % of the perplexity gap, before any training step.
-H is accumulated in float64 and damped by a small multiple of its mean diagonal, so that directions the
-calibration text never excites do not blow up through H^-1/2.
+so distillation starts from an adapter that already cancels much of each layer's error instead of from zero.
+H is accumulated in float64, shrunk towards its diagonal (a few thousand tokens estimate it poorly, see
+`residual_factors`) and damped by a small multiple of its mean diagonal, so that directions the calibration
+text never excites do not blow up through H^-1/2.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ def input_second_moments(
     missing = [n for n in names if n not in modules]
     if missing:
         raise PippinError(f"The model has no module named {missing[0]!r}.")
-    read: dict[str, int] = {}
+    read: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     leaders: set[str] = set()
 
     def hook(name: str):  # noqa: ANN202 - a forward hook
         def fn(mod, inp, out) -> None:  # noqa: ANN001
-            if not leaders:  # discovery pass
-                read[name] = inp[0].data_ptr()
+            if not leaders:  # discovery pass: hold the tensors, so that no two can share an id (or a freed buffer)
+                read[name] = inp[0]
             elif name in leaders:
                 x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
                 sums[name] = sums.get(name, 0) + x.T @ x
@@ -59,8 +59,9 @@ def input_second_moments(
         leader_of = {}
         first_reader: dict[int, str] = {}
         for n in names:
-            leader_of[n] = first_reader.setdefault(read[n], n)
+            leader_of[n] = first_reader.setdefault(id(read[n]), n)
         leaders.update(leader_of.values())
+        read.clear()
         for seq in tqdm(sequences, desc="input moments", disable=not progress):
             model(seq.unsqueeze(0))
     finally:
@@ -79,11 +80,17 @@ def residual_factors(
     sequences: Sequence[torch.Tensor],
     config: LoraConfig,
     *,
+    shrinkage: float = 1.0,
     damping: float = 1e-2,
     progress: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{target module name: (A (r, K), B (N, r))} such that scaling * B @ A is the best rank-r correction of the
     student's weight towards the teacher's on the student's own calibration inputs (see the module docstring).
+
+    H is shrunk towards its diagonal, (1 - shrinkage) H + shrinkage diag(H), plus `damping` times its mean diagonal.
+    A few thousand calibration tokens estimate a 1536 x 1536 H poorly, and the full-H optimum then fits the
+    calibration text rather than held-out text: on SmolLM2-135M at 3.5 bpw the start closed 23 % of the held-out
+    perplexity gap with the full H (shrinkage 0) and about 45 % with its diagonal (shrinkage 1, the default).
 
     teacher and student must have the same module names (the student is the compressed copy); every student
     target exposes `.weight` (dense) or `.dequantize()` (palettized)."""
@@ -109,13 +116,30 @@ def residual_factors(
         H = moments[name]
         key = id(H)
         if key not in root_cache:  # H^1/2 and H^-1/2 from one eigendecomposition, shared by q/k/v and gate/up
-            lam, V = torch.linalg.eigh(H + damping * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype))
-            lam = lam.clamp_min(1e-12)
-            root_cache[key] = ((V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T)
+            root_cache[key] = _roots(regularised(H, shrinkage=shrinkage, damping=damping))
         root, inv_root = root_cache[key]
         U, S, Vh = torch.linalg.svd((w.double() - w_hat.double()) @ root, full_matrices=False)
         k = min(r, S.numel())
         A = Vh[:k] @ inv_root
         B = U[:, :k] * (S[:k] / config.scaling)
-        out[name] = (A.float(), B.float())
+        # Balance each rank-one term (same B A): H^-1/2 makes A large where inputs are small, and adapters are
+        # stored in fp16, where an unbalanced pair would lose B to underflow.
+        c = (B.norm(dim=0) / A.norm(dim=1).clamp_min(1e-30)).sqrt()
+        out[name] = ((A * c[:, None]).float(), (B / c[None, :]).float())
     return out
+
+
+def regularised(H: torch.Tensor, *, shrinkage: float, damping: float) -> torch.Tensor:
+    """(1 - shrinkage) H + shrinkage diag(H) + damping * mean(diag(H)) I: the matrix residual_factors weights by."""
+    d = H.diagonal()
+    return (1 - shrinkage) * H + torch.diag(shrinkage * d + damping * d.mean())
+
+
+def _roots(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H^1/2 and H^-1/2 of a symmetric positive definite H (diagonal ones without an eigendecomposition)."""
+    if torch.count_nonzero(H - torch.diag(H.diagonal())) == 0:
+        d = H.diagonal().clamp_min(1e-12)
+        return torch.diag(d.sqrt()), torch.diag(d.rsqrt())
+    lam, V = torch.linalg.eigh(H)
+    lam = lam.clamp_min(1e-12)
+    return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T

@@ -207,7 +207,7 @@ def test_self_generated_text_needs_no_outside_data():
 
 def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_path):
     from pippin.quant.compress import CompressConfig, compress_
-    from pippin.train.recovery import input_second_moments, residual_factors
+    from pippin.train.recovery import input_second_moments, regularised, residual_factors
 
     teacher, student = tiny_model(), tiny_model()
     compress_(student, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
@@ -229,20 +229,22 @@ def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_pat
         restored = mods[name].dequantize() + full.scaling * B @ A
         torch.testing.assert_close(restored, dict(teacher.named_modules())[name].weight, atol=1e-4, rtol=1e-4)
 
-    # Low rank: on the calibration inputs it beats the plain (unweighted) truncated SVD of the same residual.
+    # Low rank: under the (regularised) input moments it weights by, it beats the plain truncated SVD of the same
+    # residual, with the full H and with its diagonal.
     low = LoraConfig(rank=4, alpha=8.0)
     name = "layers.1.mlp.down_proj"
-    A, B = residual_factors(teacher, student, seqs, low)[name]
     R = (dict(teacher.named_modules())[name].weight - mods[name].dequantize()).detach().double()
     U, S, Vh = torch.linalg.svd(R)
     plain = (U[:, :4] * S[:4]) @ Vh[:4]
-    H = moments[name] + 1e-2 * moments[name].diagonal().mean() * torch.eye(R.shape[1], dtype=torch.float64)  # as damped
+    for shrinkage in (0.0, 1.0):
+        A, B = residual_factors(teacher, student, seqs, low, shrinkage=shrinkage)[name]
+        H = regularised(moments[name], shrinkage=shrinkage, damping=1e-2)
 
-    def err(L: torch.Tensor) -> float:
-        D = (R - L).detach()
-        return float(torch.trace(D @ H @ D.T))
+        def err(L: torch.Tensor, H: torch.Tensor = H) -> float:
+            D = (R - L).detach()
+            return float(torch.trace(D @ H @ D.T))
 
-    assert err(low.scaling * (B @ A).double()) < err(plain) < err(torch.zeros_like(R))
+        assert err(low.scaling * (B @ A).double()) < err(plain) < err(torch.zeros_like(R))
 
     # In training: the run starts from that correction, so its first loss is already below a zero start's.
     text = torch.randint(3, 250, (40, 31), generator=g)
