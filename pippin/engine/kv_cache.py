@@ -93,7 +93,7 @@ class KVCache:
             rows = torch.arange(x.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
             buf[rows, :, self._positions] = x.transpose(1, 2)
 
-    def block_slots(self, layer: int) -> tuple | None:
+    def block_slots(self, layer: int) -> tuple:
         """(k, v, start, row_starts, k_scale, v_scale) of one layer for fused kernels that write the cache themselves:
         every row writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of
         different lengths), row b at row_starts[b]; each attends over its slots up to its own position. The scales
