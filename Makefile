@@ -77,8 +77,9 @@ bench-compression: bench-setup compressed
 	@test -f $(QDIR)/bench-4.5bpw/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 4.5 --out $(QDIR)/bench-4.5bpw
 	@test -f $(QDIR)/bench-3.0bpw-e4/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 3.0 --embed-bits 4 --out $(QDIR)/bench-3.0bpw-e4
 	@test -f $(QDIR)/bench-2.5bpw-e4/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 2.5 --embed-bits 4 --out $(QDIR)/bench-2.5bpw-e4
+	@test -f $(QDIR)/bench-5.4bpw-46/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bits 4,6 --bpw 5.4 --out $(QDIR)/bench-5.4bpw-46
 	$(PY) benchmarks/compression.py --xsum $(SHARED)/data/xsum/test.jsonl --pippin full=default \
-	  --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-g1=$(QDIR)/bench-4bit-g1 --pippin 4.5bpw=$(QDIR)/bench-4.5bpw \
+	  --pippin 5.4bpw-4/6=$(QDIR)/bench-5.4bpw-46 --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-g1=$(QDIR)/bench-4bit-g1 --pippin 4.5bpw=$(QDIR)/bench-4.5bpw \
 	  --pippin 3.5bpw-e4=$(SERVE_MODEL) --pippin 3.0bpw-e4=$(QDIR)/bench-3.0bpw-e4 --pippin 2.5bpw-e4=$(QDIR)/bench-2.5bpw-e4 \
 	  --out docs/benchmarks/compression.json --plot docs/compression_ppl.png
 	$(PY) benchmarks/coremltools_anchor.py --xsum $(SHARED)/data/xsum/test.jsonl --calib $(CALIB) --bits 4,3,2 \

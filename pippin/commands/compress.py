@@ -1,5 +1,6 @@
 """`pippin compress MODEL --bpw 3.5 --calib FILE`: palettize to a bit budget and save the compressed model.
 
+Indices are chosen with GPTQ-style error feedback on the calibration inputs unless `--no-error-feedback`.
 Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
 next to the checkpoint; `--plan plan.json` applies an edited plan instead of allocating.
 """
@@ -23,7 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act8", action="store_true", help="dynamic 8-bit activations on palettized linears (fast 4-bit integer kernel)")
     p.add_argument("--kv8", action="store_true", help="run the compressed model with an 8-bit KV cache (recorded in config.json)")
     p.add_argument("--embed-bits", type=int, default=8, choices=[4, 6, 8], help="tied embedding/head: 8 = int8 rows (AFM), 4/6 = LUT")
-    p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens")
+    p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of 256 tokens for the Fisher (bit allocation)")
+    p.add_argument("--hessian-seqs", type=int, default=32, help="calibration sequences of 256 tokens for the input second moments")
+    p.add_argument(
+        "--no-error-feedback",
+        dest="error_feedback",
+        action="store_false",
+        help="round each weight to its nearest LUT entry instead of GPTQ-style error feedback",
+    )
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
 
 
@@ -42,13 +50,17 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         plan=load_plan(args.plan) if args.plan else None,
         n_seqs=args.calib_seqs,
+        hessian_seqs=args.hessian_seqs,
+        error_feedback=args.error_feedback,
         act8=args.act8,
         kv8=args.kv8,
     )
     report = compress_(loaded.model, loaded.tokenizer.encode(text), cfg, progress=True)
-    print(f"{'layer':<40} {'bits':>4} {'rel. error':>10}")
+    # Relative errors: of the weights, and (with error feedback) of the layer's outputs on the calibration inputs.
+    print(f"{'layer':<40} {'bits':>4} {'weight err':>10} {'output err':>10}")
     for row in report.layers:
-        print(f"{row['name']:<40} {row['bits']:>4} {row['rel_error']:>10.4f}")
+        out_err = f"{row['rel_output_error']:>10.4f}" if "rel_output_error" in row else f"{'-':>10}"
+        print(f"{row['name']:<40} {row['bits']:>4} {row['rel_error']:>10.4f} {out_err}")
     hist = Counter(report.plan.values())
     print("bits: " + ", ".join(f"{b}-bit x{n}" for b, n in sorted(hist.items())))
     print(f"measured bpw: {report.bpw:.3f} over all weights (linears alone: {report.linear_bpw:.3f})")

@@ -2,6 +2,8 @@
 
 - `input_moments`: E[x_k^2] of every linear's input over calibration tokens (llama.cpp's imatrix, the
   GPTQ Hessian diagonal). It weights each input channel in the k-means fit.
+- `input_second_moments`: the full E[x x^T] (K x K) of every linear's input, which GPTQ-style error
+  feedback (`pippin.quant.palettize.error_feedback`) and the residual start of recovery adapters use.
 - `fisher_diagonal`: the mean squared gradient of the LM loss per weight (SqueezeLLM, HAWQ). Summed
   against a layer's squared quantization error it estimates how much that layer alone, at those bits,
   raises the loss (second-order Taylor), which is what the bit allocator minimises.
@@ -11,6 +13,7 @@ Both run on any nn.Module whose linears are nn.Linear; the model is called as mo
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -95,3 +98,55 @@ def fisher_diagonal(model: nn.Module, batches: torch.Tensor, names: list[str], *
         for p, f in flags.items():
             p.requires_grad_(f)
     return {n: f / len(batches) for n, f in fisher.items()}
+
+
+@torch.no_grad()
+def input_second_moments(
+    model: nn.Module, sequences: Sequence[torch.Tensor], names: list[str], *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """H = E[x x^T] (float64, K x K) of the inputs of each named module over calibration token sequences (each (T,)).
+
+    Modules that read the same tensor (q, k and v; gate and up) get one shared matrix, computed once: a first
+    forward only looks at which modules read which tensor."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise PippinError(f"The model has no module named {missing[0]!r}.")
+    read: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    leaders: set[str] = set()
+
+    def hook(name: str):  # noqa: ANN202 - a forward hook
+        def fn(mod, inp, out) -> None:  # noqa: ANN001
+            if not leaders:  # discovery pass: hold the tensors, so that no two can share an id (or a freed buffer)
+                read[name] = inp[0]
+            elif name in leaders:
+                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+                xx = (x.T @ x).double()  # fp32 products (fast), a float64 running sum
+                if name in sums:
+                    sums[name] += xx
+                else:
+                    sums[name] = xx
+
+        return fn
+
+    was_training = model.training
+    model.eval()
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        model(sequences[0][:8].unsqueeze(0))
+        leader_of = {}
+        first_reader: dict[int, str] = {}
+        for n in names:
+            leader_of[n] = first_reader.setdefault(id(read[n]), n)
+        leaders.update(leader_of.values())
+        read.clear()
+        for seq in tqdm(sequences, desc="input moments", disable=not progress):
+            model(seq.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    for h in sums.values():
+        h /= sum(seq.numel() for seq in sequences)
+    return {n: sums[leader_of[n]] for n in names}  # followers share their leader's tensor

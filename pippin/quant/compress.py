@@ -14,15 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm import tqdm
 
 from pippin.errors import PippinError
 from pippin.quant.allocate import LayerChoice, allocate
-from pippin.quant.calibrate import calibration_batches, fisher_diagonal, input_moments
+from pippin.quant.calibrate import calibration_batches, fisher_diagonal, input_moments, input_second_moments
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
 from pippin.quant.pack import SUPPORTED_BITS, pack
-from pippin.quant.palettize import Palette, fit_palette
+from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -45,7 +46,12 @@ class CompressConfig:
     """The tied embedding (also the head): 8 = int8 rows with a scale each (AFM); 4 or 6 = a LUT per group of rows."""
     seq_len: int = 256
     n_seqs: int = 8
-    """Calibration windows: n_seqs sequences of seq_len tokens."""
+    """Calibration windows: n_seqs sequences of seq_len tokens (the Fisher pass, which runs backward, uses these)."""
+    error_feedback: bool = True
+    """Choose indices with GPTQ-style error feedback against each layer's input second moment (the LUTs stay the
+    k-means ones); off = nearest LUT entry. Also makes the allocator's cost the layer's output error."""
+    hessian_seqs: int = 32
+    """Calibration windows for the input second moments that error feedback uses (forward only, so cheap)."""
 
 
 @dataclass(kw_only=True)
@@ -115,19 +121,39 @@ def compress_(
     if config.embed_bits not in (4, 6, 8):
         raise PippinError(f"embed_bits must be 4, 6 or 8, got {config.embed_bits}.")
     plan = validate_plan(model, config.plan) if config.plan is not None else None
-    batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=config.n_seqs)
+    n_seqs = max(config.n_seqs, config.hessian_seqs if config.error_feedback else 0)
+    batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=n_seqs)
+    fisher_batches = batches[: config.n_seqs]
     embed = getattr(model, "embed_tokens", None)
     lut_embed = isinstance(embed, nn.Embedding) and config.embed_bits < 8 and getattr(model.lm_head, "_embedding", None) is embed
     if isinstance(embed, nn.Embedding) and config.embed_bits < 8 and not lut_embed:
         raise PippinError("A palettized embedding needs a tied model (the embedding doubles as the head); use embed_bits=8.")
     # The head's input statistics weight the embedding's LUT fit (its rows are the head's output channels).
-    moments = input_moments(model, batches, names + (["lm_head"] if lut_embed else []), progress=progress)
+    stat_names = names + (["lm_head"] if lut_embed else [])
+    hessians: dict[str, torch.Tensor] = {}
+    if config.error_feedback:
+        hessians = input_second_moments(model, list(batches), stat_names, progress=progress)
+        moments = {n: h.diagonal().float() for n, h in hessians.items()}
+    else:
+        moments = input_moments(model, batches, stat_names, progress=progress)
     palettes: dict[tuple[str, int], Palette] = {}
 
     def palette(name: str, bits: int) -> Palette:
         if (name, bits) not in palettes:
-            palettes[name, bits] = fit_palette(modules[name].weight, bits=bits, group_size=config.group_size, importance=moments[name])
+            w = modules[name].weight
+            p = fit_palette(w, bits=bits, group_size=config.group_size, importance=moments[name])
+            palettes[name, bits] = error_feedback(w, p, hessians[name]) if config.error_feedback else p
         return palettes[name, bits]
+
+    def cost(name: str, bits: int, fisher: torch.Tensor) -> float:
+        """Estimated loss increase: the Fisher-weighted squared weight error, or with error feedback each row's output
+        error scaled by that row's Fisher mass per unit of input energy (equal when H is diagonal)."""
+        w = modules[name].weight.detach()
+        if not config.error_feedback:
+            return float((fisher * (palette(name, bits).dequantize() - w) ** 2).sum())
+        H = hessians[name]
+        row_scale = fisher.sum(1).double() / H.diagonal().sum().clamp_min(1e-30)
+        return float((row_scale * output_error(w, palette(name, bits), H)).sum())
 
     embed_bits = 0
     if lut_embed:
@@ -135,12 +161,12 @@ def compress_(
     elif isinstance(embed, nn.Embedding):
         embed_bits = embed.weight.numel() * 8 + embed.weight.shape[0] * 32
     if plan is None:
-        fisher = fisher_diagonal(model, batches, names, progress=progress)
+        fisher = fisher_diagonal(model, fisher_batches, names, progress=progress)
         choices = []
         for name in tqdm(names, desc="fit LUTs", disable=not progress):
             w = modules[name].weight.detach()
             n, k = w.shape
-            costs = {b: float((fisher[name] * (palette(name, b).dequantize() - w) ** 2).sum()) for b in config.candidate_bits}
+            costs = {b: cost(name, b, fisher[name]) for b in config.candidate_bits}
             sizes = {b: _palette_bits(n, k, b, config.group_size) for b in config.candidate_bits}
             choices.append(LayerChoice(name=name, n_weights=n * k, sizes=sizes, costs=costs))
         linear_params = sum(modules[n].weight.numel() for n in names)
@@ -153,11 +179,14 @@ def compress_(
             continue  # a partial plan leaves the rest dense
         w = modules[name].weight.detach()
         p = palette(name, plan[name])
-        err = float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())
+        row = {"name": name, "bits": plan[name], "rel_error": float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())}
+        if config.error_feedback:
+            H = hessians[name]
+            row["rel_output_error"] = float(output_error(w, p, H).sum() / ((w.double() @ H.double()) * w.double()).sum())
         new = PalettizedLinear.from_palette(p)
         new.act8 = config.act8
         _set_module(model, name, new)
-        layers.append({"name": name, "bits": plan[name], "rel_error": err})
+        layers.append(row)
     if lut_embed:
         p = fit_palette(embed.weight, bits=config.embed_bits, group_size=config.group_size, importance=moments["lm_head"])
         q = PalettizedEmbedding(*embed.weight.shape, bits=p.bits, group_size=p.group_size, act8=config.act8)
@@ -212,6 +241,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "embedding": "int8" if config.embed_bits == 8 else f"palette{config.embed_bits}",
         "act8": config.act8,
         "kv8": config.kv8,
+        "error_feedback": config.error_feedback,
         "bpw": report.bpw,
     }
 

@@ -23,54 +23,7 @@ from tqdm import tqdm
 
 from pippin.adapters.lora import LoraConfig
 from pippin.errors import PippinError
-
-
-@torch.no_grad()
-def input_second_moments(
-    model: nn.Module, sequences: Sequence[torch.Tensor], names: list[str], *, progress: bool = False
-) -> dict[str, torch.Tensor]:
-    """H = E[x x^T] (float64, K x K) of the inputs of each named module over calibration token sequences (each (T,)).
-
-    Modules that read the same tensor (q, k and v; gate and up) get one shared matrix, computed once: a first
-    forward only looks at which modules read which tensor."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise PippinError(f"The model has no module named {missing[0]!r}.")
-    read: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-    leaders: set[str] = set()
-
-    def hook(name: str):  # noqa: ANN202 - a forward hook
-        def fn(mod, inp, out) -> None:  # noqa: ANN001
-            if not leaders:  # discovery pass: hold the tensors, so that no two can share an id (or a freed buffer)
-                read[name] = inp[0]
-            elif name in leaders:
-                x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-                sums[name] = sums.get(name, 0) + x.T @ x
-
-        return fn
-
-    was_training = model.training
-    model.eval()
-    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        model(sequences[0][:8].unsqueeze(0))
-        leader_of = {}
-        first_reader: dict[int, str] = {}
-        for n in names:
-            leader_of[n] = first_reader.setdefault(id(read[n]), n)
-        leaders.update(leader_of.values())
-        read.clear()
-        for seq in tqdm(sequences, desc="input moments", disable=not progress):
-            model(seq.unsqueeze(0))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    for h in sums.values():
-        h /= sum(seq.numel() for seq in sequences)
-    return {n: sums[leader_of[n]] for n in names}  # followers share their leader's tensor
+from pippin.quant.calibrate import input_second_moments
 
 
 @torch.no_grad()

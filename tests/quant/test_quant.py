@@ -17,7 +17,7 @@ from pippin.quant.allocate import LayerChoice, allocate
 from pippin.quant.compress import CompressConfig, compress_, quantization_meta, stored_bits
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
 from pippin.quant.pack import SUPPORTED_BITS, pack, unpack
-from pippin.quant.palettize import fit_palette
+from pippin.quant.palettize import error_feedback, fit_palette, output_error
 from tests.conftest import fused_block_calls, tiny_model
 
 CALIB = list(range(3, 250)) * 4  # 988 tokens of "text" for the tiny 256-token vocabulary
@@ -54,6 +54,43 @@ def test_importance_weighting_lowers_weighted_error():
         return float((((p.dequantize() - w) ** 2) * imp).sum())
 
     assert weighted_err(fit_palette(w, bits=2, importance=imp)) < weighted_err(fit_palette(w, bits=2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_error_feedback_lowers_output_error_with_the_same_luts(bits):
+    g = torch.Generator().manual_seed(bits)
+    mix = torch.randn(48, 48, generator=g)
+    x = torch.randn(2000, 48, generator=g) @ mix  # correlated inputs, as a transformer's are
+    x[:, 5] = 0  # an input the calibration never excites
+    H = x.T @ x / len(x)
+    w = torch.randn(32, 48, generator=g)
+    nearest = fit_palette(w, bits=bits, group_size=16, importance=H.diagonal())
+    fed = error_feedback(w, nearest, H)
+    assert torch.equal(fed.lut, nearest.lut) and fed.idx.shape == w.shape
+    assert int(fed.idx.min()) >= 0 and int(fed.idx.max()) < 2**bits
+    # Real inputs: the output error drops (by a lot), though the plain weight error rises.
+    out_err = [float(((x @ (p.dequantize() - w).T) ** 2).mean()) for p in (nearest, fed)]
+    assert out_err[1] < 0.8 * out_err[0]
+    assert float(((fed.dequantize() - w) ** 2).sum()) > float(((nearest.dequantize() - w) ** 2).sum())
+    assert float(output_error(w, fed, H).sum()) / w.shape[0] == pytest.approx(out_err[1], rel=1e-3)
+    with pytest.raises(ValueError, match="expected"):
+        error_feedback(w, nearest, H[:40, :40])
+
+
+def test_compress_with_error_feedback_lands_closer_to_the_original_model():
+    x = torch.tensor([CALIB[:64]])
+    with torch.no_grad():
+        ref = tiny_model()(x)
+    rel, dist = {}, {}
+    for fb in (False, True):
+        model = tiny_model()
+        rel[fb] = compress_(model, CALIB, CompressConfig(bpw=8, candidate_bits=(2,), error_feedback=fb)).layers
+        with torch.no_grad():
+            dist[fb] = float(((model(x) - ref) ** 2).mean())
+    assert all("rel_output_error" not in r for r in rel[False]) and all("rel_output_error" in r for r in rel[True])
+    # The same LUTs, re-chosen indices: a larger weight error, for logits closer to the uncompressed model's.
+    assert sum(r["rel_error"] for r in rel[True]) > sum(r["rel_error"] for r in rel[False])
+    assert dist[True] < dist[False]
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")

@@ -206,8 +206,9 @@ def test_self_generated_text_needs_no_outside_data():
 
 
 def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_path):
+    from pippin.quant.calibrate import input_second_moments
     from pippin.quant.compress import CompressConfig, compress_
-    from pippin.train.recovery import input_second_moments, regularised, residual_factors
+    from pippin.train.recovery import regularised, residual_factors
 
     teacher, student = tiny_model(), tiny_model()
     compress_(student, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
