@@ -13,7 +13,7 @@ SHARED  ?= ../shared
 CALIB   ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
 QDIR    ?= $(HOME)/.cache/pippin/models
 
-.PHONY: setup run demo model compressed adapters test lint bench bench-setup bench-compression bench-adapters bench-serving clean
+.PHONY: setup run demo model compressed adapters test lint bench bench-setup bench-models bench-compression bench-adapters bench-serving clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,7 @@ setup: $(STAMP)
 model: setup
 	$(PY) -c "from pippin.model.checkpoint import prepare_default; from pippin.kernels import ops; prepare_default(); ops()"
 
-# The compressed base the adapters are trained on: 3.5 bpw with a 4-bit LUT embedding (cached; ~5 min once).
+# The compressed base the adapters are trained on: 3.5 bpw with a 4-bit LUT embedding (cached; ~8 min once).
 # Calibration: AlpacaEval outputs when ../shared/data is there, else text the model writes itself.
 SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
 CALIB_SRC   := $(if $(wildcard $(CALIB)),$(CALIB),self:32)
@@ -62,22 +62,25 @@ bench-setup: setup
 	  $(PIP) install $(LLAMA_CPP_WHEEL_DIR)/llama_cpp_python-0.3.36-*.whl diskcache; \
 	fi
 
-bench: bench-setup model
+bench: bench-models
 	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
 	$(MAKE) bench-compression
 	$(MAKE) bench-adapters
 	$(MAKE) bench-serving
 
-# Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum). Each is
-# measured with and without 8-bit activations and an 8-bit KV cache (runtime switches), against llama.cpp's
-# quantizations and coremltools' palettizer. The 3.5 and 3.0 bpw models palettize the embedding to 4 bits.
-bench-compression: bench-setup compressed
+# Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum; each cached
+# once, about 5-8 min). bench-compression measures each with and without 8-bit activations and an 8-bit KV cache
+# (runtime switches), against llama.cpp's quantizations and coremltools' palettizer; the runtime benchmark times
+# the 4-bit, 3.5 bpw and 5.4 bpw ones. The 3.5, 3.0 and 2.5 bpw models palettize the embedding to 4 bits.
+bench-models: bench-setup compressed
 	@test -f $(QDIR)/bench-4bit/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --out $(QDIR)/bench-4bit
 	@test -f $(QDIR)/bench-4bit-g1/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bits 4 --bpw 8 --group-size 1 --out $(QDIR)/bench-4bit-g1
 	@test -f $(QDIR)/bench-4.5bpw/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 4.5 --out $(QDIR)/bench-4.5bpw
 	@test -f $(QDIR)/bench-3.0bpw-e4/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 3.0 --embed-bits 4 --out $(QDIR)/bench-3.0bpw-e4
 	@test -f $(QDIR)/bench-2.5bpw-e4/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bpw 2.5 --embed-bits 4 --out $(QDIR)/bench-2.5bpw-e4
 	@test -f $(QDIR)/bench-5.4bpw-46/config.json || $(VENV)/bin/pippin compress --calib $(CALIB) --bits 4,6 --bpw 5.4 --out $(QDIR)/bench-5.4bpw-46
+
+bench-compression: bench-models
 	$(PY) benchmarks/compression.py --xsum $(SHARED)/data/xsum/test.jsonl --pippin full=default \
 	  --pippin 5.4bpw-4/6=$(QDIR)/bench-5.4bpw-46 --pippin 4bit=$(QDIR)/bench-4bit --pippin 4bit-g1=$(QDIR)/bench-4bit-g1 --pippin 4.5bpw=$(QDIR)/bench-4.5bpw \
 	  --pippin 3.5bpw-e4=$(SERVE_MODEL) --pippin 3.0bpw-e4=$(QDIR)/bench-3.0bpw-e4 --pippin 2.5bpw-e4=$(QDIR)/bench-2.5bpw-e4 \
@@ -90,7 +93,8 @@ bench-compression: bench-setup compressed
 # DialogSum rows 100-499 (rows 0-99 stay held out for the benchmark).
 adapters: compressed
 	@test -f $(SERVE_MODEL)/adapters/recovery/adapter_model.safetensors || $(VENV)/bin/pippin adapter train recovery \
-	  --model $(SERVE_MODEL) --teacher default --format text --data $(CALIB_SRC) --seq-len 256 --batch-size 4 --steps 60 --lr 1e-3 --save-every 10
+	  --model $(SERVE_MODEL) --teacher default --init-residual --format text --data $(CALIB_SRC) --seq-len 256 --batch-size 4 --steps 60 \
+	  --lr 3e-4 --save-every 10
 	@test -f $(SERVE_MODEL)/adapters/summarize/adapter_model.safetensors || $(VENV)/bin/pippin adapter train summarize \
 	  --model $(SERVE_MODEL) --data $(DIALOGSUM) --format dialogsum --skip 100 --init-from recovery --seq-len 512 --batch-size 4 \
 	  --steps 40 --lr 5e-4 --save-every 10

@@ -4,7 +4,8 @@ Both palettize every linear layer of the default model (q, k, v, o, gate, up, do
 is) with one LUT of 2^b fp16 entries per 16 output channels, so both store b + 2^b/K bits per linear weight (K the
 input width): equal bpw by construction. pippin also stores the embedding in int8 (lossless here, see
 docs/benchmarks.md); coremltools leaves it in float. coremltools 9's `PostTrainingPalettizer` (k-means per group, run in
-PyTorch on Linux) is the data-free anchor; pippin's `compress_` weights its k-means by calibration activations.
+PyTorch on Linux) is the data-free anchor; pippin's `compress_` weights its k-means by calibration activations and
+then picks the indices with GPTQ-style error feedback (its default; the LUTs are the same k-means ones).
 Perplexity is scored on the same held-out XSum windows as benchmarks/compression.py (same token ids).
   python benchmarks/coremltools_anchor.py --xsum ../shared/data/xsum/test.jsonl \\
       --calib ../shared/data/alpaca_eval/gpt4_1106_preview_model_outputs.json --bits 4,3,2 --out docs/benchmarks/coremltools.json

@@ -72,8 +72,8 @@ def _projection(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.
         return m.weight, None, None, 0, 0
     if all(hasattr(m, a) for a in ("packed", "lut", "bits", "group_size", "lut32", "uses_act8_kernel")):
         if m.uses_act8_kernel():
-            lut_i8, scale = m.lut_int8()
-            return m.packed, lut_i8, scale, m.bits, m.group_size
+            w, lut_i8, scale, bits = m.act8_kernel_args()
+            return w, lut_i8, scale, bits, m.group_size
         return m.packed, m.lut32(), None, m.bits, m.group_size
     return None
 
@@ -106,7 +106,7 @@ class _BlockPlan:
         self.mods = mods
         bases = [m.base if _is_lora(m) else m for m in mods]
         self.wrapped = [i for i, m in enumerate(mods) if _is_lora(m)]
-        self.luts = [(b.lut, b.lut._version) for b in bases if hasattr(b, "lut")]
+        self.luts = [(t, t._version) for b in bases for t in (getattr(b, "lut", None), getattr(b, "packed", None)) if t is not None]
         self.flags = [(b, b.act8) for b in bases if hasattr(b, "act8")]
         projs = [_projection(b) for b in bases]
         groups = {p[4] for p in projs if p is not None and p[3]}

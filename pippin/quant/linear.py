@@ -28,13 +28,15 @@ class PalettizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.act8 = act8
-        """Dynamic 8-bit per-token activations (and an int8 copy of the LUT): the fast 2/3/4-bit integer kernel."""
+        """Dynamic 8-bit activations (and an int8 copy of the LUT): the integer kernels."""
         self._lut_i8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("lut", torch.zeros(out_features // group_size, 2**bits, dtype=torch.float16))
         self._lut32: torch.Tensor | None = None
         self._lut_src: tuple[int, int] | None = None
         self._lut_src_i8: tuple[int, int] | None = None
+        self._w_u8: torch.Tensor | None = None
+        self._w_u8_src: tuple[int, ...] | None = None
 
     @classmethod
     def from_palette(cls, p: Palette) -> PalettizedLinear:
@@ -64,22 +66,53 @@ class PalettizedLinear(nn.Module):
         return self._lut32
 
     def lut_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G, 16) int8 LUT (entries past 2**b are zero) and its (G,) fp32 absmax scales, for the act8 kernel (cached).
+        """(G, max(16, 2**b)) int8 LUT (entries past 2**b are zero) and its (G,) fp32 absmax scales, for act8 (cached).
 
-        16 bytes per group whatever the bit width: the kernel looks up 32 indices with one byte shuffle."""
+        At most 4 bits, 16 bytes per group whatever the width: the kernel looks up 32 indices with one byte shuffle."""
         key = (id(self.lut), self.lut._version)
         if self._lut_i8 is None or self._lut_src_i8 != key:
             lut = self.lut.float()
             scale = lut.abs().amax(1).clamp_min(1e-12) / 127.0
             q = torch.round(lut / scale[:, None]).to(torch.int8)
-            self._lut_i8 = (F.pad(q, (0, 16 - q.shape[1])), scale)
+            self._lut_i8 = (F.pad(q, (0, max(0, 16 - q.shape[1]))), scale)
             self._lut_src_i8 = key
         return self._lut_i8
 
+    def act8_weights(self) -> torch.Tensor:
+        """(N, K) uint8: each weight's int8 LUT value + 128, for 6- and 8-bit palettes under act8 (cached).
+
+        Their 64 or 256 entries do not fit one byte shuffle, so the kernel reads the looked-up values instead: a byte
+        per weight in memory (on top of the stored indices), and the cheapest integer dot product there is."""
+        key = (id(self.lut), self.lut._version, id(self.packed), self.packed._version)
+        if self._w_u8 is None or self._w_u8_src != key:
+            k, g, K = ops(), self.group_size, self.in_features
+            lut_u = self.lut_int8()[0][:, : 2**self.bits].float() + 128  # (G, 2**b), exact in fp32
+            w = torch.empty(self.out_features, K, dtype=torch.uint8)
+            # A few hundred rows at a time: whole-matrix temporaries (fp32 or int64, 4-8x the result), interleaved
+            # with the results kept, left the allocator holding hundreds of MB after expanding a model's layers.
+            step = max(g, (1 << 17) // K // g * g)
+            for r0 in range(0, self.out_features, step):
+                r1 = min(r0 + step, self.out_features)
+                part = lut_u[r0 // g : r1 // g]
+                if k is not None:
+                    rows = k.lut_dequant(self.packed[r0:r1], part, self.bits, g)
+                else:
+                    rows = part.repeat_interleave(g, dim=0).gather(1, unpack(self.packed[r0:r1], self.bits, K))
+                w[r0:r1] = rows.to(torch.uint8)
+            self._w_u8, self._w_u8_src = w, key
+        return self._w_u8
+
+    def act8_kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(weights, int8 LUT, LUT scales, kernel bits) for lut_gemv_act8 and the fused block: the packed indices at
+        2-4 bits, the expanded bytes (kernel bits 8) at 6 and 8."""
+        lut_i8, scale = self.lut_int8()
+        if self.bits > 4:
+            return self.act8_weights(), lut_i8, scale, 8
+        return self.packed, lut_i8, scale, self.bits
+
     def act8_applies(self) -> bool:
-        """act8 covers 2-, 3- and 4-bit layers whose input width is a multiple of 64 (one activation scale per 64);
-        others stay fp32."""
-        return self.act8 and self.bits in (2, 3, 4) and self.in_features % ACT8_BLOCK == 0
+        """act8 covers layers whose input width is a multiple of 64 (one activation scale per 64); others stay fp32."""
+        return self.act8 and self.bits in (2, 3, 4, 6, 8) and self.in_features % ACT8_BLOCK == 0
 
     def uses_act8_kernel(self) -> bool:
         return self.act8_applies() and ops() is not None
@@ -88,8 +121,8 @@ class PalettizedLinear(nn.Module):
         k = ops()
         if self.act8_applies():
             if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
-                lut_i8, scale = self.lut_int8()
-                return k.lut_gemv_act8(x, self.packed, lut_i8, scale, self.bits, self.group_size)
+                w, lut_i8, scale, bits = self.act8_kernel_args()
+                return k.lut_gemv_act8(x, w, lut_i8, scale, bits, self.group_size)
             return self._act8_reference(x)
         if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
             return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size)

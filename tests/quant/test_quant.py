@@ -238,9 +238,11 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     ref = lin._act8_reference(x)
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # integer kernel == its PyTorch reference
     assert (ref - F.linear(x, lin.dequantize())).abs().max() < 0.05 * ref.abs().max()  # and close to fp32
-    six_bit = PalettizedLinear.from_palette(fit_palette(w, bits=6))
-    six_bit.act8 = True
-    torch.testing.assert_close(six_bit(x), F.linear(x, six_bit.dequantize()), atol=1e-4, rtol=1e-4)  # act8 skips 6-bit
+    odd = PalettizedLinear.from_palette(fit_palette(torch.randn(48, 40, generator=g), bits=4))
+    odd.act8 = True  # an input width that is no multiple of 64 has no act8 path: it stays fp32
+    x40 = torch.randn(2, 40, generator=g)
+    assert not odd.uses_act8_kernel()
+    torch.testing.assert_close(odd(x40), F.linear(x40, odd.dequantize()), atol=1e-4, rtol=1e-4)
 
     # A model with act8 layers decodes the same through the fused block as through the module path.
     model = tiny_model()
@@ -266,9 +268,10 @@ def test_model_level_decode_plan_follows_lut_and_act8_changes():
     model = tiny_model()
     # q, k, v (and gate, up) at different widths: each shared input is quantized once per width, and they run as
     # one call writing side by side; layer 0 keeps o and down dense.
-    widths = {"self_attn.q_proj": 2, "self_attn.k_proj": 3, "self_attn.v_proj": 4, "mlp.gate_proj": 3, "mlp.up_proj": 4}
+    # 6-bit layers run on expanded bytes (kernel bits 8), mixed into the same calls.
+    widths = {"self_attn.q_proj": 2, "self_attn.k_proj": 3, "self_attn.v_proj": 6, "mlp.gate_proj": 3, "mlp.up_proj": 4}
     plan = {f"layers.{i}.{m}": b for i in range(2) for m, b in widths.items()} | {
-        "layers.1.mlp.down_proj": 4,
+        "layers.1.mlp.down_proj": 6,
         "layers.1.self_attn.o_proj": 2,
     }
     compress_(model, CALIB, CompressConfig(plan=plan, act8=True, seq_len=128, n_seqs=2))
@@ -280,24 +283,29 @@ def test_model_level_decode_plan_follows_lut_and_act8_changes():
         prefill(model, tokens[:, :4], torch.tensor([4]), cache)
         return decode_step(model, tokens[:, 4], cache)
 
-    gate = model.layers[1].mlp.gate_proj
+    gate, down = model.layers[1].mlp.gate_proj, model.layers[1].mlp.down_proj
+    assert down.uses_act8_kernel() and down.act8_kernel_args()[3] == 8
     with fused_block_calls() as calls:
         torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
         with torch.no_grad():
             gate.lut.mul_(-1.5)
         torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
+        with torch.no_grad():  # new indices in place: the expanded bytes of a 6-bit layer must follow
+            down.packed.copy_(down.packed.roll(1, dims=0))
+        torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
         gate.act8 = False
         torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
-    assert len(calls) == 3 * 2 * 2  # every prefill and decode step ran fused, on both blocks
+    assert len(calls) == 4 * 2 * 2  # every prefill and decode step ran fused, on both blocks
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize(("n", "k", "group", "rows"), [(48, 64, 16, 1), (33, 192, 1, 1), (80, 128, 16, 3), (7, 64, 1, 16)])
 def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     # The integer kernel reads 2-, 3- and 4-bit indices straight from the packed bitstream (each width in
-    # its own byte order, with x quantized to match): it must equal the PyTorch reference of the same numerics
-    # for odd row counts (the two-rows-at-a-time loop's tail), per-row LUTs and batched rows.
+    # its own byte order, with x quantized to match), and 6- and 8-bit layers from their expanded bytes: it must
+    # equal the PyTorch reference of the same numerics for odd row counts (the two-rows-at-a-time loop's tail),
+    # per-row LUTs and batched rows.
     g = torch.Generator().manual_seed(bits * 100 + n)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
     lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
@@ -316,6 +324,10 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     assert lut_i8.abs().max() == 127
     w = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(group, 0).gather(1, unpack(lin.packed, bits, k))
     torch.testing.assert_close(ref, xq @ w.T, atol=1e-5, rtol=1e-5)
+    if bits > 4:  # the expanded bytes are those int8 LUT values, shifted by 128
+        expanded = lin.act8_kernel_args()[0]
+        assert expanded.dtype == torch.uint8 and expanded.shape == (n, k)
+        assert torch.equal(expanded.to(torch.int16) - 128, (w / lut_scale.repeat_interleave(group)[:, None]).round().to(torch.int16))
 
 
 @pytest.mark.parametrize("embed_bits", [4, 6])

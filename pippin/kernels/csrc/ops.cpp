@@ -5,7 +5,8 @@
 // rms_norm:  y = x * rsqrt(mean(x^2) + eps) * w, one pass per row.
 // silu_mul:  y = silu(g) * u (the SwiGLU gate).
 // lut_gemv:  y = x @ W^T for palettized W (packed indices + per-group LUTs), never materialising W;
-//            lut_dequant builds W for the prefill path; lut_gemv_act8 is the 2/3/4-bit x int8-activation kernel.
+//            lut_dequant builds W for the prefill path; lut_gemv_act8 is the 2/3/4-bit (and expanded 6/8-bit) x
+//            int8-activation kernel.
 // gemv_i8:   int8 rows with per-row scales (the 8-bit embedding read as the output head); gemv_i8_act8 with
 //            int8 activations.
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
@@ -351,12 +352,16 @@ at::Tensor gemv_i8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 // 7-bit x, 2 * 255 * 63 never saturates its int16 pairs), and maddubs + madd do the dot product of a block,
 // which is scaled by its x scale into a float accumulator. The shift adds 128 * sum(x) to every output; that sum
 // is taken once per row of x and subtracted.
+// Wider palettes (6 and 8 bits: 64 or 256 entries, too many for one byte shuffle) come as "bits 8": the (N, K)
+// uint8 matrix of their looked-up int8 LUT values + 128, built once per layer (PalettizedLinear.act8_weights).
+// It costs a byte per weight in memory instead of 6 bits, and its block dot is two loads and maddubs.
 
 // Weights per block: 4-bit rows are read 32 bytes (64 weights) at a time, 2- and 3-bit rows 32 weights.
-constexpr int64_t act8_block(int64_t bits) { return bits == 4 ? 64 : 32; }
+constexpr int64_t act8_block(int64_t bits) { return bits == 4 ? 64 : 32; }  // 8: natural order, any block
 
 // The position (within its block) of the weight whose index the kernel puts in byte q of its x block.
 inline int act8_order(int64_t bits, int q) {
+  if (bits == 8) return q;  // expanded weights: one byte each, in place
   if (bits == 4) return q < 32 ? 2 * q : 2 * (q - 32) + 1;  // low nibbles, then high nibbles
   if (bits == 2) return 4 * (q % 8) + q / 8;                // 64-bit lane L holds the pairs shifted by 2L
   return (q < 8 || q >= 24) ? q : (q < 16 ? q + 8 : q - 8);  // 3-bit: packus interleaves 128-bit lanes
@@ -491,7 +496,11 @@ inline __m256i load_lut16(const int8_t* p) {
 // acc += one block of a row (act8_block(BITS) weights at p) times x (xq, in act8_order).
 template <int BITS>
 inline __m256i block_dot(__m256i acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, const Decode3& d3) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 8) {  // expanded: the weights themselves (shifted LUT values), 32 bytes
+    const __m256i d16 = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
+  } else if constexpr (BITS == 4) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nib = _mm256_set1_epi8(0x0F);
     acc = dot32(acc, lut_u, _mm256_and_si256(b, nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
     return dot32(acc, lut_u, _mm256_and_si256(_mm256_srli_epi16(b, 4), nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
@@ -502,11 +511,18 @@ inline __m256i block_dot(__m256i acc, __m256i lut_u, const uint8_t* p, const int
 
 constexpr int64_t PF_PAIRS = 4;
 
+// The shifted LUT of group g for the byte shuffle; expanded (8-bit) weights carry their values and need none.
+template <int BITS>
+inline __m256i lut_for(const int8_t* luts, int64_t g) {
+  if constexpr (BITS == 8) return _mm256_setzero_si256();
+  else return load_lut16(luts + g * 16);
+}
+
 // acc (float) += one activation block (64 weights of a row at p) times x (xq, in act8_order), scaled by its x scale.
 template <int BITS>
 inline __m256 act_block(__m256 acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, float xs, const Decode3& d3) {
   __m256i i = block_dot<BITS>(_mm256_setzero_si256(), lut_u, p, xq, d3);
-  if constexpr (BITS != 4) i = block_dot<BITS>(i, lut_u, p + 4 * BITS, xq + 32, d3);  // 2- and 3-bit blocks hold 32
+  if constexpr (BITS != 4) i = block_dot<BITS>(i, lut_u, p + 4 * BITS, xq + 32, d3);  // 2-, 3- and 8-bit blocks hold 32
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(xs), acc);
 }
 
@@ -520,7 +536,7 @@ void act8_rows(const Act8& a, const uint8_t* packed, const int8_t* luts, const f
   int64_t n = n0;
   if (M == 1) {  // decode: two rows at a time share each x load and give the core two independent chains
     for (; n + 1 < n1; n += 2) {
-      const __m256i la = load_lut16(luts + (n / group) * 16), lb = load_lut16(luts + ((n + 1) / group) * 16);
+      const __m256i la = lut_for<BITS>(luts, n / group), lb = lut_for<BITS>(luts, (n + 1) / group);
       const uint8_t *ra = packed + n * row_bytes, *rb = ra + row_bytes;
       // Weights stream from DRAM in decode (a layer is far larger than the caches by the time it comes round
       // again), and the hardware prefetcher alone left this loop latency-bound: fetch the pair PF_PAIRS ahead.
@@ -535,7 +551,7 @@ void act8_rows(const Act8& a, const uint8_t* packed, const int8_t* luts, const f
     }
   }
   for (; n < n1; ++n) {
-    const __m256i lut = load_lut16(luts + (n / group) * 16);
+    const __m256i lut = lut_for<BITS>(luts, n / group);
     const uint8_t* row = packed + n * row_bytes;
     for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
     for (int64_t m = 0; m < M; ++m) {
@@ -547,20 +563,20 @@ void act8_rows(const Act8& a, const uint8_t* packed, const int8_t* luts, const f
 }
 
 // One act8 projection: packed indices, its int8 LUT (G, 16) in [-127, 127] (entries past 2^bits unused) and the
-// LUT scales (G,). K % 64 == 0.
+// LUT scales (G,); or, for bits 8, the expanded (N, K) uint8 weights (the LUT is not read). K % 64 == 0.
 struct Act8Proj {
   at::Tensor packed, lut, scale;
   int64_t bits, group, N;
 };
 
 Act8Proj act8_proj(const at::Tensor& packed, const at::Tensor& lut_i8, const at::Tensor& lut_scale, int64_t bits, int64_t group, int64_t K) {
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4, "lut_gemv_act8: bits must be 2, 3 or 4");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "lut_gemv_act8: bits must be 2, 3, 4 or 8 (expanded)");
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_gemv_act8: packed must be contiguous uint8");
   const int64_t N = packed.size(0);
   TORCH_CHECK(packed.size(1) * 8 / bits == K && K % ACT8_BLOCK == 0, "lut_gemv_act8: K must be a multiple of 64 and match x");
-  TORCH_CHECK(lut_i8.scalar_type() == at::kChar && lut_i8.dim() == 2 && lut_i8.size(1) == 16 && lut_i8.size(0) * group == N,
+  TORCH_CHECK(bits == 8 || (lut_i8.scalar_type() == at::kChar && lut_i8.dim() == 2 && lut_i8.size(1) == 16 && lut_i8.size(0) * group == N),
               "lut_gemv_act8: LUT must be int8 (N / group, 16)");
-  TORCH_CHECK(lut_scale.numel() == lut_i8.size(0), "lut_gemv_act8: one LUT scale per group");
+  TORCH_CHECK(group > 0 && N % group == 0 && lut_scale.numel() == N / group, "lut_gemv_act8: one LUT scale per group");
   return {packed, lut_i8.contiguous(), lut_scale.to(at::kFloat).contiguous(), bits, group, N};
 }
 
@@ -570,7 +586,7 @@ Act8Proj act8_proj(const at::Tensor& packed, const at::Tensor& lut_i8, const at:
 void act8_multi(const at::Tensor& x, const std::vector<Act8Proj>& projs, float* y, int64_t ldy) {
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M <= 16, "lut_gemv_act8: at most 16 rows");
-  Act8 qx[5];  // by bits (2, 3, 4)
+  Act8 qx[9];  // by bits (2, 3, 4, 8)
   std::vector<int64_t> offset(projs.size() + 1, 0);
   for (size_t j = 0; j < projs.size(); ++j) {
     if (!qx[projs[j].bits].q.defined()) qx[projs[j].bits] = quantize_act8(x, projs[j].bits);
@@ -588,6 +604,7 @@ void act8_multi(const at::Tensor& x, const std::vector<Act8Proj>& projs, float* 
       switch (p.bits) {
         case 2: act8_rows<2>(qx[2], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
         case 3: act8_rows<3>(qx[3], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        case 8: act8_rows<8>(qx[8], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
         default: act8_rows<4>(qx[4], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
       }
     }
