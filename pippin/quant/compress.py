@@ -1,9 +1,10 @@
 """Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits (or a LUT).
 
 `compress_(model, tokenizer, calib_text, config)` measures calibration statistics, fits LUTs for every
-candidate bit width, allocates bits to hit the budget at least estimated loss (or takes a given plan),
-and swaps the modules in place. `apply_structure_` rebuilds the same module layout empty (on the meta
-device) so a compressed checkpoint loads without any k-means. Every stored byte counts in the bpw.
+candidate bit width (k-means, then GPTQ-style error feedback choosing the indices), allocates bits to hit
+the budget at least estimated loss (or takes a given plan), and swaps the modules in place.
+`apply_structure_` rebuilds the same module layout empty (on the meta device) so a compressed checkpoint
+loads without any k-means. Every stored byte counts in the bpw.
 Acts on module names and nn.Linear / nn.Embedding only; never imports the model.
 """
 
