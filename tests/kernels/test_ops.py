@@ -117,3 +117,33 @@ def test_block_path_steps_aside_for_unknown_projection_modules():
     ref.layers[0].self_attn.q_proj = Wrapped(ref.layers[0].self_attn.q_proj)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     assert Engine(model, max_len=32).generate_ids([[3, 4, 5]], params) == Engine(ref, max_len=32).generate_ids([[3, 4, 5]], params)
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_decode_plan_fused_step_equals_the_reference_for_ragged_rows_and_any_thread_count(kv8):
+    """With one token per row the model-level plan runs every layer in one parallel region (phases split over the
+    threads, barriers between them). It must equal the reference path with rows at their own offsets, and give the
+    same logits on one thread as on several."""
+    ref, fast = tiny_model(seed=3), tiny_model(seed=3)
+    use_kernels_(fast)
+    assert fast._decode_plan().fused()
+    lengths = torch.tensor([3, 9, 5])
+    tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
+
+    def run(model) -> list[torch.Tensor]:  # noqa: ANN001
+        cache = KVCache(model.config, batch_size=3, max_len=32, kv8=kv8)
+        out = [prefill(model, tokens[:, :9], lengths, cache)]
+        for t in range(5):
+            out.append(decode_step(model, tokens[torch.arange(3), lengths + t], cache))
+        return out
+
+    want, got = run(ref), run(fast)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for a, b in zip(run(fast), got):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,7 +13,8 @@
 // lora_add_: y += scale[s] * (x A[s]^T) B[s]^T per row, with each row's adapter slot s (fp16 A/B stacks):
 //            mixed-adapter batches in one call (S-LoRA / punica's gathered LoRA, for a few rows).
 // decode_block: a whole decoder block for a few tokens (decode), built from the above, over an fp32 or int8 KV cache.
-// DecodePlan: every block of a model for one decode step in one call, from per-layer arguments kept in C++.
+// DecodePlan: every block of a model for one decode step in one call, from per-layer arguments kept in C++; with one
+//            token per row, all layers run in a single OpenMP region with barriers between phases (fused_step).
 // Each has a slow reference in Python (F.linear, F.rms_norm, F.silu) and a test that they agree.
 // Decode streams every weight from DRAM once per token, so the matvecs prefetch a few rows ahead.
 #include <ATen/ATen.h>
@@ -24,11 +25,14 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -116,6 +120,18 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+inline void rms_norm_row(const float* xr, const float* wp, float* yr, int64_t D, double eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
+  double ss = hsum(acc);
+  for (; i < D; ++i) ss += double(xr[i]) * xr[i];
+  const float inv = 1.0f / std::sqrt(float(ss / D) + float(eps));
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= D; i += 8) _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv8), _mm256_loadu_ps(wp + i)));
+  for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
+}
+
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: fp32 only");
   auto x = x_in.contiguous();
@@ -127,19 +143,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
-      double ss = hsum(acc);
-      for (; i < D; ++i) ss += double(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(float(ss / D) + float(eps));
-      const __m256 inv8 = _mm256_set1_ps(inv);
-      for (i = 0; i + 8 <= D; i += 8) _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv8), _mm256_loadu_ps(wp + i)));
-      for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * D, wp, yp + r * D, D, eps);
   });
   return y;
 }
@@ -195,7 +199,7 @@ inline __m256 lut_lookup8(const uint8_t* p, const float* lut, __m256 l0, __m256 
 }
 
 template <int BITS>
-void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y, int64_t M, int64_t N, int64_t K,
+void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K,
               int64_t group, int64_t n0, int64_t n1) {
   constexpr int64_t MAXM = 16;
   const int64_t row_bytes = K * BITS / 8, L = 1 << BITS;
@@ -229,7 +233,7 @@ void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y
       const __m256 w8 = lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1);
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(x + m * K + k), acc[m]);
     }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = hsum(acc[m]);
+    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = hsum(acc[m]);
   }
 }
 
@@ -252,11 +256,11 @@ at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::
   const int64_t grain = std::max<int64_t>(16, 262144 / std::max<int64_t>(K * bits, 1));
   at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
     switch (bits) {
-      case 2: lut_rows<2>(xp, pp, lp, yp, M, N, K, group, a, b); break;
-      case 3: lut_rows<3>(xp, pp, lp, yp, M, N, K, group, a, b); break;
-      case 4: lut_rows<4>(xp, pp, lp, yp, M, N, K, group, a, b); break;
-      case 6: lut_rows<6>(xp, pp, lp, yp, M, N, K, group, a, b); break;
-      case 8: lut_rows<8>(xp, pp, lp, yp, M, N, K, group, a, b); break;
+      case 2: lut_rows<2>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
+      case 3: lut_rows<3>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
+      case 4: lut_rows<4>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
+      case 6: lut_rows<6>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
+      case 8: lut_rows<8>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
       default: TORCH_CHECK(false, "lut_gemv: bits must be 2, 3, 4, 6 or 8");
     }
   });
@@ -369,20 +373,18 @@ inline int act8_order(int64_t bits, int q) {
 
 constexpr int64_t ACT8_BLOCK = 64;  // activations per scale
 
-struct Act8 {
-  at::Tensor q;      // (M, K) int8 in [-63, 63], in act8_order within each block
-  at::Tensor scale;  // (M, K / ACT8_BLOCK) fp32: one per 64 activations
-  std::vector<float> shift;  // (M,) 128 * sum over blocks of scale * sum(q): what the +128 LUT shift adds
+// Quantized activations as the kernels read them: q (M, K) int8 in [-63, 63] in act8_order within each block,
+// one fp32 scale per 64 activations (M, K / ACT8_BLOCK), and per row the 128 * sum over blocks of scale * sum(q)
+// that the +128 LUT shift adds.
+struct Act8View {
+  const int8_t* q;
+  const float* scale;
+  const float* shift;
 };
 
-Act8 quantize_act8(const at::Tensor& x, int64_t bits) {
-  const int64_t M = x.size(0), K = x.size(1), nb = K / ACT8_BLOCK;
-  TORCH_CHECK(K % ACT8_BLOCK == 0, "act8: the input width must be a multiple of 64");
-  Act8 a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, nb}, x.options()), std::vector<float>(M, 0.0f)};
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = a.q.data_ptr<int8_t>();
-  float* sp = a.scale.data_ptr<float>();
-  const int64_t blk = act8_block(bits);
+// Quantize x (M, K) fp32 into q / scale / shift (caller's buffers) for the given bit width's index order.
+void quantize_act8_into(const float* xp, int64_t M, int64_t K, int64_t bits, int8_t* qp, float* sp, float* shift_out) {
+  const int64_t nb = K / ACT8_BLOCK, blk = act8_block(bits);
   int order[64];
   for (int q = 0; q < blk; ++q) order[q] = act8_order(bits, q);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -403,8 +405,22 @@ Act8 quantize_act8(const at::Tensor& x, int64_t bits) {
         for (int q = 0; q < blk; ++q) sum += qb[k0 + q] = int8_t(std::nearbyint(r[k0 + order[q]] / s));
       shift += 128.0 * s * sum;
     }
-    a.shift[m] = float(shift);
+    shift_out[m] = float(shift);
   }
+}
+
+struct Act8 {
+  at::Tensor q;      // (M, K) int8
+  at::Tensor scale;  // (M, K / ACT8_BLOCK) fp32
+  std::vector<float> shift;  // (M,)
+  Act8View view() const { return {q.data_ptr<int8_t>(), scale.data_ptr<float>(), shift.data()}; }
+};
+
+Act8 quantize_act8(const at::Tensor& x, int64_t bits) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % ACT8_BLOCK == 0, "act8: the input width must be a multiple of 64");
+  Act8 a{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, K / ACT8_BLOCK}, x.options()), std::vector<float>(M, 0.0f)};
+  quantize_act8_into(x.data_ptr<float>(), M, K, bits, a.q.data_ptr<int8_t>(), a.scale.data_ptr<float>(), a.shift.data());
   return a;
 }
 
@@ -527,12 +543,12 @@ inline __m256 act_block(__m256 acc, __m256i lut_u, const uint8_t* p, const int8_
 }
 
 template <int BITS>
-void act8_rows(const Act8& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M, int64_t K,
+void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M, int64_t K,
                int64_t group, int64_t n0, int64_t n1) {
   const Decode3 d3;
   const int64_t row_bytes = K * BITS / 8, nb = K / ACT8_BLOCK, block_bytes = ACT8_BLOCK * BITS / 8;
-  const int8_t* xq = a.q.data_ptr<int8_t>();
-  const float* xs = a.scale.data_ptr<float>();
+  const int8_t* xq = a.q;
+  const float* xs = a.scale;
   int64_t n = n0;
   if (M == 1) {  // decode: two rows at a time share each x load and give the core two independent chains
     for (; n + 1 < n1; n += 2) {
@@ -602,10 +618,10 @@ void act8_multi(const at::Tensor& x, const std::vector<Act8Proj>& projs, float* 
       const uint8_t* pp = p.packed.data_ptr<uint8_t>();
       float* yj = y + offset[j];
       switch (p.bits) {
-        case 2: act8_rows<2>(qx[2], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
-        case 3: act8_rows<3>(qx[3], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
-        case 8: act8_rows<8>(qx[8], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
-        default: act8_rows<4>(qx[4], pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        case 2: act8_rows<2>(qx[2].view(), pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        case 3: act8_rows<3>(qx[3].view(), pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        case 8: act8_rows<8>(qx[8].view(), pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
+        default: act8_rows<4>(qx[4].view(), pp, lp, ls, yj, ldy, M, K, p.group, n0, n1); break;
       }
     }
   });
@@ -793,13 +809,12 @@ inline __m256 load8f(const int8_t* p) {
 // Causal GQA attention of each (row, new token, head) over its cache slots [0, start + t]: keys and values fp32,
 // or int8 with one scale per (row, head, slot) (ksc, vsc; the 8-bit KV cache), read as stored: a score is
 // scale_k * (q . k8), a value weight p * scale_v. Softmax with a vectorised exp.
+// Units [i0, i1) of the B * H * T (row, head, token) attention units; p holds max_start + T floats of scratch.
 template <typename KT>
-void attend(const float* qp, int64_t width, const KT* kc, const KT* vc, const float* ksc, const float* vsc, float* ap,
-            const std::vector<int64_t>& starts, int64_t max_start, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t S_max) {
+void attend_units(const float* qp, int64_t width, const KT* kc, const KT* vc, const float* ksc, const float* vsc, float* ap,
+                  const int64_t* starts, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t S_max, float* p, int64_t i0, int64_t i1) {
   const int64_t rep = H / Hkv;
   const float scale = 1.0f / std::sqrt(float(D));
-  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(max_start + T);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
       const float* q = qp + (b * T + t) * width + hh * D;
@@ -822,8 +837,8 @@ void attend(const float* qp, int64_t width, const KT* kc, const KT* vc, const fl
       const __m256 mx8 = _mm256_set1_ps(mx);
       __m256 sum8 = _mm256_setzero_ps();
       for (; j + 8 <= S; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + j), mx8));
-        _mm256_storeu_ps(p.data() + j, e);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mx8));
+        _mm256_storeu_ps(p + j, e);
         sum8 = _mm256_add_ps(sum8, e);
       }
       sum = hsum(sum8);
@@ -848,6 +863,14 @@ void attend(const float* qp, int64_t width, const KT* kc, const KT* vc, const fl
         }
       }
     }
+}
+
+template <typename KT>
+void attend(const float* qp, int64_t width, const KT* kc, const KT* vc, const float* ksc, const float* vsc, float* ap,
+            const std::vector<int64_t>& starts, int64_t max_start, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t S_max) {
+  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(max_start + T);
+    attend_units(qp, width, kc, vc, ksc, vsc, ap, starts.data(), T, H, Hkv, D, S_max, p.data(), i0, i1);
   });
 }
 
@@ -989,6 +1012,108 @@ at::Tensor decode_block(const at::Tensor& x_in, const at::Tensor& attn_norm, con
                            row_starts, k_scale, v_scale);
 }
 
+// ---- a whole decode step in one parallel region -------------------------------------------------------
+// With one token per row the matvecs are short (tens of microseconds), and a fork/join per projection plus
+// the serial work between them (norms, RoPE, residuals, allocations) left the second core idle for about a
+// third of a step. The fused step below opens one OpenMP region for all layers: every phase splits its rows
+// (or attention heads) statically over the threads and ends in a barrier; the tiny per-row work (RMSNorm,
+// activation quantization) is done by every thread into its own buffers, which saves a barrier; nothing is
+// allocated inside. Each phase calls the same row kernels as the per-projection ops, so it equals them.
+
+// One projection resolved to raw pointers (the plan keeps its tensors alive).
+struct StepProj {
+  int kind = -1;  // 0 dense fp32, 1 dense fp16, 2 dense bf16, 3 LUT with fp32 table, 4 act8 (int8 LUT or expanded bytes)
+  int64_t bits = 0, N = 0, K = 0, group = 1;
+  const void* w = nullptr;
+  const float* lut32 = nullptr;
+  const int8_t* lut8 = nullptr;
+  const float* lscale = nullptr;
+};
+
+// One thread's quantized copies of a phase's input, one per act8 bit width (2, 3, 4, 8), made on first use.
+struct ActBufs {
+  int64_t M = 0, K = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scale, shift;
+  bool ready[4] = {false, false, false, false};
+  ActBufs(int64_t m, int64_t kmax) : M(m), K(kmax), q(4 * m * kmax), scale(4 * m * (kmax / ACT8_BLOCK + 1)), shift(4 * m) {}
+  static int slot(int64_t bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits == 4 ? 2 : 3; }
+  void reset() { std::fill(ready, ready + 4, false); }
+  Act8View get(const StepProj& p, const float* x) {
+    if (p.kind != 4) return {nullptr, nullptr, nullptr};
+    const int i = slot(p.bits);
+    int8_t* qp = q.data() + i * M * K;
+    float* sp = scale.data() + i * M * (K / ACT8_BLOCK + 1);
+    float* hp = shift.data() + i * M;
+    if (!ready[i]) quantize_act8_into(x, M, p.K, p.bits, qp, sp, hp), ready[i] = true;
+    return {qp, sp, hp};
+  }
+};
+
+// Rows [n0, n1) of y (M rows, stride ldy) = x (M, K) @ W^T for one projection (a: x quantized for it, act8).
+inline void proj_rows(const StepProj& p, const float* x, const Act8View& a, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+  if (n0 >= n1) return;
+  const uint8_t* pk = static_cast<const uint8_t*>(p.w);
+  switch (p.kind) {
+    case 0: gemv_rows(x, static_cast<const float*>(p.w), y, M, ldy, p.K, n0, n1); return;
+    case 1: gemv_rows(x, static_cast<const c10::Half*>(p.w), y, M, ldy, p.K, n0, n1); return;
+    case 2: gemv_rows(x, static_cast<const c10::BFloat16*>(p.w), y, M, ldy, p.K, n0, n1); return;
+    case 3:
+      switch (p.bits) {
+        case 2: lut_rows<2>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+        case 3: lut_rows<3>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+        case 4: lut_rows<4>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+        case 6: lut_rows<6>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+        default: lut_rows<8>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+      }
+    default:
+      switch (p.bits) {
+        case 2: act8_rows<2>(a, pk, p.lut8, p.lscale, y, ldy, M, p.K, p.group, n0, n1); return;
+        case 3: act8_rows<3>(a, pk, p.lut8, p.lscale, y, ldy, M, p.K, p.group, n0, n1); return;
+        case 4: act8_rows<4>(a, pk, p.lut8, p.lscale, y, ldy, M, p.K, p.group, n0, n1); return;
+        default: act8_rows<8>(a, pk, p.lut8, p.lscale, y, ldy, M, p.K, p.group, n0, n1); return;
+      }
+  }
+}
+
+// Thread tid's share of n units, in whole multiples of `align` (the 2-row matvec pairs).
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t n_threads, int64_t tid, int64_t align) {
+  const int64_t units = (n + align - 1) / align;
+  return {std::min(n, units * tid / n_threads * align), std::min(n, units * (tid + 1) / n_threads * align)};
+}
+
+// Resolve a projection for the fused step; kind -1 if the step cannot run it (the per-block path then does).
+StepProj step_proj(const at::Tensor& w, const Opt& lut, const Opt& lut_scale, int64_t bits, int64_t group, std::vector<at::Tensor>& keep) {
+  StepProj p;
+  p.bits = bits, p.group = std::max<int64_t>(group, 1);
+  if (w.dim() != 2 || !w.is_contiguous()) return p;
+  if (bits == 0) {
+    p.N = w.size(0), p.K = w.size(1), p.w = w.data_ptr();
+    p.kind = w.scalar_type() == at::kFloat ? 0 : w.scalar_type() == at::kHalf ? 1 : w.scalar_type() == at::kBFloat16 ? 2 : -1;
+    return p;
+  }
+  if (w.scalar_type() != at::kByte || !lut.has_value()) return p;
+  p.N = w.size(0), p.K = w.size(1) * 8 / bits, p.w = w.data_ptr();
+  if (p.N % p.group != 0) return p;
+  if (lut_scale.has_value()) {  // act8
+    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8) || p.K % ACT8_BLOCK != 0 || lut_scale->numel() != p.N / p.group) return p;
+    if (bits != 8 && !(lut->scalar_type() == at::kChar && lut->is_contiguous() && lut->dim() == 2 && lut->size(1) == 16 && lut->size(0) * p.group == p.N))
+      return p;
+    keep.push_back(lut_scale->to(at::kFloat).contiguous());
+    p.lscale = keep.back().data_ptr<float>();
+    p.lut8 = bits == 8 ? nullptr : lut->data_ptr<int8_t>();
+    p.kind = 4;
+    return p;
+  }
+  if (!(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8) || p.K % 8 != 0 || lut->dim() != 2 || lut->size(0) * p.group != p.N ||
+      lut->size(1) != (int64_t(1) << bits))
+    return p;
+  keep.push_back(lut->to(at::kFloat).contiguous());
+  p.lut32 = keep.back().data_ptr<float>();
+  p.kind = 3;
+  return p;
+}
+
 // Every decoder block of a model for one decode step, in one call: the per-layer arguments of decode_block
 // (norms, 7 projections each, LUTs, bits, group) are handed over once and kept here, so a step costs one
 // call from Python instead of one per layer with 30-odd arguments each. k and v are the cache's whole
@@ -1018,6 +1143,124 @@ struct DecodePlan : torch::CustomClassHolder {
       luts.push_back(opt7(lut, 7 * l));
       scales.push_back(opt7(lut_scale, 7 * l));
     }
+    // The fused step needs every projection on a row kernel, one model width, and q|k|v / gate|up sharing inputs.
+    fused = L > 0;
+    for (size_t l = 0; l < L && fused; ++l) {
+      std::array<StepProj, 7> sp;
+      for (int i = 0; i < 7; ++i) sp[i] = step_proj(weights[l][i], luts[l][i], scales[l][i], bits[l][i], groups[l], keep);
+      const int64_t D = norm1[l].numel(), F = sp[4].N;
+      fused = std::all_of(sp.begin(), sp.end(), [](const StepProj& p) { return p.kind >= 0; }) && sp[0].K == D && sp[1].K == D &&
+              sp[2].K == D && sp[3].N == D && sp[4].K == D && sp[5].K == D && sp[5].N == F && sp[6].K == F && sp[6].N == D &&
+              norm2[l].numel() == D && norm1[l].scalar_type() == at::kFloat && norm2[l].scalar_type() == at::kFloat &&
+              norm1[l].is_contiguous() && norm2[l].is_contiguous() && sp[1].N == sp[2].N && sp[3].K == sp[0].N &&
+              (l == 0 || (D == norm1[0].numel() && F == step[0][4].N && sp[0].N == step[0][0].N && sp[1].N == step[0][1].N));
+      step.push_back(sp);
+      for (const auto& p : sp) dense_fp32 |= p.kind == 0;
+    }
+  }
+
+  std::vector<std::array<StepProj, 7>> step;
+  std::vector<at::Tensor> keep;  // converted LUTs and scales the step's raw pointers point into
+  bool fused = false, dense_fp32 = false;
+
+  // One token per row through every layer in one parallel region (see "a whole decode step" above).
+  template <typename KT>
+  at::Tensor fused_step(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& k, const at::Tensor& v,
+                        const std::vector<int64_t>& starts, const Opt& k_scale, const Opt& v_scale) {
+    auto x = x_in.to(at::kFloat).contiguous().clone();
+    auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+    const int64_t L = int64_t(step.size()), M = x.size(0), Dm = norm1[0].numel(), H = n_heads, Hkv = n_kv_heads;
+    const int64_t hd = k.size(4), S_max = k.size(3), Wq = step[0][0].N, Wk = step[0][1].N, W = Wq + 2 * Wk, F = step[0][4].N;
+    TORCH_CHECK(x.numel() == M * Dm && Wq == H * hd && Wk == Hkv * hd && cos.numel() == M * hd && sin.numel() == M * hd,
+                "DecodePlan: x must be (B, 1, dim) and cos / sin (B, 1, head_dim) for this model");
+    const int64_t Kmax = std::max({Dm, Wq, F});
+    std::vector<float> qkv(M * W), attn(M * Wq), tmp(M * Dm), gu(M * 2 * F), act(M * F);
+    float* xp = x.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+    KT *kc = k.data_ptr<KT>(), *vc = v.data_ptr<KT>();
+    float* ksc = k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
+    float* vsc = v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
+    const int64_t layer_kv = M * Hkv * S_max;  // slots per layer
+    const int threads = at::in_parallel_region() ? 1 : int(at::get_num_threads());
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
+      std::vector<float> h(M * Kmax), p(S_max);
+      ActBufs ab(M, Kmax);
+      for (int64_t l = 0; l < L; ++l) {
+        const auto& P = step[l];
+        // q | k | v from the normed input
+        for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm1[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
+        ab.reset();
+        {
+          const auto [a, b] = share(W, nt, tid, 2);
+          const int64_t off[4] = {0, Wq, Wq + Wk, W};
+          for (int j = 0; j < 3; ++j)
+            proj_rows(P[j], h.data(), ab.get(P[j], h.data()), qkv.data() + off[j], W, M, std::max(a, off[j]) - off[j],
+                      std::min(b, off[j + 1]) - off[j]);
+        }
+#pragma omp barrier
+        // RoPE on q and k heads; each k / v head into its cache slot
+        {
+          const auto [a, b] = share(M * (H + Hkv), nt, tid, 1);
+          for (int64_t u = a; u < b; ++u) {
+            const int64_t m = u / (H + Hkv), hh = u % (H + Hkv), half = hd / 2;
+            float* hv = qkv.data() + m * W + hh * hd;
+            const float *c = cp + m * hd, *sn = snp + m * hd;
+            for (int64_t i = 0; i < half; ++i) {
+              const float a0 = hv[i], b0 = hv[i + half];
+              hv[i] = a0 * c[i] - b0 * sn[i];
+              hv[i + half] = b0 * c[i + half] + a0 * sn[i + half];
+            }
+            if (hh < H) continue;
+            const int64_t g = hh - H, slot = l * layer_kv + (m * Hkv + g) * S_max + starts[m];
+            const float* vv = hv + Hkv * hd;
+            if constexpr (std::is_same_v<KT, int8_t>) {
+              store_kv8(hv, hd, kc + slot * hd, ksc + slot);
+              store_kv8(vv, hd, vc + slot * hd, vsc + slot);
+            } else {
+              std::copy(hv, hv + hd, kc + slot * hd);
+              std::copy(vv, vv + hd, vc + slot * hd);
+            }
+          }
+        }
+#pragma omp barrier
+        {
+          const auto [a, b] = share(M * H, nt, tid, 1);
+          attend_units<KT>(qkv.data(), W, kc + l * layer_kv * hd, vc + l * layer_kv * hd, ksc ? ksc + l * layer_kv : nullptr,
+                           vsc ? vsc + l * layer_kv : nullptr, attn.data(), starts.data(), 1, H, Hkv, hd, S_max, p.data(), a, b);
+        }
+#pragma omp barrier
+        // o-projection and residual, each thread on its own rows
+        ab.reset();
+        {
+          const auto [a, b] = share(Dm, nt, tid, 2);
+          proj_rows(P[3], attn.data(), ab.get(P[3], attn.data()), tmp.data(), Dm, M, a, b);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
+        }
+#pragma omp barrier
+        // SwiGLU: gate and up rows of the same features on the same thread, then silu(gate) * up there
+        for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm2[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
+        ab.reset();
+        {
+          const auto [a, b] = share(F, nt, tid, 2);
+          proj_rows(P[4], h.data(), ab.get(P[4], h.data()), gu.data(), 2 * F, M, a, b);
+          proj_rows(P[5], h.data(), ab.get(P[5], h.data()), gu.data() + F, 2 * F, M, a, b);
+          for (int64_t m = 0; m < M; ++m) silu_mul_range(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, act.data() + m * F, a, b);
+        }
+#pragma omp barrier
+        ab.reset();
+        {
+          const auto [a, b] = share(Dm, nt, tid, 2);
+          proj_rows(P[6], act.data(), ab.get(P[6], act.data()), tmp.data(), Dm, M, a, b);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
+        }
+#pragma omp barrier
+      }
+    }
+    return x.view(x_in.sizes());
   }
 
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, int64_t start,
@@ -1026,6 +1269,26 @@ struct DecodePlan : torch::CustomClassHolder {
     const int64_t L = int64_t(norm1.size());
     TORCH_CHECK(k.dim() == 5 && k.size(0) == L && v.sizes() == k.sizes(), "DecodePlan: the cache must be (L, B, H_kv, S, D) for k and v");
     const bool kv8 = k_scale.has_value() && v_scale.has_value();
+    // One token per row: the fused step (from 8 rows a dense fp32 projection is faster as a GEMM: the per-block path).
+    if (fused && x.dim() == 3 && x.size(1) == 1 && x.size(0) <= 16 && !(dense_fp32 && x.size(0) >= 8)) {
+      const int64_t B = x.size(0);
+      TORCH_CHECK(k.size(1) == B && k.is_contiguous() && v.is_contiguous() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kChar) &&
+                      v.scalar_type() == k.scalar_type(),
+                  "DecodePlan: the cache must be contiguous fp32 or int8 (L, B, H_kv, S, D)");
+      TORCH_CHECK(k.size(2) == n_kv_heads, "DecodePlan: the cache has ", k.size(2), " kv heads, the model ", n_kv_heads);
+      const bool int8 = k.scalar_type() == at::kChar;
+      TORCH_CHECK(!int8 || (kv8 && k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == at::kFloat &&
+                            v_scale->scalar_type() == at::kFloat && k_scale->sizes() == k.sizes().slice(0, 4) && v_scale->sizes() == k_scale->sizes()),
+                  "DecodePlan: an int8 cache needs contiguous fp32 scales (L, B, H_kv, S) for k and v");
+      std::vector<int64_t> starts(B, start);
+      if (row_starts.has_value()) {
+        TORCH_CHECK(row_starts->scalar_type() == at::kLong && row_starts->numel() == B, "DecodePlan: row_starts must be int64 (B,)");
+        auto rs = row_starts->contiguous();
+        std::copy(rs.data_ptr<int64_t>(), rs.data_ptr<int64_t>() + B, starts.begin());
+      }
+      for (int64_t b = 0; b < B; ++b) TORCH_CHECK(starts[b] >= 0 && starts[b] + 1 <= k.size(3), "DecodePlan: cache overflow");
+      return int8 ? fused_step<int8_t>(x, cos, sin, k, v, starts, k_scale, v_scale) : fused_step<float>(x, cos, sin, k, v, starts, k_scale, v_scale);
+    }
     for (int64_t l = 0; l < L; ++l)
       x = decode_block_impl(x, norm1[l], norm2[l], weights[l], luts[l], scales[l], bits[l], groups[l], cos, sin, k.select(0, l),
                             v.select(0, l), start, n_heads, n_kv_heads, eps, nullptr, nullptr, nullptr, c10::nullopt, row_starts,
@@ -1056,7 +1319,8 @@ TORCH_LIBRARY(pippin, m) {
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>,
                        c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double>())
-      .def("forward", &DecodePlan::forward);
+      .def("forward", &DecodePlan::forward)
+      .def("fused", [](const c10::intrusive_ptr<DecodePlan>& self) { return self->fused; });
 }
 
 TORCH_LIBRARY_IMPL(pippin, CPU, m) {
