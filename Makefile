@@ -35,7 +35,7 @@ SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
 CALIB_SRC   := $(if $(wildcard $(CALIB)),$(CALIB),self:32)
 DIALOGSUM   ?= $(SHARED)/data/dialogsum/dialogsum.test.jsonl
 compressed: model
-	@test -f $(SERVE_MODEL)/config.json || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --out $(SERVE_MODEL)
+	@test -f $(SERVE_MODEL)/config.json || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --act8 --out $(SERVE_MODEL)
 
 # The main job: serve the 3.5 bpw model (first, the default) and the full-precision one over an OpenAI-compatible
 # API with a web playground; adapters in $(SERVE_MODEL)/adapters (see `make adapters`) are served when present.

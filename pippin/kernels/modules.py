@@ -200,74 +200,96 @@ class KernelTransformer(Transformer):
 
     def features(self, tokens, *, positions=None, cache=None, mask=None):  # noqa: ANN001, ANN201 - as Transformer
         slots = cache.all_slots() if positions is not None and hasattr(cache, "all_slots") else None
-        plan = self._decode_plan() if slots is not None and tokens.numel() <= GEMV_MAX_ROWS and not torch.is_grad_enabled() else None
-        if plan is None:
+        found = self._decode_plan() if slots is not None and tokens.numel() <= GEMV_MAX_ROWS and not torch.is_grad_enabled() else None
+        if found is None:
+            return super().features(tokens, positions=positions, cache=cache, mask=mask)
+        watch, plan = found
+        idx = watch.adapter_slots()
+        if idx is not None and (not watch.routes or idx.numel() not in (1, tokens.shape[0])):
             return super().features(tokens, positions=positions, cache=cache, mask=mask)
         h = self.embed_tokens(tokens)
         if h.dtype != torch.float32:
             return super().features(tokens, positions=positions, cache=cache, mask=mask)
-        return plan.forward(h, self.rope_cos[positions], self.rope_sin[positions], *slots)
+        return plan.forward(h, self.rope_cos[positions], self.rope_sin[positions], *slots, idx)
 
-    def _decode_plan(self):  # noqa: ANN202 - a torch.classes.pippin.DecodePlan or None
+    def _decode_plan(self):  # noqa: ANN202 - (_PlanWatch, torch.classes.pippin.DecodePlan) or None
         cached = getattr(self.__dict__.get("_kernel_decode_plan"), "value", None)
         if cached is not None and cached[0].fresh():
-            return cached[1]
+            return cached
         plans = []
         for block in self.layers._modules.values():
             if type(block) is not KernelBlock:
                 return None
             p = block._plan()
-            if not p.ok or any(_routed(p.mods[i]) for i in p.wrapped):
+            if not p.ok:
                 return None
             plans.append(p)
         per_layer = [p.args for p in plans]
+        # Each projection's LoRA slot bank (fp16 inference slots), for steps that route adapters.
+        loras = [_lora_bank(m) for p in plans for m in p.mods]
         attn = self.layers[0].self_attn
         plan = torch.classes.pippin.DecodePlan(
             [a[0][0] for a in per_layer], [a[0][1] for a in per_layer],
             [w for a in per_layer for w in a[0][2]], [t for a in per_layer for t in a[0][3]], [t for a in per_layer for t in a[0][4]],
             [b for a in per_layer for b in a[0][5]], [a[0][6] for a in per_layer],
             attn.n_heads, attn.n_kv_heads, self.layers[0].input_layernorm.eps,
+            [lo and lo[0] for lo in loras], [lo and lo[1] for lo in loras], [lo and lo[2] for lo in loras],
         )  # fmt: skip
-        self.__dict__["_kernel_decode_plan"] = _Cached((_PlanWatch(self, plans), plan))
-        return plan
+        watch = _PlanWatch(self, plans)
+        watch.routes = plan.routes_adapters() and all(lo is not None for p in plans for lo in (_lora_bank(p.mods[i]) for i in p.wrapped))
+        self.__dict__["_kernel_decode_plan"] = _Cached((watch, plan))
+        return watch, plan
+
+
+def _lora_bank(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A LoRA wrapper's (A, B, scale) slot stacks when the kernels can run them (fp16 inference slots), else None."""
+    if not _is_lora(m) or m.lora_A.dtype != torch.float16 or m.lora_A.requires_grad:
+        return None
+    return m.lora_A, m.lora_B, m.lora_scale
 
 
 class _PlanWatch:
     """Whether a model's decode plan still matches the model, checked every step in flat comparisons (a per-block
-    walk cost 0.3 ms a token, 3 % of a step): the same block, attention, MLP and projection modules in their
-    slots, the same LUT and index tensors at unchanged versions, the same act8 flags, and no adapter routed."""
+    walk cost 0.3 ms a token, 3 % of a step): the same block, attention, MLP, norm and projection modules in their
+    slots, the same LUT, index, weight and LoRA tensors (LUTs and indices at unchanged versions), the same act8
+    flags. Which adapter slot each row uses is read per step (`adapter_slots`)."""
 
-    __slots__ = ("slots", "ids", "tensors", "versions", "flagged", "flags", "wrapped")
+    __slots__ = ("slots", "ids", "tensors", "versions", "flagged", "flags", "routing", "routes")
 
     def __init__(self, model: KernelTransformer, plans: list[_BlockPlan]) -> None:
-        self.slots: list[tuple[dict, str]] = []  # (a module's _modules or _buffers, name): must hold the same object
+        self.slots: list[tuple[dict, str]] = []  # (a module's _modules, _parameters or _buffers, name): the same object
         for name, block in model.layers._modules.items():
             self.slots += [(model.layers._modules, name)]
             self.slots += [(block._modules, m) for m in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")]
             self.slots += [(block._modules[m]._parameters, "weight") for m in ("input_layernorm", "post_attention_layernorm")]
             self.slots += [(block._modules[owner]._modules, proj) for owner, proj in _PROJ]
+        wrapped = [p.mods[i] for p in plans for i in p.wrapped]
         bases = [m.base if _is_lora(m) else m for p in plans for m in p.mods]
         self.slots += [(b._buffers, t) for b in bases for t in ("lut", "packed") if b._buffers.get(t) is not None]
         self.slots += [(b._parameters, "weight") for b in bases if type(b) is KernelLinear]
+        for m in wrapped:
+            self.slots += [(m._buffers if t in m._buffers else m._parameters, t) for t in ("lora_A", "lora_B", "lora_scale")]
         self.ids = [id(d[k]) for d, k in self.slots]
-        self.tensors = [d[k] for d, k in self.slots if isinstance(d[k], torch.Tensor)]
+        self.tensors = [d[k] for d, k in self.slots if k in ("lut", "packed")]  # changed in place by edits of the palette
         self.versions = [t._version for t in self.tensors]
         self.flagged = [b for b in bases if hasattr(b, "act8")]
         self.flags = [b.act8 for b in self.flagged]
-        self.wrapped = [p.mods[i] for p in plans for i in p.wrapped]
+        self.routing = wrapped[0].routing if wrapped else None
+        self.routes = False
 
     def fresh(self) -> bool:
         return (
             [id(d[k]) for d, k in self.slots] == self.ids
             and [t._version for t in self.tensors] == self.versions
             and [b.act8 for b in self.flagged] == self.flags
-            and not any(_routed(m) for m in self.wrapped)
         )
 
-
-def _routed(m: nn.Module) -> bool:
-    """A LoRA wrapper with an adapter active for this step."""
-    return m.routing.index is not None or m.routing.slot is not None
+    def adapter_slots(self) -> torch.Tensor | None:
+        """This step's adapter slot per row ((B,) or (1,) for all rows), or None when no adapter is routed."""
+        r = self.routing
+        if r is None or (r.index is None and r.slot is None):
+            return None
+        return r.index if r.index is not None else torch.tensor([r.slot])
 
 
 _FAST = {

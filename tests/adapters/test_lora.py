@@ -14,7 +14,7 @@ from pippin.adapters.store import AdapterStore
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
-from tests.conftest import tiny_model
+from tests.conftest import fused_block_calls, tiny_model
 
 CFG = LoraConfig(rank=4, alpha=8.0)
 
@@ -265,19 +265,20 @@ def test_lora_kernel_and_fused_block_match_the_reference():
     engine = Engine(model, max_batch=3, max_len=64, adapters=store)
     ref = engine.generate_ids(prompts, params, adapters=names)
     use_kernels_(model)
-    calls = []
-    real = ops().decode_block
-    import pippin.kernels.modules as km
-
-    class Spy:
-        def __getattr__(self, name):
-            return (lambda *a: calls.append(1) or real(*a)) if name == "decode_block" else getattr(ops(), name)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(km, "ops", lambda: Spy())
+    with fused_block_calls() as calls:  # the prefill block by block, each decode step in the model-level plan
         fast = engine.generate_ids(prompts, params, adapters=names)
     assert fast == ref
     assert len(calls) == 2 * 10  # both blocks, for the prefill and each of the 9 decode steps
+    watch, plan = model._decode_plan()
+    assert watch.routes and plan.fused()
+    # Rows of one batch at their own offsets, each with its own adapter, through the one-region decode step.
+    prompts = [[5, 6, 7, 8, 9], [9, 10], [1, 2, 3]]
+    use_kernels_(model, enable=False)
+    ref = engine.generate_ids(prompts, params, adapters=names)
+    use_kernels_(model)
+    with fused_block_calls() as calls:
+        assert engine.generate_ids(prompts, params, adapters=names) == ref
+    assert calls.count(True) == 2 * 9
 
 
 def test_engine_adapter_argument_errors():

@@ -1115,25 +1115,84 @@ StepProj step_proj(const at::Tensor& w, const Opt& lut, const Opt& lut_scale, in
 }
 
 // Every decoder block of a model for one decode step, in one call: the per-layer arguments of decode_block
-// (norms, 7 projections each, LUTs, bits, group) are handed over once and kept here, so a step costs one
-// call from Python instead of one per layer with 30-odd arguments each. k and v are the cache's whole
-// (L, B, H_kv, S, D) buffers. No LoRA: a step with active adapters runs block by block.
+// (norms, 7 projections each, LUTs, bits, group, and the projections' LoRA slot banks) are handed over once and kept
+// here, so a step costs one call from Python instead of one per layer with 30-odd arguments each. k and v are the
+// cache's whole (L, B, H_kv, S, D) buffers. With one token per row every layer runs in one parallel region
+// (fused_step); otherwise (speculative verification) block by block.
+
+// One projection's LoRA slots for the fused step: A (S, r, K) and B (S, N, r) fp16 with contiguous rows per slot
+// (slot strides sA, sB: views into the model's LoraBank) and per-slot scales (S,) fp32; slot 0 is "no adapter".
+struct StepLora {
+  const c10::Half* A = nullptr;
+  const c10::Half* B = nullptr;
+  const float* scale = nullptr;
+  int64_t S = 0, r = 0, sA = 0, sB = 0;
+};
+
+// h[u] for units u in [u0, u1) of M * r: h[m * r + i] = A[s_m][i] . x_m (0 for rows whose slot has scale 0).
+inline void lora_down(const StepLora& lo, const int64_t* slot, const float* x, int64_t K, float* h, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t m = u / lo.r, i = u % lo.r, s = slot[m];
+    if (lo.scale[s] == 0.0f) {
+      h[u] = 0.0f;
+      continue;
+    }
+    const c10::Half* a = lo.A + s * lo.sA + i * K;
+    const float* xm = x + m * K;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(xm + k), acc);
+    float t = hsum(acc);
+    for (; k < K; ++k) t += float(a[k]) * xm[k];
+    h[u] = t;
+  }
+}
+
+// y[m, n] += scale[s_m] * B[s_m][n] . h_m for rows n in [n0, n1).
+inline void lora_up(const StepLora& lo, const int64_t* slot, const float* h, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t s = slot[m];
+    const float sc = lo.scale[s];
+    if (sc == 0.0f) continue;
+    const float* hm = h + m * lo.r;
+    for (int64_t n = n0; n < n1; ++n) {
+      const c10::Half* bp = lo.B + s * lo.sB + n * lo.r;
+      float t = 0.0f;
+      int64_t j = 0;
+      if (lo.r % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; j < lo.r; j += 8) acc = _mm256_fmadd_ps(load8(bp + j), _mm256_loadu_ps(hm + j), acc);
+        t = hsum(acc);
+      }
+      for (; j < lo.r; ++j) t += float(bp[j]) * hm[j];
+      y[m * ldy + n] += sc * t;
+    }
+  }
+}
+
 struct DecodePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> norm1, norm2;
   std::vector<Proj7> weights;
-  std::vector<Opt7> luts, scales;
+  std::vector<Opt7> luts, scales, lora_a, lora_b, lora_s;
   std::vector<std::array<int64_t, 7>> bits;
   std::vector<int64_t> groups;
   int64_t n_heads, n_kv_heads;
   double eps;
+  std::vector<std::array<StepProj, 7>> step;
+  std::vector<std::array<StepLora, 7>> lora;
+  std::vector<at::Tensor> keep;  // converted LUTs and scales the step's raw pointers point into
+  bool fused = false, dense_fp32 = false, has_lora = false, lora_ok = true;
+  int64_t lora_slots = 0, lora_rank = 0;
 
   DecodePlan(std::vector<at::Tensor> attn_norms, std::vector<at::Tensor> mlp_norms, std::vector<at::Tensor> w,
              c10::List<c10::optional<at::Tensor>> lut, c10::List<c10::optional<at::Tensor>> lut_scale, std::vector<int64_t> b,
-             std::vector<int64_t> group, int64_t heads, int64_t kv_heads, double norm_eps)
+             std::vector<int64_t> group, int64_t heads, int64_t kv_heads, double norm_eps, c10::List<c10::optional<at::Tensor>> la,
+             c10::List<c10::optional<at::Tensor>> lb, c10::List<c10::optional<at::Tensor>> ls)
       : norm1(std::move(attn_norms)), norm2(std::move(mlp_norms)), groups(std::move(group)), n_heads(heads), n_kv_heads(kv_heads), eps(norm_eps) {
     const size_t L = norm1.size();
     TORCH_CHECK(norm2.size() == L && groups.size() == L && w.size() == 7 * L && lut.size() == 7 * L && lut_scale.size() == 7 * L && b.size() == 7 * L,
                 "DecodePlan: need 7 projections, LUTs, scales and bits per layer");
+    TORCH_CHECK(la.size() == 7 * L && lb.size() == 7 * L && ls.size() == 7 * L, "DecodePlan: need 7 LoRA entries (or None) per layer");
     for (size_t l = 0; l < L; ++l) {
       Proj7 wl;
       std::array<int64_t, 7> bl;
@@ -1142,6 +1201,9 @@ struct DecodePlan : torch::CustomClassHolder {
       bits.push_back(bl);
       luts.push_back(opt7(lut, 7 * l));
       scales.push_back(opt7(lut_scale, 7 * l));
+      lora_a.push_back(opt7(la, 7 * l));
+      lora_b.push_back(opt7(lb, 7 * l));
+      lora_s.push_back(opt7(ls, 7 * l));
     }
     // The fused step needs every projection on a row kernel, one model width, and q|k|v / gate|up sharing inputs.
     fused = L > 0;
@@ -1156,17 +1218,33 @@ struct DecodePlan : torch::CustomClassHolder {
               (l == 0 || (D == norm1[0].numel() && F == step[0][4].N && sp[0].N == step[0][0].N && sp[1].N == step[0][1].N));
       step.push_back(sp);
       for (const auto& p : sp) dense_fp32 |= p.kind == 0;
+      std::array<StepLora, 7> lo;
+      for (int i = 0; i < 7 && fused; ++i) {
+        const Opt &A = lora_a[l][i], &B = lora_b[l][i], &S = lora_s[l][i];
+        if (!A.has_value()) continue;
+        has_lora = true;
+        const bool ok = B.has_value() && S.has_value() && A->scalar_type() == at::kHalf && B->scalar_type() == at::kHalf && A->dim() == 3 &&
+                        B->dim() == 3 && A->stride(2) == 1 && A->stride(1) == A->size(2) && B->stride(2) == 1 && B->stride(1) == B->size(2) &&
+                        A->size(2) == sp[i].K && B->size(1) == sp[i].N && B->size(2) == A->size(1) && B->size(0) == A->size(0) &&
+                        S->scalar_type() == at::kFloat && S->is_contiguous() && S->numel() == A->size(0) &&
+                        (lora_slots == 0 || (A->size(0) == lora_slots && A->size(1) == lora_rank));
+        if (!ok) {
+          lora_ok = false;
+          continue;
+        }
+        lora_slots = A->size(0), lora_rank = A->size(1);
+        lo[i] = {A->data_ptr<c10::Half>(), B->data_ptr<c10::Half>(), S->data_ptr<float>(), A->size(0), A->size(1), A->stride(0), B->stride(0)};
+      }
+      lora.push_back(lo);
     }
+    lora_ok = lora_ok && fused;
   }
 
-  std::vector<std::array<StepProj, 7>> step;
-  std::vector<at::Tensor> keep;  // converted LUTs and scales the step's raw pointers point into
-  bool fused = false, dense_fp32 = false;
-
-  // One token per row through every layer in one parallel region (see "a whole decode step" above).
+  // One token per row through every layer in one parallel region (see "a whole decode step" above). slot: each
+  // row's LoRA slot (empty: no adapter).
   template <typename KT>
   at::Tensor fused_step(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& k, const at::Tensor& v,
-                        const std::vector<int64_t>& starts, const Opt& k_scale, const Opt& v_scale) {
+                        const std::vector<int64_t>& starts, const Opt& k_scale, const Opt& v_scale, const std::vector<int64_t>& slot) {
     auto x = x_in.to(at::kFloat).contiguous().clone();
     auto cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
     const int64_t L = int64_t(step.size()), M = x.size(0), Dm = norm1[0].numel(), H = n_heads, Hkv = n_kv_heads;
@@ -1174,7 +1252,8 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(x.numel() == M * Dm && Wq == H * hd && Wk == Hkv * hd && cos.numel() == M * hd && sin.numel() == M * hd,
                 "DecodePlan: x must be (B, 1, dim) and cos / sin (B, 1, head_dim) for this model");
     const int64_t Kmax = std::max({Dm, Wq, F});
-    std::vector<float> qkv(M * W), attn(M * Wq), tmp(M * Dm), gu(M * 2 * F), act(M * F);
+    const bool use_lora = !slot.empty();
+    std::vector<float> qkv(M * W), attn(M * Wq), tmp(M * Dm), gu(M * 2 * F), act(M * F), lh(use_lora ? 7 * M * lora_rank : 0);
     float* xp = x.data_ptr<float>();
     const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
     KT *kc = k.data_ptr<KT>(), *vc = v.data_ptr<KT>();
@@ -1187,17 +1266,38 @@ struct DecodePlan : torch::CustomClassHolder {
       const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
       std::vector<float> h(M * Kmax), p(S_max);
       ActBufs ab(M, Kmax);
+      // The adapters' A x of projections js (input x, width K), split over the threads; a barrier when any ran.
+      auto lora_phase = [&](const std::array<StepLora, 7>& lo, std::initializer_list<int> js, const float* in, int64_t K) {
+        if (!use_lora) return;
+        bool any = false;
+        for (int j : js) {
+          if (lo[j].A == nullptr) continue;
+          any = true;
+          const auto [a, b] = share(M * lo[j].r, nt, tid, 1);
+          lora_down(lo[j], slot.data(), in, K, lh.data() + j * M * lora_rank, a, b);
+        }
+        if (any) {
+#pragma omp barrier
+        }
+      };
+      auto lora_rows = [&](const StepLora& lo, int j, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+        if (use_lora && lo.A != nullptr && n0 < n1) lora_up(lo, slot.data(), lh.data() + j * M * lora_rank, y, ldy, M, n0, n1);
+      };
       for (int64_t l = 0; l < L; ++l) {
         const auto& P = step[l];
+        const auto& LO = lora[l];
         // q | k | v from the normed input
         for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm1[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
         ab.reset();
+        lora_phase(LO, {0, 1, 2}, h.data(), Dm);
         {
           const auto [a, b] = share(W, nt, tid, 2);
           const int64_t off[4] = {0, Wq, Wq + Wk, W};
-          for (int j = 0; j < 3; ++j)
-            proj_rows(P[j], h.data(), ab.get(P[j], h.data()), qkv.data() + off[j], W, M, std::max(a, off[j]) - off[j],
-                      std::min(b, off[j + 1]) - off[j]);
+          for (int j = 0; j < 3; ++j) {
+            const int64_t n0 = std::max(a, off[j]) - off[j], n1 = std::min(b, off[j + 1]) - off[j];
+            proj_rows(P[j], h.data(), ab.get(P[j], h.data()), qkv.data() + off[j], W, M, n0, n1);
+            lora_rows(LO[j], j, qkv.data() + off[j], W, n0, n1);
+          }
         }
 #pragma omp barrier
         // RoPE on q and k heads; each k / v head into its cache slot
@@ -1213,14 +1313,14 @@ struct DecodePlan : torch::CustomClassHolder {
               hv[i + half] = b0 * c[i + half] + a0 * sn[i + half];
             }
             if (hh < H) continue;
-            const int64_t g = hh - H, slot = l * layer_kv + (m * Hkv + g) * S_max + starts[m];
+            const int64_t g = hh - H, cs = l * layer_kv + (m * Hkv + g) * S_max + starts[m];
             const float* vv = hv + Hkv * hd;
             if constexpr (std::is_same_v<KT, int8_t>) {
-              store_kv8(hv, hd, kc + slot * hd, ksc + slot);
-              store_kv8(vv, hd, vc + slot * hd, vsc + slot);
+              store_kv8(hv, hd, kc + cs * hd, ksc + cs);
+              store_kv8(vv, hd, vc + cs * hd, vsc + cs);
             } else {
-              std::copy(hv, hv + hd, kc + slot * hd);
-              std::copy(vv, vv + hd, vc + slot * hd);
+              std::copy(hv, hv + hd, kc + cs * hd);
+              std::copy(vv, vv + hd, vc + cs * hd);
             }
           }
         }
@@ -1233,9 +1333,11 @@ struct DecodePlan : torch::CustomClassHolder {
 #pragma omp barrier
         // o-projection and residual, each thread on its own rows
         ab.reset();
+        lora_phase(LO, {3}, attn.data(), Wq);
         {
           const auto [a, b] = share(Dm, nt, tid, 2);
           proj_rows(P[3], attn.data(), ab.get(P[3], attn.data()), tmp.data(), Dm, M, a, b);
+          lora_rows(LO[3], 3, tmp.data(), Dm, a, b);
           for (int64_t m = 0; m < M; ++m)
             for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
         }
@@ -1243,17 +1345,22 @@ struct DecodePlan : torch::CustomClassHolder {
         // SwiGLU: gate and up rows of the same features on the same thread, then silu(gate) * up there
         for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm2[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
         ab.reset();
+        lora_phase(LO, {4, 5}, h.data(), Dm);
         {
           const auto [a, b] = share(F, nt, tid, 2);
           proj_rows(P[4], h.data(), ab.get(P[4], h.data()), gu.data(), 2 * F, M, a, b);
           proj_rows(P[5], h.data(), ab.get(P[5], h.data()), gu.data() + F, 2 * F, M, a, b);
+          lora_rows(LO[4], 4, gu.data(), 2 * F, a, b);
+          lora_rows(LO[5], 5, gu.data() + F, 2 * F, a, b);
           for (int64_t m = 0; m < M; ++m) silu_mul_range(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, act.data() + m * F, a, b);
         }
 #pragma omp barrier
         ab.reset();
+        lora_phase(LO, {6}, act.data(), F);
         {
           const auto [a, b] = share(Dm, nt, tid, 2);
           proj_rows(P[6], act.data(), ab.get(P[6], act.data()), tmp.data(), Dm, M, a, b);
+          lora_rows(LO[6], 6, tmp.data(), Dm, a, b);
           for (int64_t m = 0; m < M; ++m)
             for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
         }
@@ -1265,13 +1372,27 @@ struct DecodePlan : torch::CustomClassHolder {
 
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v, int64_t start,
                      const c10::optional<at::Tensor>& row_starts, const c10::optional<at::Tensor>& k_scale,
-                     const c10::optional<at::Tensor>& v_scale) {
+                     const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& lora_idx) {
     const int64_t L = int64_t(norm1.size());
     TORCH_CHECK(k.dim() == 5 && k.size(0) == L && v.sizes() == k.sizes(), "DecodePlan: the cache must be (L, B, H_kv, S, D) for k and v");
     const bool kv8 = k_scale.has_value() && v_scale.has_value();
+    const int64_t B = x.size(0);
+    // Each row's adapter slot: idx (n,) with n dividing the rows (one slot for all rows when n = 1).
+    std::vector<int64_t> slot;
+    if (lora_idx.has_value()) {
+      TORCH_CHECK(has_lora && lora_ok, "DecodePlan: built without usable LoRA slots, so it cannot route adapters");
+      auto idx = lora_idx->contiguous();
+      TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.numel() > 0 && B % idx.numel() == 0,
+                  "DecodePlan: lora_idx must be int64 (n,) with n dividing the rows");
+      const int64_t per = B / idx.numel();
+      for (int64_t m = 0; m < B; ++m) {
+        const int64_t s = idx.data_ptr<int64_t>()[m / per];
+        TORCH_CHECK(s >= 0 && s < lora_slots, "DecodePlan: adapter slot ", s, " out of range (", lora_slots, " slots)");
+        slot.push_back(s);
+      }
+    }
     // One token per row: the fused step (from 8 rows a dense fp32 projection is faster as a GEMM: the per-block path).
-    if (fused && x.dim() == 3 && x.size(1) == 1 && x.size(0) <= 16 && !(dense_fp32 && x.size(0) >= 8)) {
-      const int64_t B = x.size(0);
+    if (fused && x.dim() == 3 && x.size(1) == 1 && B <= 16 && !(dense_fp32 && B >= 8)) {
       TORCH_CHECK(k.size(1) == B && k.is_contiguous() && v.is_contiguous() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kChar) &&
                       v.scalar_type() == k.scalar_type(),
                   "DecodePlan: the cache must be contiguous fp32 or int8 (L, B, H_kv, S, D)");
@@ -1287,12 +1408,15 @@ struct DecodePlan : torch::CustomClassHolder {
         std::copy(rs.data_ptr<int64_t>(), rs.data_ptr<int64_t>() + B, starts.begin());
       }
       for (int64_t b = 0; b < B; ++b) TORCH_CHECK(starts[b] >= 0 && starts[b] + 1 <= k.size(3), "DecodePlan: cache overflow");
-      return int8 ? fused_step<int8_t>(x, cos, sin, k, v, starts, k_scale, v_scale) : fused_step<float>(x, cos, sin, k, v, starts, k_scale, v_scale);
+      return int8 ? fused_step<int8_t>(x, cos, sin, k, v, starts, k_scale, v_scale, slot)
+                  : fused_step<float>(x, cos, sin, k, v, starts, k_scale, v_scale, slot);
     }
+    const bool lo = lora_idx.has_value();
     for (int64_t l = 0; l < L; ++l)
       x = decode_block_impl(x, norm1[l], norm2[l], weights[l], luts[l], scales[l], bits[l], groups[l], cos, sin, k.select(0, l),
-                            v.select(0, l), start, n_heads, n_kv_heads, eps, nullptr, nullptr, nullptr, c10::nullopt, row_starts,
-                            kv8 ? Opt(k_scale->select(0, l)) : c10::nullopt, kv8 ? Opt(v_scale->select(0, l)) : c10::nullopt);
+                            v.select(0, l), start, n_heads, n_kv_heads, eps, lo ? &lora_a[l] : nullptr, lo ? &lora_b[l] : nullptr,
+                            lo ? &lora_s[l] : nullptr, lora_idx, row_starts, kv8 ? Opt(k_scale->select(0, l)) : c10::nullopt,
+                            kv8 ? Opt(v_scale->select(0, l)) : c10::nullopt);
     return x;
   }
 };
@@ -1318,9 +1442,11 @@ TORCH_LIBRARY(pippin, m) {
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>,
-                       c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double>())
+                       c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double,
+                       c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>, c10::List<c10::optional<at::Tensor>>>())
       .def("forward", &DecodePlan::forward)
-      .def("fused", [](const c10::intrusive_ptr<DecodePlan>& self) { return self->fused; });
+      .def("fused", [](const c10::intrusive_ptr<DecodePlan>& self) { return self->fused; })
+      .def("routes_adapters", [](const c10::intrusive_ptr<DecodePlan>& self) { return self->has_lora && self->lora_ok; });
 }
 
 TORCH_LIBRARY_IMPL(pippin, CPU, m) {
