@@ -9,12 +9,13 @@ quant), optionally wrapped in a LoRA adapter (anything with `base`, `lora_A`, `l
 `routing`: pippin.adapters' `LoRALinear`, whose per-row slots run in the same call), and the cache gives
 it slots (all rows at one offset, or each row at its own: continuous batching, prompts of different lengths);
 anything else (training, no cache) takes the module-by-module path, as do QK-norm models. `KernelTransformer`
-goes one step further for decode: when every block can run fused and no adapter is active, all blocks of a
-step run in one call (`DecodePlan`), whose per-layer arguments are built once and kept in C++ (on a 135M
+goes one step further for decode: when every block can run fused, all blocks of a step run in one call
+(`DecodePlan`), whose per-layer arguments (and LoRA slot banks) are built once and kept in C++ (on a 135M
 model, Python and argument conversion cost as much as the matvecs); with one token per row that call runs all
 layers in a single parallel region (one fork/join per step instead of five per layer, which had left the second
-core waiting a third of the time). The cached arguments are rebuilt when a module in the blocks, a LUT, an
-index or dense weight tensor, or an act8 flag changes, or an adapter is routed. State dicts, names and LoRA targets are unchanged;
+core waiting a third of the time), adapters routed per row included. The cached arguments are rebuilt when a
+module in the blocks, a LUT, an index, weight or LoRA tensor, or an act8 flag changes. Trainable (fp32)
+adapters take the module path. State dicts, names and LoRA targets are unchanged;
 `use_kernels_(model, enable=False)` restores the reference classes. Every fast path is tested against the
 reference.
 """

@@ -324,6 +324,9 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     assert lut_i8.abs().max() == 127
     w = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(group, 0).gather(1, unpack(lin.packed, bits, k))
     torch.testing.assert_close(ref, xq @ w.T, atol=1e-5, rtol=1e-5)
+    if bits == 3:  # 3-bit layers run the 4-bit kernel on their indices widened to nibbles (a copy in memory)
+        nibbles, _, _, kernel_bits = lin.act8_kernel_args()
+        assert kernel_bits == 4 and torch.equal(unpack(nibbles, 4, k), unpack(lin.packed, 3, k))
     if bits > 4:  # the expanded bytes are those int8 LUT values, shifted by 128
         expanded = lin.act8_kernel_args()[0]
         assert expanded.dtype == torch.uint8 and expanded.shape == (n, k)
