@@ -815,54 +815,54 @@ void attend_units(const float* qp, int64_t width, const KT* kc, const KT* vc, co
                   const int64_t* starts, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t S_max, float* p, int64_t i0, int64_t i1) {
   const int64_t rep = H / Hkv;
   const float scale = 1.0f / std::sqrt(float(D));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
-      const float* q = qp + (b * T + t) * width + hh * D;
-      const KT* kb = kc + (b * Hkv + g) * S_max * D;
-      const KT* vb = vc + (b * Hkv + g) * S_max * D;
-      const float* ks = ksc ? ksc + (b * Hkv + g) * S_max : nullptr;
-      const float* vs = vsc ? vsc + (b * Hkv + g) * S_max : nullptr;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        __m256 acc = _mm256_setzero_ps();
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8f(kb + j * D + d), acc);
-        float sc = hsum(acc);
-        for (; d < D; ++d) sc += q[d] * float(kb[j * D + d]);
-        p[j] = sc * scale * (ks ? ks[j] : 1.0f);
-        mx = std::max(mx, p[j]);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / (H * T), hh = (i / T) % H, t = i % T, g = hh / rep, S = starts[b] + t + 1;
+    const float* q = qp + (b * T + t) * width + hh * D;
+    const KT* kb = kc + (b * Hkv + g) * S_max * D;
+    const KT* vb = vc + (b * Hkv + g) * S_max * D;
+    const float* ks = ksc ? ksc + (b * Hkv + g) * S_max : nullptr;
+    const float* vs = vsc ? vsc + (b * Hkv + g) * S_max : nullptr;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < S; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8f(kb + j * D + d), acc);
+      float sc = hsum(acc);
+      for (; d < D; ++d) sc += q[d] * float(kb[j * D + d]);
+      p[j] = sc * scale * (ks ? ks[j] : 1.0f);
+      mx = std::max(mx, p[j]);
+    }
+    float sum = 0;
+    int64_t j = 0;
+    const __m256 mx8 = _mm256_set1_ps(mx);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (; j + 8 <= S; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mx8));
+      _mm256_storeu_ps(p + j, e);
+      sum8 = _mm256_add_ps(sum8, e);
+    }
+    sum = hsum(sum8);
+    for (; j < S; ++j) sum += (p[j] = std::exp(p[j] - mx));
+    if (vs)
+      for (j = 0; j < S; ++j) p[j] *= vs[j];
+    float* out = ap + (b * T + t) * H * D + hh * D;
+    const float inv = 1.0f / sum;
+    if (D == 64) {  // the common head size: the output row lives in 8 registers
+      __m256 o[8];
+      for (int r = 0; r < 8; ++r) o[r] = _mm256_setzero_ps();
+      for (j = 0; j < S; ++j) {
+        const __m256 w = _mm256_set1_ps(p[j]);
+        for (int r = 0; r < 8; ++r) o[r] = _mm256_fmadd_ps(w, load8f(vb + j * D + 8 * r), o[r]);
       }
-      float sum = 0;
-      int64_t j = 0;
-      const __m256 mx8 = _mm256_set1_ps(mx);
-      __m256 sum8 = _mm256_setzero_ps();
-      for (; j + 8 <= S; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mx8));
-        _mm256_storeu_ps(p + j, e);
-        sum8 = _mm256_add_ps(sum8, e);
-      }
-      sum = hsum(sum8);
-      for (; j < S; ++j) sum += (p[j] = std::exp(p[j] - mx));
-      if (vs)
-        for (j = 0; j < S; ++j) p[j] *= vs[j];
-      float* out = ap + (b * T + t) * H * D + hh * D;
-      const float inv = 1.0f / sum;
-      if (D == 64) {  // the common head size: the output row lives in 8 registers
-        __m256 o[8];
-        for (int r = 0; r < 8; ++r) o[r] = _mm256_setzero_ps();
-        for (j = 0; j < S; ++j) {
-          const __m256 w = _mm256_set1_ps(p[j]);
-          for (int r = 0; r < 8; ++r) o[r] = _mm256_fmadd_ps(w, load8f(vb + j * D + 8 * r), o[r]);
-        }
-        for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(o[r], _mm256_set1_ps(inv)));
-      } else {
-        std::fill(out, out + D, 0.0f);
-        for (j = 0; j < S; ++j) {
-          const float w = p[j] * inv;
-          for (int64_t d = 0; d < D; ++d) out[d] += w * float(vb[j * D + d]);
-        }
+      for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + 8 * r, _mm256_mul_ps(o[r], _mm256_set1_ps(inv)));
+    } else {
+      std::fill(out, out + D, 0.0f);
+      for (j = 0; j < S; ++j) {
+        const float w = p[j] * inv;
+        for (int64_t d = 0; d < D; ++d) out[d] += w * float(vb[j * D + d]);
       }
     }
+  }
 }
 
 template <typename KT>
@@ -1283,6 +1283,16 @@ struct DecodePlan : torch::CustomClassHolder {
       auto lora_rows = [&](const StepLora& lo, int j, float* y, int64_t ldy, int64_t n0, int64_t n1) {
         if (use_lora && lo.A != nullptr && n0 < n1) lora_up(lo, slot.data(), lh.data() + j * M * lora_rank, y, ldy, M, n0, n1);
       };
+      // x += in @ W_j^T (+ its adapter), each thread on its own output rows: the o- and down-projections.
+      auto residual = [&](const std::array<StepProj, 7>& P, const std::array<StepLora, 7>& LO, int j, const float* in, int64_t K) {
+        ab.reset();
+        lora_phase(LO, {j}, in, K);
+        const auto [a, b] = share(Dm, nt, tid, 2);
+        proj_rows(P[j], in, ab.get(P[j], in), tmp.data(), Dm, M, a, b);
+        lora_rows(LO[j], j, tmp.data(), Dm, a, b);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
+      };
       for (int64_t l = 0; l < L; ++l) {
         const auto& P = step[l];
         const auto& LO = lora[l];
@@ -1331,16 +1341,7 @@ struct DecodePlan : torch::CustomClassHolder {
                            vsc ? vsc + l * layer_kv : nullptr, attn.data(), starts.data(), 1, H, Hkv, hd, S_max, p.data(), a, b);
         }
 #pragma omp barrier
-        // o-projection and residual, each thread on its own rows
-        ab.reset();
-        lora_phase(LO, {3}, attn.data(), Wq);
-        {
-          const auto [a, b] = share(Dm, nt, tid, 2);
-          proj_rows(P[3], attn.data(), ab.get(P[3], attn.data()), tmp.data(), Dm, M, a, b);
-          lora_rows(LO[3], 3, tmp.data(), Dm, a, b);
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
-        }
+        residual(P, LO, 3, attn.data(), Wq);
 #pragma omp barrier
         // SwiGLU: gate and up rows of the same features on the same thread, then silu(gate) * up there
         for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm2[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
@@ -1355,15 +1356,7 @@ struct DecodePlan : torch::CustomClassHolder {
           for (int64_t m = 0; m < M; ++m) silu_mul_range(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, act.data() + m * F, a, b);
         }
 #pragma omp barrier
-        ab.reset();
-        lora_phase(LO, {6}, act.data(), F);
-        {
-          const auto [a, b] = share(Dm, nt, tid, 2);
-          proj_rows(P[6], act.data(), ab.get(P[6], act.data()), tmp.data(), Dm, M, a, b);
-          lora_rows(LO[6], 6, tmp.data(), Dm, a, b);
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
-        }
+        residual(P, LO, 6, act.data(), F);
 #pragma omp barrier
       }
     }
