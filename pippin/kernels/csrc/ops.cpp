@@ -566,6 +566,39 @@ void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* luts, con
       y[n + 1] = (hsum(acc_b) - a.shift[0]) * lsc[(n + 1) / group];
     }
   }
+  if constexpr (BITS != 8) {
+    if (M > 1) {  // batched rows: look each weight row up once into bytes, then one byte dot product per row of x
+      thread_local std::vector<uint8_t> bytes;
+      if (int64_t(bytes.size()) < K) bytes.resize(K);
+      uint8_t* wb = bytes.data();
+      for (; n < n1; ++n) {
+        const __m256i lut = lut_for<BITS>(luts, n / group);
+        const uint8_t* row = packed + n * row_bytes;
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
+        for (int64_t b = 0; b < nb; ++b) {  // the same bytes, in the same order, that block_dot<BITS> multiplies
+          const uint8_t* p = row + b * block_bytes;
+          __m256i w0, w1;
+          if constexpr (BITS == 4) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nib = _mm256_set1_epi8(0x0F);
+            w0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib));
+            w1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
+          } else {
+            w0 = _mm256_shuffle_epi8(lut, decode32<BITS>(p, d3));
+            w1 = _mm256_shuffle_epi8(lut, decode32<BITS>(p + 4 * BITS, d3));
+          }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + b * ACT8_BLOCK), w0);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + b * ACT8_BLOCK + 32), w1);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t b = 0; b < nb; ++b)
+            acc = act_block<8>(acc, lut, wb + b * ACT8_BLOCK, xq + m * K + b * ACT8_BLOCK, xs[m * nb + b], d3);
+          y[m * ldy + n] = (hsum(acc) - a.shift[m]) * lsc[n / group];
+        }
+      }
+      return;
+    }
+  }
   for (; n < n1; ++n) {
     const __m256i lut = lut_for<BITS>(luts, n / group);
     const uint8_t* row = packed + n * row_bytes;
