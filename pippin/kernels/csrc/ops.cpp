@@ -746,6 +746,56 @@ void rope_(at::Tensor x, const at::Tensor& cos_in, const at::Tensor& sin_in, int
   }
 }
 
+// One projection's LoRA slots: A (S, r, K) and B (S, N, r) fp16 with contiguous rows per slot (slot strides sA, sB:
+// views into the model's LoraBank) and per-slot scales (S,) fp32; slot 0 is "no adapter" (scale 0).
+struct StepLora {
+  const c10::Half* A = nullptr;
+  const c10::Half* B = nullptr;
+  const float* scale = nullptr;
+  int64_t S = 0, r = 0, sA = 0, sB = 0;
+};
+
+// h[u] for units u in [u0, u1) of M * r: h[m * r + i] = A[s_m][i] . x_m (0 for rows whose slot has scale 0).
+inline void lora_down(const StepLora& lo, const int64_t* slot, const float* x, int64_t K, float* h, int64_t u0, int64_t u1) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t m = u / lo.r, i = u % lo.r, s = slot[m];
+    if (lo.scale[s] == 0.0f) {
+      h[u] = 0.0f;
+      continue;
+    }
+    const c10::Half* a = lo.A + s * lo.sA + i * K;
+    const float* xm = x + m * K;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(xm + k), acc);
+    float t = hsum(acc);
+    for (; k < K; ++k) t += float(a[k]) * xm[k];
+    h[u] = t;
+  }
+}
+
+// y[m, n] += scale[s_m] * B[s_m][n] . h_m for rows n in [n0, n1).
+inline void lora_up(const StepLora& lo, const int64_t* slot, const float* h, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t s = slot[m];
+    const float sc = lo.scale[s];
+    if (sc == 0.0f) continue;
+    const float* hm = h + m * lo.r;
+    for (int64_t n = n0; n < n1; ++n) {
+      const c10::Half* bp = lo.B + s * lo.sB + n * lo.r;
+      float t = 0.0f;
+      int64_t j = 0;
+      if (lo.r % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; j < lo.r; j += 8) acc = _mm256_fmadd_ps(load8(bp + j), _mm256_loadu_ps(hm + j), acc);
+        t = hsum(acc);
+      }
+      for (; j < lo.r; ++j) t += float(bp[j]) * hm[j];
+      y[m * ldy + n] += sc * t;
+    }
+  }
+}
+
 // y (M, N) += scale[s] * B[s] (A[s] x_m) with s = idx[m / (M / len(idx))]: every row its own LoRA slot.
 // A (S, r, K) and B (S, N, r) are fp16 stacks (slot 0 is all-zero "no adapter" and is skipped via scale 0).
 void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& Bw, const at::Tensor& scale,
@@ -774,43 +824,12 @@ void lora_add_(at::Tensor y, const at::Tensor& x_in, const at::Tensor& A, const 
   const c10::Half* Ap = A.data_ptr<c10::Half>();
   const c10::Half* Bp = Bw.data_ptr<c10::Half>();
   float* yp = y.data_ptr<float>();
+  std::vector<int64_t> slot(M);
+  for (int64_t m = 0; m < M; ++m) slot[m] = ip[m / per];
+  const StepLora lo{Ap, Bp, sp, S, r, sA, sB};
   std::vector<float> h(M * r, 0.0f);
-  // h = A[s] x: M * r dot products of length K.
-  at::parallel_for(0, M * r, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m = i / r, j = i % r, s = ip[m / per];
-      if (sp[s] == 0.0f) continue;
-      const c10::Half* a = Ap + s * sA + j * K;
-      const float* xm = xp + m * K;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(xm + k), acc);
-      float t = hsum(acc);
-      for (; k < K; ++k) t += float(a[k]) * xm[k];
-      h[i] = t;
-    }
-  });
-  // y += scale * B[s] h: N outputs of length r per row.
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t s = ip[m / per];
-      const float sc = sp[s];
-      if (sc == 0.0f) continue;
-      const float* hm = h.data() + m * r;
-      for (int64_t n = n0; n < n1; ++n) {
-        const c10::Half* b = Bp + s * sB + n * r;
-        float t = 0.0f;
-        int64_t j = 0;
-        if (r % 8 == 0) {
-          __m256 acc = _mm256_setzero_ps();
-          for (; j < r; j += 8) acc = _mm256_fmadd_ps(load8(b + j), _mm256_loadu_ps(hm + j), acc);
-          t = hsum(acc);
-        }
-        for (; j < r; ++j) t += float(b[j]) * hm[j];
-        yp[m * N + n] += sc * t;
-      }
-    }
-  });
+  at::parallel_for(0, M * r, 1, [&](int64_t i0, int64_t i1) { lora_down(lo, slot.data(), xp, K, h.data(), i0, i1); });  // h = A[s] x
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { lora_up(lo, slot.data(), h.data(), yp, N, M, n0, n1); });  // y += scale B[s] h
 }
 
 // One whole decoder block for a few tokens at a uniform cache offset (decode, speculative verify):
@@ -1152,56 +1171,6 @@ StepProj step_proj(const at::Tensor& w, const Opt& lut, const Opt& lut_scale, in
 // here, so a step costs one call from Python instead of one per layer with 30-odd arguments each. k and v are the
 // cache's whole (L, B, H_kv, S, D) buffers. With one token per row every layer runs in one parallel region
 // (fused_step); otherwise (speculative verification) block by block.
-
-// One projection's LoRA slots for the fused step: A (S, r, K) and B (S, N, r) fp16 with contiguous rows per slot
-// (slot strides sA, sB: views into the model's LoraBank) and per-slot scales (S,) fp32; slot 0 is "no adapter".
-struct StepLora {
-  const c10::Half* A = nullptr;
-  const c10::Half* B = nullptr;
-  const float* scale = nullptr;
-  int64_t S = 0, r = 0, sA = 0, sB = 0;
-};
-
-// h[u] for units u in [u0, u1) of M * r: h[m * r + i] = A[s_m][i] . x_m (0 for rows whose slot has scale 0).
-inline void lora_down(const StepLora& lo, const int64_t* slot, const float* x, int64_t K, float* h, int64_t u0, int64_t u1) {
-  for (int64_t u = u0; u < u1; ++u) {
-    const int64_t m = u / lo.r, i = u % lo.r, s = slot[m];
-    if (lo.scale[s] == 0.0f) {
-      h[u] = 0.0f;
-      continue;
-    }
-    const c10::Half* a = lo.A + s * lo.sA + i * K;
-    const float* xm = x + m * K;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(xm + k), acc);
-    float t = hsum(acc);
-    for (; k < K; ++k) t += float(a[k]) * xm[k];
-    h[u] = t;
-  }
-}
-
-// y[m, n] += scale[s_m] * B[s_m][n] . h_m for rows n in [n0, n1).
-inline void lora_up(const StepLora& lo, const int64_t* slot, const float* h, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t s = slot[m];
-    const float sc = lo.scale[s];
-    if (sc == 0.0f) continue;
-    const float* hm = h + m * lo.r;
-    for (int64_t n = n0; n < n1; ++n) {
-      const c10::Half* bp = lo.B + s * lo.sB + n * lo.r;
-      float t = 0.0f;
-      int64_t j = 0;
-      if (lo.r % 8 == 0) {
-        __m256 acc = _mm256_setzero_ps();
-        for (; j < lo.r; j += 8) acc = _mm256_fmadd_ps(load8(bp + j), _mm256_loadu_ps(hm + j), acc);
-        t = hsum(acc);
-      }
-      for (; j < lo.r; ++j) t += float(bp[j]) * hm[j];
-      y[m * ldy + n] += sc * t;
-    }
-  }
-}
 
 struct DecodePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> norm1, norm2;
