@@ -64,6 +64,7 @@ bench-setup: setup
 
 bench: bench-models
 	$(PY) benchmarks/runtime.py --out docs/benchmarks/runtime.json
+	$(PY) benchmarks/kernels.py --batch 1,8 --rows
 	$(MAKE) bench-compression
 	$(MAKE) bench-adapters
 	$(MAKE) bench-serving

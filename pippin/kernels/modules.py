@@ -237,7 +237,8 @@ class KernelTransformer(Transformer):
             [lo and lo[0] for lo in loras], [lo and lo[1] for lo in loras], [lo and lo[2] for lo in loras],
         )  # fmt: skip
         watch = _PlanWatch(self, plans)
-        watch.routes = plan.routes_adapters() and all(lo is not None for p in plans for lo in (_lora_bank(p.mods[i]) for i in p.wrapped))
+        mods = [m for p in plans for m in p.mods]
+        watch.routes = plan.routes_adapters() and all(lo is not None for lo, m in zip(loras, mods) if _is_lora(m))
         self.__dict__["_kernel_decode_plan"] = _Cached((watch, plan))
         return watch, plan
 
@@ -271,10 +272,9 @@ class _PlanWatch:
         for m in wrapped:
             self.slots += [(m._buffers if t in m._buffers else m._parameters, t) for t in ("lora_A", "lora_B", "lora_scale")]
         self.ids = [id(d[k]) for d, k in self.slots]
-        self.tensors = [d[k] for d, k in self.slots if k in ("lut", "packed")]  # changed in place by edits of the palette
-        self.versions = [t._version for t in self.tensors]
-        self.flagged = [b for b in bases if hasattr(b, "act8")]
-        self.flags = [b.act8 for b in self.flagged]
+        # The blocks' own records of what they were built from: LUT and index tensors at their versions, act8 flags.
+        self.tensors, self.versions = [t for p in plans for t, _ in p.luts], [v for p in plans for _, v in p.luts]
+        self.flagged, self.flags = [m for p in plans for m, _ in p.flags], [a for p in plans for _, a in p.flags]
         self.routing = wrapped[0].routing if wrapped else None
         self.routes = False
 

@@ -83,7 +83,8 @@ class PalettizedLinear(nn.Module):
         the LUT or the indices change), for the widths whose stored form it reads slowly:
         - 3 bits: the indices widened to 4-bit nibbles (N, K/2), run by the 4-bit kernel (a 3-bit LUT fits its
           16-entry shuffle). Unpacking 3-bit fields costs twice the 4-bit kernel's instructions on this CPU class
-          (measured 90 vs 46 ns per 576-weight row), while the weights stream at half a byte instead of 3/8.
+          (90 vs 47 ns per 576-weight row: `benchmarks/kernels.py --rows` before the widening), while the weights
+          stream at half a byte instead of 3/8.
         - 6 and 8 bits: (N, K) uint8, each weight's int8 LUT value + 128. Their 64 or 256 entries do not fit one
           byte shuffle, so the kernel reads the looked-up values: a byte per weight, the cheapest dot product there is.
         None at 2 and 4 bits, which the kernel reads as stored."""

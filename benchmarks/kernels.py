@@ -1,0 +1,113 @@
+"""Kernel benchmark: where a decode step's time goes, and what one integer-kernel row costs per bit width.
+
+The runtime benchmark (benchmarks/runtime.py) compares whole engines; this one takes pippin's step apart, for the
+figures in docs/benchmarks.md that explain it:
+- rows: ns per 576-weight row of `lut_gemv_act8` for palettes of 2, 3, 4 and 6 bits (one 4096-row layer, one
+  thread, caches warm: the instruction cost, not the memory stream), each width as the kernel runs it (3-bit
+  layers widened to nibbles, 6-bit ones expanded to bytes);
+- step: for a compressed model with act8, the median time of the blocks (`features`: embedding plus every layer),
+  of the head (final norm plus output projection) and of a whole `decode_step`, at a batch of B rows;
+- --loop S: decode for S seconds and exit, for a profiler (`perf record -g python benchmarks/kernels.py --loop 25`).
+It only calls public entry points (`features`, `head`, `decode_step`), so a checkout of an older commit times the
+same way. Usage:
+  python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from pippin.api import load_any
+from pippin.engine.generate import decode_step, prefill
+from pippin.engine.kv_cache import KVCache
+from pippin.kernels import ops
+from pippin.kernels.modules import use_kernels_
+from pippin.quant.compress import set_act8_
+from pippin.quant.linear import PalettizedLinear
+from pippin.quant.palettize import fit_palette
+
+MODEL = "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw"
+
+
+def median_ms(fn, n: int = 50) -> float:  # noqa: ANN001
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def rows(n: int = 4096, k: int = 576) -> None:
+    torch.set_num_threads(1)
+    w, x = torch.randn(n, k, generator=torch.Generator().manual_seed(0)), torch.randn(1, k)
+    for bits in (2, 3, 4, 6):
+        lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=16))
+        lin.act8 = True
+        packed, lut, scale, kernel_bits = lin.act8_kernel_args()
+        ms = median_ms(lambda: ops().lut_gemv_act8(x, packed, lut, scale, kernel_bits, 16), 200)  # noqa: B023
+        print(f"rows: {bits}-bit (kernel bits {kernel_bits}): {ms * 1e6 / n:.1f} ns per {k}-weight row")
+
+
+def step(path: str, batch: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model = load_any(os.path.expanduser(path)).model
+    set_act8_(model, True)
+    assert use_kernels_(model), "pippin kernels unavailable"
+    cache = KVCache(model.config, batch_size=batch, max_len=256)
+    ids = torch.arange(100, 124).repeat(batch, 1)
+    tok = prefill(model, ids, torch.full((batch,), 24), cache).argmax(-1)
+    with torch.inference_mode():
+        positions = cache.lengths.unsqueeze(1)
+        cache.begin(positions)  # every timed call below writes the same slot
+        blocks = median_ms(lambda: model.features(tok.unsqueeze(1), positions=positions, cache=cache))
+        h = model.features(tok.unsqueeze(1), positions=positions, cache=cache)
+        head = median_ms(lambda: model.head(h))
+
+        def one_step() -> None:
+            decode_step(model, tok, cache)
+            cache.lengths = cache.lengths - 1  # the same slot again
+
+        whole = median_ms(one_step)
+    print(f"step: {path} batch {batch}, {threads} threads: blocks {blocks:.2f} ms, head {head:.2f} ms, decode_step {whole:.2f} ms")
+
+
+def loop(path: str, seconds: float, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model = load_any(os.path.expanduser(path)).model
+    set_act8_(model, True)
+    use_kernels_(model)
+    cache = KVCache(model.config, batch_size=1, max_len=256)
+    end = time.time() + seconds
+    while time.time() < end:
+        tok = prefill(model, torch.arange(100, 115).unsqueeze(0), torch.tensor([15]), cache).argmax(-1)
+        for _ in range(128):
+            tok = decode_step(model, tok, cache).argmax(-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", action="store_true", help="also the per-row kernel cost by bit width")
+    ap.add_argument("--loop", type=float, default=0, help="only decode for this many seconds (for a profiler)")
+    args = ap.parse_args()
+    if args.loop:
+        loop(args.model, args.loop, args.threads)
+        return
+    for b in (int(x) for x in args.batch.split(",")):
+        step(args.model, b, args.threads)
+    if args.rows:
+        rows()
+
+
+if __name__ == "__main__":
+    main()
