@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="round each weight to its nearest LUT entry instead of GPTQ-style error feedback",
     )
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
+    p.add_argument(
+        "--no-fidelity",
+        dest="fidelity",
+        action="store_false",
+        help="skip the fidelity measure against the uncompressed model that runs when compression finishes",
+    )
+    p.add_argument("--data", default=None, help="evaluation data for the fidelity measure (default: $PIPPIN_EVAL_DATA or ../shared/data)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,4 +76,25 @@ def run(args: argparse.Namespace) -> int:
     save_pippin(loaded, out, extra_meta={"quantization": quantization_meta(report, cfg), "name": f"{name}-{args.bpw:g}bpw"})
     write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
     print(f"wrote {out}")
+    if args.fidelity:
+        report_fidelity(out, args.model, args.data)
     return 0
+
+
+def report_fidelity(out: Path, source: str | None, data: str | None) -> None:
+    """Measure the new model against the one it was compressed from; the report goes to OUT/fidelity/."""
+    from pippin.commands.eval import default_data_dir
+    from pippin.eval.fidelity import GateConfig
+    from pippin.eval.report import table
+    from pippin.eval.tasks.fidelity import measure
+
+    data_dir = Path(data) if data else default_data_dir()
+    if not data_dir.is_dir():
+        print(f"fidelity: not measured, no evaluation data at {data_dir} (pass --data DIR, or run `pippin eval fidelity` later)")
+        return
+    result = measure(str(out), reference=f"pippin:{source or 'default'}", data_dir=data_dir, out_dir=out / "fidelity")
+    print(table(result))
+    ref, this = result.metrics.values()
+    reasons = GateConfig().failures(this, ref)
+    verdict = "meets" if not reasons else "does not meet: " + "; ".join(reasons)
+    print(f"fidelity: {out / 'fidelity' / 'report.md'}; the quality gate's fidelity checks (IFEval aside): {verdict}")

@@ -4,6 +4,8 @@
   pippin eval summarization --system pippin:default:summarize --judge openai:http://127.0.0.1:8080/v1#judge
   pippin eval preference --system pippin:default:recovery --against pippin:default --judge openai:http://...
   pippin eval judge-agreement --judge pippin:default --limit 100
+  pippin eval fidelity --system pippin:~/q35 --system pippin:~/q35:recovery      # against full precision
+  pippin eval gate --system pippin:~/q35                                         # exit status 1 if it fails
   pippin eval report --results a/results.json --results b/results.json --out compare/
 
 Replies and judgments are cached in OUT/cache.jsonl (or --cache): rerunning, or resuming after a kill, only
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from pippin.errors import PippinError
@@ -33,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="system under test (repeatable): pippin:default, pippin:PATH[:ADAPTER], openai:URL#MODEL",
     )
-    p.add_argument("--against", default=None, metavar="SPEC", help="preference: the system to compare against")
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="SPEC",
+        help="preference: the system to compare against; fidelity, gate: the reference (pippin:default)",
+    )
     p.add_argument("--judge", default=None, metavar="SPEC", help="the judge (any system spec)")
     p.add_argument("--limit", type=int, default=None, help="at most N items per data set")
     p.add_argument("--out", default=None, help="output folder (default: eval-runs/SUITE)")
@@ -113,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     from pippin.eval.tasks import suite_module
 
     _check(args)
+    if args.suite in ("fidelity", "gate") and not args.against:
+        args.against = "pippin:default"
     out = Path(args.out or Path("eval-runs") / args.suite)
     if args.suite == "report":
         result = merge_results([load_result(p) for p in args.results])
@@ -149,4 +159,7 @@ def run(args: argparse.Namespace) -> int:
     result = suite_module(args.suite).run(ctx)
     result.settings["cache"] = {"path": str(cache.path), "entries": len(cache), "ignored_lines": cache.n_ignored}
     _print(result, write_report(result, out, plots=not args.no_plots), args.json)
-    return 0
+    failed = {k: v for k, v in result.settings.get("failures", {}).items() if v}
+    for spec, reasons in failed.items():
+        print(f"gate: {spec} fails: " + "; ".join(reasons), file=sys.stderr)
+    return 1 if failed else 0

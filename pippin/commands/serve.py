@@ -70,6 +70,7 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
     import uvicorn
 
     from pippin.errors import PippinError
+    from pippin.eval.fidelity import summary
     from pippin.serve.app import create_app
     from pippin.serve.service import Service
 
@@ -89,6 +90,9 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
     url = f"http://{host}:{sock.getsockname()[1]}/"
     print(f"pippin serve: {url}  (playground at /, OpenAI API at {url}v1, metrics at /metrics)", flush=True)
     print(f"  models: {', '.join(c.id for c in service.models())}", file=sys.stderr, flush=True)
+    for base in service.bases.values():
+        if base.loaded.path.is_dir() and (line := summary(base.loaded.path)):
+            print(f"  {base.name} against full precision: {line}", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     return 0
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import torch
+
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 
@@ -174,6 +176,12 @@ class PippinSystem:
             if sink.error is not None:
                 raise PippinError(f"{self.spec}: {sink.error}")
         return [cut_at_stop(self.tokenizer.decode(sink.ids), params.stop) for sink in sinks]
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) next-token logits of one full forward over `ids` (B, T), through this system's adapter."""
+        self.engine.use_adapters([self.adapter] * ids.shape[0] if self.adapter else None, ids.shape[0])
+        return self.engine.model(ids)
 
     def fill(self, conversations: Sequence[Sequence[Message]], forms: Sequence[AnswerForm]) -> list[Filled]:
         """Each conversation's answer in its form, by forced choice (pippin.engine.constrained)."""

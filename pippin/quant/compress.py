@@ -45,6 +45,8 @@ class CompressConfig:
     """Record that this model runs with an 8-bit KV cache (int8 with a scale per token and head)."""
     embed_bits: int = 8
     """The tied embedding (also the head): 8 = int8 rows with a scale each (AFM); 4 or 6 = a LUT per group of rows."""
+    embed_row_scale: bool = True
+    """A palettized embedding (embed_bits 4 or 6) keeps an fp16 scale per row and LUTs of unit-RMS rows."""
     seq_len: int = 256
     n_seqs: int = 8
     """Calibration windows: n_seqs sequences of seq_len tokens (the Fisher pass, which runs backward, uses these)."""
@@ -159,6 +161,7 @@ def compress_(
     embed_bits = 0
     if lut_embed:
         embed_bits = _palette_bits(embed.weight.shape[0], embed.weight.shape[1], config.embed_bits, config.group_size)
+        embed_bits += embed.weight.shape[0] * 16 if config.embed_row_scale else 0  # fp16 row scales
     elif isinstance(embed, nn.Embedding):
         embed_bits = embed.weight.numel() * 8 + embed.weight.shape[0] * 32
     if plan is None:
@@ -189,16 +192,35 @@ def compress_(
         _set_module(model, name, new)
         layers.append(row)
     if lut_embed:
-        p = fit_palette(embed.weight, bits=config.embed_bits, group_size=config.group_size, importance=moments["lm_head"])
-        q = PalettizedEmbedding(*embed.weight.shape, bits=p.bits, group_size=p.group_size, act8=config.act8)
-        q.packed.copy_(pack(p.idx, p.bits))
-        q.lut.copy_(p.lut)
-        model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
+        model.embed_tokens, model.lm_head = _palettize_embedding(
+            embed.weight.detach(), config, moments["lm_head"], hessians.get("lm_head") if config.error_feedback else None
+        )
     elif isinstance(embed, nn.Embedding):
         _quantize_embedding_(model, act8=config.act8)
     linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
     linear_w = sum(m.in_features * m.out_features for m in model.modules() if type(m) is PalettizedLinear)
     return CompressReport(plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers)
+
+
+def _palettize_embedding(
+    w: torch.Tensor, config: CompressConfig, moment: torch.Tensor, H: torch.Tensor | None
+) -> tuple[PalettizedEmbedding, PalettizedTiedHead]:
+    """The tied embedding as a LUT palette, fitted for its role as the head: k-means weighted by the head's input
+    moments, then (with error feedback) indices chosen against the head's input second moment, which lowers the
+    logits' error. With row scales the rows are normalised to unit RMS first (the scales are stored in fp16)."""
+    scale = None
+    if config.embed_row_scale:
+        scale = w.float().pow(2).mean(1).sqrt().clamp_min(1e-8).half()
+        w = w.float() / scale.float()[:, None]
+    p = fit_palette(w, bits=config.embed_bits, group_size=config.group_size, importance=moment)
+    if H is not None:
+        p = error_feedback(w, p, H)
+    q = PalettizedEmbedding(*w.shape, bits=p.bits, group_size=p.group_size, act8=config.act8, row_scale=scale is not None)
+    q.packed.copy_(pack(p.idx, p.bits))
+    q.lut.copy_(p.lut)
+    if scale is not None:
+        q.row_scale.copy_(scale)
+    return q, PalettizedTiedHead(q)
 
 
 def set_act8_(model: nn.Module, enable: bool = True) -> int:
@@ -240,6 +262,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "group_size": config.group_size,
         "plan": report.plan,
         "embedding": "int8" if config.embed_bits == 8 else f"palette{config.embed_bits}",
+        "embedding_row_scale": config.embed_bits < 8 and config.embed_row_scale,
         "act8": config.act8,
         "kv8": config.kv8,
         "error_feedback": config.error_feedback,
@@ -266,6 +289,7 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
             bits=int(emb.removeprefix("palette")),
             group_size=meta["group_size"],
             act8=bool(meta.get("act8")),
+            row_scale=bool(meta.get("embedding_row_scale")),
         )
         model.embed_tokens, model.lm_head = q, PalettizedTiedHead(q)
     if emb == "int8":

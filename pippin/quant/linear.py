@@ -161,10 +161,15 @@ class PalettizedLinear(nn.Module):
 class PalettizedEmbedding(PalettizedLinear):
     """A tied embedding palettized like a linear (V, dim): rows looked up for tokens, and the whole matrix as the
     head through `PalettizedTiedHead`. For small models whose embedding is a large share of the weights
-    (SmolLM2-135M: 21 %), 4-6 bits here leave far more bits for the transformer layers than AFM's 8."""
+    (SmolLM2-135M: 21 %), 4-6 bits here leave far more bits for the transformer layers than AFM's 8.
 
-    def __init__(self, num_embeddings: int, dim: int, *, bits: int, group_size: int, act8: bool = False) -> None:
+    With `row_scale`, row v is row_scale[v] * lut[v // group][idx[v]]: the LUTs hold rows normalised to unit RMS.
+    Token rows differ in norm by an order of magnitude, and a LUT shared by 16 of them otherwise spends its entries
+    on the largest; the scale is one fp16 per row (0.03 bits per weight) and costs one multiply per logit."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, bits: int, group_size: int, act8: bool = False, row_scale: bool = False) -> None:
         super().__init__(dim, num_embeddings, bits=bits, group_size=group_size, act8=act8)
+        self.register_buffer("row_scale", torch.ones(num_embeddings, dtype=torch.float16) if row_scale else None)
 
     @property
     def embedding_dim(self) -> int:
@@ -174,15 +179,29 @@ class PalettizedEmbedding(PalettizedLinear):
     def num_embeddings(self) -> int:
         return self.out_features
 
+    def dequantize(self) -> torch.Tensor:
+        w = super().dequantize()
+        return w if self.row_scale is None else w * self.row_scale.float()[:, None]
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
         idx = unpack(self.packed[flat], self.bits, self.in_features)  # (n, dim) LUT indices
         rows = self.lut[flat // self.group_size].float().gather(1, idx)
+        if self.row_scale is not None:
+            rows = rows * self.row_scale[flat].float()[:, None]
         return rows.view(*tokens.shape, self.in_features)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ E^T: the tied output head (the LUT kernels for decode)."""
-        return PalettizedLinear.forward(self, x)
+        """x @ E^T: the tied output head (the LUT kernels for decode, on the normalised rows, then the row scales)."""
+        if self.row_scale is None:
+            return PalettizedLinear.forward(self, x)
+        k = ops()
+        if not self.act8_applies() and (k is None or x.numel() // x.shape[-1] > FAST_MAX_ROWS):
+            return F.linear(x, self.dequantize())  # the reference path: one dense weight
+        return PalettizedLinear.forward(self, x) * self.row_scale.float()
+
+    def nbytes(self) -> int:
+        return super().nbytes() + (0 if self.row_scale is None else self.row_scale.numel() * 2)
 
 
 class PalettizedTiedHead(nn.Module):

@@ -31,7 +31,7 @@ def run(name, ctx):
 
 
 def test_every_suite_is_registered():
-    assert set(SUITES) == {"ifeval", "summarization", "safety", "preference", "mtbench", "writing", "judge-agreement"}
+    assert set(SUITES) == {"ifeval", "summarization", "safety", "preference", "mtbench", "writing", "judge-agreement", "fidelity", "gate"}
     assert all(callable(suite_module(name).run) for name in SUITES)
     with pytest.raises(PippinError, match="Unknown suite 'mmlu'"):
         suite_module("mmlu")

@@ -161,6 +161,27 @@ def test_compress_hits_budget_and_decodes_like_full_forward(bpw):
         torch.testing.assert_close(decode_step(model, tokens[:, t], cache), full[:, t], atol=1e-4, rtol=1e-4)
 
 
+def test_compression_is_reproducible_bit_for_bit():
+    """Same model, text and config: the same bytes in every tensor, so the same base fingerprint (an adapter
+    trained on one run's base matches the other's); a different calibration text gives another base."""
+    from pippin.adapters.lora import base_fingerprint
+
+    cfg = CompressConfig(bpw=3.5, n_seqs=2, seq_len=128, hessian_seqs=2, embed_bits=4)
+    a, b, c = tiny_model(), tiny_model(), tiny_model()
+    report = compress_(a, CALIB, cfg)
+    assert 3.2 < report.bpw <= 3.5  # the budget holds with every stored byte (LUTs, row scales) counted
+    compress_(b, CALIB, cfg)
+    compress_(c, CALIB[::-1], cfg)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert base_fingerprint(a) == base_fingerprint(b) != base_fingerprint(c)
+    big = torch.nn.Sequential(torch.nn.Linear(300, 300, bias=False))  # 90,000 weights: more than a LUT
+    before = base_fingerprint(big)
+    with torch.no_grad():
+        big[0].weight[123, 45] += 1e-3
+    assert base_fingerprint(big) != before
+
+
 def test_compress_bad_inputs():
     with pytest.raises(PippinError, match="only 20 tokens"):
         compress_(tiny_model(), list(range(20)), CompressConfig())
@@ -333,14 +354,15 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
         assert torch.equal(expanded.to(torch.int16) - 128, (w / lut_scale.repeat_interleave(group)[:, None]).round().to(torch.int16))
 
 
+@pytest.mark.parametrize("row_scale", [True, False])
 @pytest.mark.parametrize("embed_bits", [4, 6])
-def test_palettized_embedding_serves_lookup_and_head_and_reloads(tmp_path, embed_bits):
+def test_palettized_embedding_serves_lookup_and_head_and_reloads(tmp_path, embed_bits, row_scale):
     from pippin.model.checkpoint import LoadedModel, load_pippin, save_pippin
     from pippin.quant.linear import PalettizedEmbedding, PalettizedTiedHead
 
     model = tiny_model()
     full = model.embed_tokens.weight.detach().clone()
-    cfg = CompressConfig(candidate_bits=(4,), bpw=16, embed_bits=embed_bits, seq_len=128, n_seqs=2)
+    cfg = CompressConfig(candidate_bits=(4,), bpw=16, embed_bits=embed_bits, embed_row_scale=row_scale, seq_len=128, n_seqs=2)
     report = compress_(model, CALIB, cfg)
     e = model.embed_tokens
     assert isinstance(e, PalettizedEmbedding) and isinstance(model.lm_head, PalettizedTiedHead)
@@ -348,7 +370,14 @@ def test_palettized_embedding_serves_lookup_and_head_and_reloads(tmp_path, embed
     tokens = torch.tensor([[3, 17, 255, 0]])
     torch.testing.assert_close(e(tokens)[0], w[tokens[0]])  # lookup = rows of the dequantized matrix
     x = torch.randn(2, 5, 64)
-    torch.testing.assert_close(model.lm_head(x), x @ w.T, atol=1e-4, rtol=1e-4)  # head = same matrix
+    torch.testing.assert_close(model.lm_head(x), x @ w.T, atol=1e-4, rtol=1e-4)  # head = same matrix (kernel rows)
+    big = torch.randn(2, 20, 64)
+    torch.testing.assert_close(model.lm_head(big), big @ w.T, atol=1e-4, rtol=1e-4)  # (reference rows)
+    assert (e.row_scale is not None) == row_scale and quantization_meta(report, cfg)["embedding_row_scale"] == row_scale
+    e.act8 = True  # the integer head: the kernel (few rows) against the act8 reference (many rows)
+    torch.testing.assert_close(model.lm_head(big[:, :3]), model.lm_head(big)[:, :3], atol=1e-4, rtol=1e-4)
+    assert (model.lm_head(big) - big @ w.T).abs().max() < 0.05 * (big @ w.T).abs().max()
+    e.act8 = False
     assert ((w - full) ** 2).sum() / (full**2).sum() < (0.05 if embed_bits == 4 else 0.01)
     # Every stored byte is counted, and the layout reloads from config.json alone.
     assert report.bpw == pytest.approx(stored_bits(model) / sum(p.numel() for p in tiny_model().parameters()))

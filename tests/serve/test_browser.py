@@ -1,11 +1,13 @@
 """The web playground in headless Chromium (Debian's `chromium`, driven by playwright): pick an adapter,
 send a message, and see the reply arrive in several streamed pieces with TTFT and tok/s shown.
 
-Skipped when playwright or a chromium binary is missing (playwright's own browser download cannot work here).
+Skipped when playwright or a chromium binary is missing (playwright's own browser download cannot work here), except
+under CI (`CI` set), where `.ci/run` installs Debian's chromium and a missing browser is a failure.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -14,6 +16,8 @@ httpx = pytest.importorskip("httpx")
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None and os.environ.get("CI"):
+    raise RuntimeError("CI must run the browser test: Debian's chromium is missing (.ci/run installs it: apt-get install chromium)")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
 
 # Count every change to the assistant's text: more than one means the reply was streamed in pieces.

@@ -17,6 +17,8 @@ SUITES = {
     "mtbench": "MT-Bench single-answer grading (1-10) with FastChat's judge prompts, both turns",
     "writing": "EQ-Bench creative-writing prompts scored 0-10 against their criteria by a judge",
     "judge-agreement": "the summary judge against DialSummEval human ratings (Spearman per dimension)",
+    "fidelity": "against --against (default full precision): perplexity on 3 domains, KL and top-1 on chat, a chat smoke set",
+    "gate": "fidelity + IFEval, pass/fail against the reference (what `make run` may serve); exit status 1 on a fail",
 }
 
 
