@@ -8,6 +8,8 @@ next to the checkpoint; `--plan plan.json` applies an edited plan instead of all
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"measured bpw: {report.bpw:.3f} over all weights (linears alone: {report.linear_bpw:.3f})")
     name = loaded.meta.get("name", Path(str(loaded.path)).name)
     out = Path(args.out) if args.out else pippin_home() / "models" / f"{name}-{args.bpw:g}bpw"
+    shutil.rmtree(out / "fidelity", ignore_errors=True)  # a report on the model this one replaces
+    if any((out / "adapters").glob("*/adapter_model.safetensors")):
+        print(f"warning: the adapters in {out / 'adapters'} were trained on the model this one replaces; retrain them", file=sys.stderr)
     save_pippin(loaded, out, extra_meta={"quantization": quantization_meta(report, cfg), "name": f"{name}-{args.bpw:g}bpw"})
     write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
     print(f"wrote {out}")

@@ -199,9 +199,9 @@ class SmokeItem:
     """At least `at_least` different words that start with one of these."""
     primes_above: int | None = None
     count: int = 0
-    """At least `count` different primes above `primes_above`."""
+    """At least `count` different primes above `primes_above`, and no other number (list markers aside)."""
     evens: int = 0
-    """At least this many different even numbers."""
+    """At least this many different even numbers, and no odd one (list markers aside)."""
 
     def check(self, reply: str) -> bool:
         flags = 0 if self.case else re.IGNORECASE
@@ -217,10 +217,13 @@ class SmokeItem:
         words = set(re.findall(r"[a-z]+", text.lower()))
         if self.at_least and len({o for o in self.of if any(w.startswith(o) for w in words)}) < self.at_least:
             return False
-        numbers = {int(s) for s in re.findall(r"\b\d{1,6}\b", text)}
-        if self.primes_above is not None and len({v for v in numbers if v > self.primes_above and _is_prime(v)}) < self.count:
-            return False
-        return not (self.evens and len({v for v in numbers if v % 2 == 0}) < self.evens)
+        # Numbers named in the reply, without list markers ("1. ", "2) " at a line's start): counting to 20 is no answer.
+        numbers = {int(s) for s in re.findall(r"\b\d{1,6}\b", re.sub(r"(?m)^\s*\d+[.)]\s", "", text))}
+        if self.primes_above is not None:
+            good = {v for v in numbers if v > self.primes_above and _is_prime(v)}
+            if len(good) < self.count or numbers - good:
+                return False
+        return not (self.evens and (len({v for v in numbers if v % 2 == 0}) < self.evens or any(v % 2 for v in numbers)))
 
 
 def _is_prime(v: int) -> bool:

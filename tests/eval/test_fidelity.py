@@ -116,8 +116,10 @@ def test_perplexity_is_exp_of_the_mean_cross_entropy():
         (SmokeItem(id="c", prompt="", any=["tokyo"]), "The capital is Tokyo.", "It is Kyoto."),
         (SmokeItem(id="u", prompt="", any=["HELLO"], case=True), "HELLO", "hello"),
         (SmokeItem(id="y", prompt="", any=[r"^\W*yes\b"]), "Yes, it is.", "Well, yes."),
-        (SmokeItem(id="p", prompt="", primes_above=10, count=3), "11, 13 and 17", "11, 13 and 15"),
+        (SmokeItem(id="p", prompt="", primes_above=10, count=3), "1. 11\n2. 13\n3. 17", "11, 13 and 15"),
+        (SmokeItem(id="p2", prompt="", primes_above=10, count=3), "11, 13, 17 and 19", "1, 2, 3, 11, 12, 13, 14, 17"),
         (SmokeItem(id="e", prompt="", evens=3), "2, 4, 6", "2, 4, 4, 5"),
+        (SmokeItem(id="e2", prompt="", evens=3), "1) 2\n2) 4\n3) 8", "1, 2, 3, 4, 5, 6"),
         (SmokeItem(id="f", prompt="", at_least=3, of=["apple", "banana", "cherr"]), "Apples, bananas, cherries", "apple apple banana"),
         (SmokeItem(id="s", prompt="", any=[r"\bstar\b"], none=[r"is a planet"]), "The Sun is a star.", "The Sun is a planet, not a star."),
     ],
@@ -184,3 +186,17 @@ def test_gate_thresholds():
     assert GateConfig().failures({**ok, "ppl dialogue": 11.01}, ref) == ["dialogue perplexity 11.01 > 10.00 + 10%"]
     assert len(GateConfig().failures({**ok, "top-1 %": 89.9, "empty %": 1.5, "ifeval prompt strict %": 18.4}, ref)) == 3
     assert "top-1 agreement n/a" in GateConfig().failures({k: v for k, v in ok.items() if k != "top-1 %"}, ref)[0]
+
+
+def test_summary_reads_the_report_that_compress_writes(tmp_path, data):
+    from pippin.eval.fidelity import summary
+    from pippin.eval.report import write_report
+
+    assert summary(tmp_path / "none") is None
+    base = tiny_model(0)
+    ref = TinySystem(base, "pippin:ref")
+    same = TinySystem(copy.deepcopy(base), "pippin:same")
+    write_report(suite_module("fidelity").run(ctx_for(tmp_path, data, [same], ref), SMALL), tmp_path / "m" / "fidelity", plots=False)
+    assert summary(tmp_path / "m") == "top-1 100.00 %, worst perplexity 1.00×, empty 0.00 %: meets the quality gate's fidelity checks"
+    (tmp_path / "m" / "fidelity" / "results.json").write_text("{")
+    assert summary(tmp_path / "m").startswith("unreadable fidelity report")
