@@ -200,3 +200,13 @@ def test_summary_reads_the_report_that_compress_writes(tmp_path, data):
     assert summary(tmp_path / "m") == "top-1 100.00 %, worst perplexity 1.00×, empty 0.00 %: meets the quality gate's fidelity checks"
     (tmp_path / "m" / "fidelity" / "results.json").write_text("{")
     assert summary(tmp_path / "m").startswith("unreadable fidelity report")
+
+
+def test_fidelity_needs_logits_and_a_reference(tmp_path, data):
+    from tests.eval.stubs import StubSystem
+
+    ref = TinySystem(tiny_model(0), "pippin:ref")
+    with pytest.raises(PippinError, match="must be a pippin model"):
+        suite_module("fidelity").run(ctx_for(tmp_path, data, [StubSystem(spec="openai:x")], ref), SMALL)
+    with pytest.raises(PippinError, match="needs a reference"):
+        suite_module("fidelity").run(ctx_for(tmp_path, data, [ref], None), SMALL)
