@@ -183,14 +183,15 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> Adapter:
         A, B = ab["A"], ab["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise PippinError(f"{path}: module {mod} has mismatched LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)}.")
+        A, B = A.half(), B.half()  # served in fp16: a finite fp32 weight past 65504 becomes inf here, so check after
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise PippinError(f"{path}: module {mod} has non-finite LoRA weights (corrupt or diverged training).")
+            raise PippinError(f"{path}: module {mod} has LoRA weights that are not finite in fp16 (corrupt, diverged, or beyond ±65504).")
         r = A.shape[0]
         alpha = _pattern_value(alpha_pat, mod, config.alpha)
         expected_r = int(_pattern_value(rank_pat, mod, config.rank))
         if r != expected_r:
             raise PippinError(f"{path}: module {mod} has rank {r} but the config says {expected_r}.")
-        weights[mod] = (A.half(), B.half())
+        weights[mod] = (A, B)
         scales[mod] = alpha / (r**0.5 if config.use_rslora else r)
     meta = _read_json(path / PIPPIN_FILE) if (path / PIPPIN_FILE).is_file() else {}
     meta.pop("format", None), meta.pop("format_version", None)

@@ -91,6 +91,8 @@ class Metrics:
         with self._lock:
             if not self._recent or now - self._recent[-1][0] > 0.1:  # a snapshot per 100 ms for the tok/s gauge
                 self._recent.append((now, self.generation_tokens))
+                while now - self._recent[0][0] > self.window_s:  # bounded whether or not /metrics is scraped
+                    self._recent.popleft()
             self.generation_tokens += n
 
     def generation_done(self, *, prompt_tokens: int, ttft_s: float | None, total_s: float, completion_tokens: int) -> None:

@@ -126,6 +126,20 @@ def test_save_load_roundtrip_is_peft_shaped(tmp_path):
         assert b.scales[mod] == pytest.approx(a.scales[mod])
 
 
+def test_weights_beyond_fp16_are_refused(tmp_path):
+    """A finite fp32 weight past fp16's range would be served as inf: the check comes after the fp16 cast."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = served()
+    save_adapter(random_adapter(model, "big", seed=1), tmp_path / "big")
+    tensors = {k: v.float() for k, v in load_file(tmp_path / "big" / WEIGHTS_FILE).items()}
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = 1e6
+    save_file(tensors, tmp_path / "big" / WEIGHTS_FILE)
+    with pytest.raises(PippinError, match="not finite in fp16"):
+        load_adapter(tmp_path / "big")
+
+
 def _peft_model(model: nn.Module, peft_dir=None, *, init: bool = True):
     peft = pytest.importorskip("peft")
     from tests.model.test_transformer import hf_twin
