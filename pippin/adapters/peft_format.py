@@ -105,27 +105,34 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
 def _patterns(raw: dict[str, Any], field: str, path: Path) -> dict[str, float]:
-    """PEFT's rank_pattern / alpha_pattern, validated: short regex keys, numeric values."""
+    """PEFT's rank_pattern / alpha_pattern, validated: module names (or dotted suffixes of them), numeric values.
+
+    PEFT compiles the keys as regexes; a key such as `([a-z_.0-9]+)+!` then backtracks exponentially in the
+    length of a module name, under the GIL. The keys PEFT writes are plain names, so only those are accepted."""
     pats = raw.get(field) or {}
     if not isinstance(pats, dict):
-        raise PippinError(f"{path / CONFIG_FILE}: {field} must be an object of {{module pattern: number}}.")
+        raise PippinError(f"{path / CONFIG_FILE}: {field} must be an object of {{module name: number}}.")
     out = {}
     for key, value in pats.items():
         if not isinstance(key, str) or len(key) > 200 or isinstance(value, bool) or not isinstance(value, int | float):
-            raise PippinError(f"{path / CONFIG_FILE}: {field} entry {key!r}: {value!r} is not a short pattern and a number.")
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise PippinError(f"{path / CONFIG_FILE}: {field} key {key!r} is not a valid pattern ({e}).") from None
+            raise PippinError(f"{path / CONFIG_FILE}: {field} entry {key!r}: {value!r} is not a short module name and a number.")
+        if not _MODULE_NAME.fullmatch(key):
+            raise PippinError(
+                f"{path / CONFIG_FILE}: {field} key {key!r} is not a module name; pippin takes names such as "
+                "'q_proj' or 'layers.3.mlp.down_proj' there, not regular expressions."
+            )
         out[key] = float(value)
     return out
 
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
-    """A pattern key matches a module name ending in it (as PEFT matches rank_pattern / alpha_pattern)."""
+    """A key matches a module name that is it or ends in '.' + it (PEFT's matching, for plain names)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?(?:{key})$", module):
+        if module == key or module.endswith("." + key):
             return value
     return default
 

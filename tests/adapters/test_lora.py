@@ -140,6 +140,25 @@ def test_weights_beyond_fp16_are_refused(tmp_path):
         load_adapter(tmp_path / "big")
 
 
+def test_alpha_and_rank_patterns_are_module_names_not_regexes(tmp_path):
+    model, _ = served()
+    a = random_adapter(model, "pat", seed=2)
+    save_adapter(a, tmp_path / "pat")
+    cfg_path = tmp_path / "pat" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["alpha_pattern"] = {"q_proj": 3 * cfg["lora_alpha"], "layers.1.mlp.down_proj": 2 * cfg["lora_alpha"]}
+    cfg_path.write_text(json.dumps(cfg))
+    b = load_adapter(tmp_path / "pat")
+    for mod, scale in b.scales.items():
+        want = 3 if mod.endswith("q_proj") else 2 if mod.endswith("layers.1.mlp.down_proj") else 1
+        assert scale == pytest.approx(want * a.scales[mod]), mod
+    # A regex that backtracks exponentially on module names (the old code compiled and ran it, and hung).
+    cfg["rank_pattern"] = {"([a-z_.0-9]+)+!": 4}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(PippinError, match="not a module name"):
+        load_adapter(tmp_path / "pat")
+
+
 def _peft_model(model: nn.Module, peft_dir=None, *, init: bool = True):
     peft = pytest.importorskip("peft")
     from tests.model.test_transformer import hf_twin
