@@ -106,8 +106,9 @@ class KVCache:
 
     def all_slots(self) -> tuple | None:
         """`block_slots` for every layer at once: the whole (L, B, H_kv, S, D) buffers (and (L, B, H_kv, S) scales),
-        for one fused call over all blocks of a decode step. None if a buffer is not contiguous."""
-        if not all(t.is_contiguous() for t in self._buffers()):
+        for one fused call over all blocks of a decode step; a view over the first rows of a bigger cache (continuous
+        batching) passes as is. None if a row's slots are not contiguous."""
+        if not all(t[0, 0].is_contiguous() and t.stride(1) == t[0, 0].numel() for t in self._buffers()):
             return None
         ks, vs = (self.k_scale, self.v_scale) if self.kv8 else (None, None)
         if self._start is not None:

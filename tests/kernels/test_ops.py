@@ -12,6 +12,7 @@ from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
 from pippin.kernels.modules import KernelBlock, KernelLinear, use_kernels_
+from pippin.model.transformer import Transformer
 from tests.conftest import fused_block_calls, tiny_model
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
@@ -147,3 +148,35 @@ def test_decode_plan_fused_step_equals_the_reference_for_ragged_rows_and_any_thr
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_decode_plan_runs_the_first_rows_of_a_bigger_cache(kv8):
+    """Continuous batching decodes the rows in use, a view over the first rows of a cache with room for more: the
+    one-call step must take that view (it fell back to a call per block before) and equal the reference."""
+    ref, fast = tiny_model(seed=5), tiny_model(seed=5)
+    use_kernels_(fast)
+    lengths = torch.tensor([4, 7])
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
+
+    def run(model, rows: int) -> list[torch.Tensor]:  # noqa: ANN001
+        view = KVCache(model.config, batch_size=rows, max_len=32, kv8=kv8).first_rows(2)
+        out = [prefill(model, tokens[:, :7], lengths, view)]
+        for t in range(4):
+            out.append(decode_step(model, tokens[torch.arange(2), lengths + t], view))
+        return out
+
+    want = run(ref, 2)
+    block_by_block = []
+    real = Transformer.features
+
+    def spy(self, tokens, **kw):  # noqa: ANN001, ANN202
+        block_by_block.append(tokens.shape[1] == 1)
+        return real(self, tokens, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Transformer, "features", spy)
+        got = run(fast, 5)
+    assert True not in block_by_block  # no decode step left the one-call plan
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -321,12 +321,14 @@ def test_model_level_decode_plan_follows_lut_and_act8_changes():
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-@pytest.mark.parametrize(("n", "k", "group", "rows"), [(48, 64, 16, 1), (33, 192, 1, 1), (80, 128, 16, 3), (7, 64, 1, 16)])
+@pytest.mark.parametrize(
+    ("n", "k", "group", "rows"), [(48, 64, 16, 1), (33, 192, 1, 1), (80, 128, 16, 3), (7, 64, 1, 16), (32, 128, 16, 45)]
+)
 def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     # The integer kernel reads 2-, 3- and 4-bit indices straight from the packed bitstream (each width in
     # its own byte order, with x quantized to match), and 6- and 8-bit layers from their expanded bytes: it must
     # equal the PyTorch reference of the same numerics for odd row counts (the two-rows-at-a-time loop's tail),
-    # per-row LUTs and batched rows.
+    # per-row LUTs and batched rows (45: a prefill, which runs on the kernel too).
     g = torch.Generator().manual_seed(bits * 100 + n)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
     lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
@@ -334,6 +336,8 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     assert lin.uses_act8_kernel()
     ref = lin._act8_reference(x)
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
+    w_k, lut_k, scale_k, bits_k = lin.act8_kernel_args()
+    torch.testing.assert_close(ops().lut_gemv_act8(x, w_k, lut_k, scale_k, bits_k, group), ref, atol=1e-4, rtol=1e-4)
     exact = F.linear(x, lin.dequantize())
     assert (ref - exact).abs().max() < 0.05 * exact.abs().max()
     # The reference itself, written out: x rounded to 7 bits with a scale per 64 features, times the int8 LUT rows

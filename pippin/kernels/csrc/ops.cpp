@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -634,7 +636,6 @@ Act8Proj act8_proj(const at::Tensor& packed, const at::Tensor& lut_i8, const at:
 // parallel region covers all their rows (one fork/join instead of one per projection).
 void act8_multi(const at::Tensor& x, const std::vector<Act8Proj>& projs, float* y, int64_t ldy) {
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= 16, "lut_gemv_act8: at most 16 rows");
   Act8 qx[9];  // by bits (2, 3, 4, 8)
   std::vector<int64_t> offset(projs.size() + 1, 0);
   for (size_t j = 0; j < projs.size(); ++j) {
@@ -1172,6 +1173,39 @@ StepProj step_proj(const at::Tensor& w, const Opt& lut, const Opt& lut_scale, in
 // cache's whole (L, B, H_kv, S, D) buffers. With one token per row every layer runs in one parallel region
 // (fused_step); otherwise (speculative verification) block by block.
 
+// Contiguous but for dim 1 (rows): the first rows of a contiguous (L, B_max, ...) buffer.
+bool row_prefix(const at::Tensor& t) {
+  int64_t expect = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expect) return false;
+    expect *= t.size(d);
+  }
+  return t.dim() < 1 || t.size(0) == 1 || t.stride(0) >= expect;
+}
+
+// A spinning barrier for the fused step's phases. libgomp's own barrier spins only 100 rounds before sleeping in the
+// kernel once it manages more threads than the machine has cores, which any second thread that ever ran a parallel
+// region brings about (the server's worker next to the main thread): every phase then paid a futex wake-up, and a
+// decode step ran 25-35 % slower on the server's thread than on the main one. This one spins (pausing), and yields
+// the core after a while so an oversubscribed machine still makes progress.
+struct SpinBarrier {
+  std::atomic<int> arrived{0}, phase{0};
+
+  void wait(int n) {
+    if (n <= 1) return;
+    const int p = phase.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(p + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase.load(std::memory_order_acquire) == p;) {
+      _mm_pause();
+      if (++spins == 1 << 14) spins = 0, std::this_thread::yield();
+    }
+  }
+};
+
 struct DecodePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> norm1, norm2;
   std::vector<Proj7> weights;
@@ -1261,8 +1295,9 @@ struct DecodePlan : torch::CustomClassHolder {
     KT *kc = k.data_ptr<KT>(), *vc = v.data_ptr<KT>();
     float* ksc = k_scale.has_value() ? k_scale->data_ptr<float>() : nullptr;
     float* vsc = v_scale.has_value() ? v_scale->data_ptr<float>() : nullptr;
-    const int64_t layer_kv = M * Hkv * S_max;  // slots per layer
+    const int64_t layer_kv = k.stride(0) / hd;  // slots per layer: the buffer's rows may outnumber the step's
     const int threads = at::in_parallel_region() ? 1 : int(at::get_num_threads());
+    SpinBarrier bar;
 #pragma omp parallel num_threads(threads)
     {
       const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -1279,7 +1314,7 @@ struct DecodePlan : torch::CustomClassHolder {
           lora_down(lo[j], slot.data(), in, K, lh.data() + j * M * lora_rank, a, b);
         }
         if (any) {
-#pragma omp barrier
+          bar.wait(int(nt));
         }
       };
       auto lora_rows = [&](const StepLora& lo, int j, float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -1311,7 +1346,7 @@ struct DecodePlan : torch::CustomClassHolder {
             lora_rows(LO[j], j, qkv.data() + off[j], W, n0, n1);
           }
         }
-#pragma omp barrier
+        bar.wait(int(nt));
         // RoPE on q and k heads; each k / v head into its cache slot
         {
           const auto [a, b] = share(M * (H + Hkv), nt, tid, 1);
@@ -1336,15 +1371,15 @@ struct DecodePlan : torch::CustomClassHolder {
             }
           }
         }
-#pragma omp barrier
+        bar.wait(int(nt));
         {
           const auto [a, b] = share(M * H, nt, tid, 1);
           attend_units<KT>(qkv.data(), W, kc + l * layer_kv * hd, vc + l * layer_kv * hd, ksc ? ksc + l * layer_kv : nullptr,
                            vsc ? vsc + l * layer_kv : nullptr, attn.data(), starts.data(), 1, H, Hkv, hd, S_max, p.data(), a, b);
         }
-#pragma omp barrier
+        bar.wait(int(nt));
         residual(P, LO, 3, attn.data(), Wq);
-#pragma omp barrier
+        bar.wait(int(nt));
         // SwiGLU: gate and up rows of the same features on the same thread, then silu(gate) * up there
         for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm2[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
         ab.reset();
@@ -1357,9 +1392,9 @@ struct DecodePlan : torch::CustomClassHolder {
           lora_rows(LO[5], 5, gu.data() + F, 2 * F, a, b);
           for (int64_t m = 0; m < M; ++m) silu_mul_range(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, act.data() + m * F, a, b);
         }
-#pragma omp barrier
+        bar.wait(int(nt));
         residual(P, LO, 6, act.data(), F);
-#pragma omp barrier
+        bar.wait(int(nt));
       }
     }
     return x.view(x_in.sizes());
@@ -1388,14 +1423,17 @@ struct DecodePlan : torch::CustomClassHolder {
     }
     // One token per row: the fused step (from 8 rows a dense fp32 projection is faster as a GEMM: the per-block path).
     if (fused && x.dim() == 3 && x.size(1) == 1 && B <= 16 && !(dense_fp32 && B >= 8)) {
-      TORCH_CHECK(k.size(1) == B && k.is_contiguous() && v.is_contiguous() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kChar) &&
-                      v.scalar_type() == k.scalar_type(),
-                  "DecodePlan: the cache must be contiguous fp32 or int8 (L, B, H_kv, S, D)");
+      // The first B rows of a bigger (L, B_max, H_kv, S, D) buffer are fine: a continuously batched cache runs its
+      // rows in use; each row's slots stay contiguous and layers are k.stride(0) apart.
+      TORCH_CHECK(k.size(1) == B && row_prefix(k) && row_prefix(v) && v.strides() == k.strides() &&
+                      (k.scalar_type() == at::kFloat || k.scalar_type() == at::kChar) && v.scalar_type() == k.scalar_type(),
+                  "DecodePlan: the cache must be fp32 or int8 (L, B, H_kv, S, D), contiguous but for its row count");
       TORCH_CHECK(k.size(2) == n_kv_heads, "DecodePlan: the cache has ", k.size(2), " kv heads, the model ", n_kv_heads);
       const bool int8 = k.scalar_type() == at::kChar;
-      TORCH_CHECK(!int8 || (kv8 && k_scale->is_contiguous() && v_scale->is_contiguous() && k_scale->scalar_type() == at::kFloat &&
-                            v_scale->scalar_type() == at::kFloat && k_scale->sizes() == k.sizes().slice(0, 4) && v_scale->sizes() == k_scale->sizes()),
-                  "DecodePlan: an int8 cache needs contiguous fp32 scales (L, B, H_kv, S) for k and v");
+      TORCH_CHECK(!int8 || (kv8 && row_prefix(*k_scale) && v_scale->strides() == k_scale->strides() && k_scale->stride(0) * k.size(4) == k.stride(0) &&
+                            k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                            k_scale->sizes() == k.sizes().slice(0, 4) && v_scale->sizes() == k_scale->sizes()),
+                  "DecodePlan: an int8 cache needs fp32 scales (L, B, H_kv, S) for k and v laid out as the cache");
       std::vector<int64_t> starts(B, start);
       if (row_starts.has_value()) {
         TORCH_CHECK(row_starts->scalar_type() == at::kLong && row_starts->numel() == B, "DecodePlan: row_starts must be int64 (B,)");
