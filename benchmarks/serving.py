@@ -4,8 +4,11 @@ Starts the server as a subprocess (the 3.5 bpw model and its adapters), then for
 many OpenAI-style streaming chat clients at once, each sending requests back to back for `--seconds`, each
 request naming an adapter in turn (or none). Reports total generated tok/s, p50/p99 time to first token, and
 the server's resident memory sampled every second (flat memory = no leak). Speculative decoding is measured
-separately in-process (greedy, identical text required).
+separately in-process (greedy, identical text required). `--single N` first times N rounds of one streamed request
+through the official openai client against `pippin generate` on the same model and prompt (tok/s after the first
+token, TTFT, and whether the texts are identical), interleaved.
   python benchmarks/serving.py --model PATH --clients 1,16 --seconds 60 --out docs/benchmarks/serving.json
+  python benchmarks/serving.py --model PATH --clients '' --single 5 --max-tokens 128 --out docs/benchmarks/stream.json
 """
 
 from __future__ import annotations
@@ -37,6 +40,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kernel_variant() -> str:
+    from pippin.kernels import variant
+
+    return variant()
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def rss_mb(pid: int) -> float:
@@ -113,6 +129,93 @@ async def load(url: str, models: list[str], n_clients: int, seconds: float, max_
     }
 
 
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def served_once(url: str, prompt: str, max_tokens: int) -> dict:
+    """One streamed chat completion through the official openai client, timed as its user sees it."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    t0 = time.perf_counter()
+    first = last = None
+    text, n = [], 0
+    stream = client.chat.completions.create(
+        model="bench",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            last = time.perf_counter()
+            first = first or last
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    return {"ttft_s": first - t0, "tok_s": (n - 1) / (last - first) if n > 1 else None, "tokens": n, "text": "".join(text)}
+
+
+def engine_once(model: str, prompt: str, max_tokens: int, threads: int) -> dict:
+    """The same request through `pippin generate --json` (its own process): the engine's figure."""
+    cmd = [sys.executable, "-m", "pippin", "generate", "--model", model, "--threads", str(threads), "--json", "--temperature", "0"]
+    out = subprocess.run([*cmd, "--max-new-tokens", str(max_tokens), prompt], capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    st = d["stats"]
+    return {"ttft_s": st["ttft_s"], "tok_s": st["decode_tok_s"], "tokens": st["generated_tokens"], "text": d["text"]}
+
+
+def single_stream(url: str, args) -> dict:
+    """One client at a time, interleaved with `pippin generate` on the same model and prompt, in rounds."""
+    rows = []
+    for r in range(args.single):
+        for prompt in PROMPTS[:3]:
+            eng = engine_once(args.model, prompt, args.max_tokens, args.threads)
+            srv = served_once(url, prompt, args.max_tokens)
+            rows.append({"round": r, "prompt": prompt, "engine": eng, "served": srv, "same_text": eng["text"] == srv["text"]})
+            brief = {k: {a: b for a, b in v.items() if a != "text"} if isinstance(v, dict) else v for k, v in rows[-1].items()}
+            print(json.dumps(brief), file=sys.stderr)
+    eng_tok, srv_tok = _median([x["engine"]["tok_s"] for x in rows]), _median([x["served"]["tok_s"] for x in rows])
+    eng_ttft, srv_ttft = _median([x["engine"]["ttft_s"] for x in rows]), _median([x["served"]["ttft_s"] for x in rows])
+    return {
+        "rows": rows,
+        "engine_tok_s": eng_tok,
+        "served_tok_s": srv_tok,
+        "served_vs_engine": srv_tok / eng_tok,
+        "engine_ttft_s": eng_ttft,
+        "served_ttft_s": srv_ttft,
+        "same_text": all(x["same_text"] for x in rows),
+    }
+
+
+def engine_warm_ttft(args) -> float:
+    """The engine's time to first token for the same chat prompts once warm (in this process, after the server
+    stopped): prefill plus the first sample, the floor a served TTFT is held against."""
+    import torch
+
+    from pippin.api import load_any
+    from pippin.engine.engine import Engine
+    from pippin.engine.sampling import SamplingParams
+    from pippin.kernels.modules import use_kernels_
+
+    torch.set_num_threads(args.threads)
+    lm = load_any(args.model)
+    use_kernels_(lm.model)
+    engine = Engine(lm.model, max_len=2048)
+    params = SamplingParams(max_new_tokens=1)
+    out = []
+    for r in range(args.single + 1):
+        for prompt in PROMPTS[:3]:
+            engine.generate_ids([lm.tokenizer.encode_chat([{"role": "user", "content": prompt}])], params)
+            if r:  # round 0 warms up
+                out.append(engine.last_stats.ttft_s)
+    return _median(out)
+
+
 def speculative(args) -> dict:
     import torch
 
@@ -162,6 +265,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--speculative", action="store_true", help="also measure speculative decoding (draft = --model)")
+    ap.add_argument("--single", type=int, default=0, help="rounds of one streamed request against `pippin generate` (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     port = free_port()
@@ -178,8 +282,9 @@ def main() -> None:
                 time.sleep(0.5)
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"].startswith("bench")]
         print(f"models: {models}", file=sys.stderr)
+        single = single_stream(url, args) if args.single else None
         runs = []
-        counts = [int(c) for c in args.clients.split(",")]
+        counts = [int(c) for c in args.clients.split(",") if c]
         secs = [float(x) for x in args.seconds.split(",")]
         secs = secs * len(counts) if len(secs) == 1 else secs
         for n, sec in zip(counts, secs):
@@ -189,15 +294,19 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    base = runs[0]["tok_s"]
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "kernels": kernel_variant(),
         "threads": args.threads,
         "models": models,
+        "single_stream": single,
         "runs": runs,
-        "scaling_vs_first": {r["clients"]: r["tok_s"] / base for r in runs},
+        "scaling_vs_first": {r["clients"]: r["tok_s"] / runs[0]["tok_s"] for r in runs},
     }
+    if single is not None:
+        single["engine_warm_ttft_s"] = engine_warm_ttft(args)
     if args.speculative:
         report["speculative"] = speculative(args)
     print(json.dumps(report, indent=2, default=str))

@@ -65,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
     import socket
+    import time
 
     import torch
     import uvicorn
@@ -85,6 +86,9 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
         sock.close()
         raise PippinError(f"Cannot listen on {config.host}:{config.port} ({e.strerror}); pick another --port or --host.") from None
     service = Service.from_config(config)
+    t0 = time.perf_counter()
+    service.warm_up()
+    print(f"  warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     app = create_app(service)
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{sock.getsockname()[1]}/"

@@ -1,8 +1,11 @@
-"""The text layer over the engine: prompts or chat messages in, streamed text deltas and stats out.
+"""The text layer over the engine: token ids in, streamed text out, with stop strings; one implementation for all.
 
-Detokenizes incrementally (holding back an incomplete UTF-8 sequence), cuts at stop strings (holding
-back text that may be the start of one), and ends with a `Final` record carrying the full text and the
-engine's stats (prompt tokens, TTFT, prefill and decode tok/s). The engine below it only sees ids.
+`TextStream` turns one sample's token ids into text incrementally: each new token decodes only a short window of ids
+(vLLM's prefix/read offsets, as mlx-lm's streaming detokenizer), so a reply costs O(1) per token; text that ends in an
+unfinished UTF-8 sequence, or that could still grow into a stop string, is held back until the next token settles it;
+at a stop string the text is cut right before it and `stopped` is set. The CLI (`stream_ids`), the server's sinks and
+eval's batched replies all use it. `stream_ids` ends with a `Final` record carrying the full text and the engine's
+stats (prompt tokens, TTFT, prefill and decode tok/s). The engine below only sees ids.
 """
 
 from __future__ import annotations
@@ -39,14 +42,62 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
+class TextStream:
+    """Feed token ids with `push`; it returns the text that is safe to show now."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        """Everything decoded so far (cut at the stop string once one matched)."""
+        self.emitted = 0
+        """Characters of `text` already returned."""
+        self.stopped = False
+        self._prefix = 0  # ids[_prefix:_read] decode to text already counted
+        self._read = 0
+
+    def push(self, token: int) -> str:
+        """Add one token; return the newly safe text ('' while it is held back)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix :])
+        if now.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next byte
+            return ""
+        delta = now[len(before) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        start = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += delta
+        if self.stop:
+            cut = min((i for s in self.stop if (i := self.text.find(s, start)) >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.stopped = True
+                return self._take(len(self.text))
+        return self._take(len(self.text) - held_back(self.text, self.stop))
+
+    def flush(self) -> str:
+        """The held-back rest, when the sample ends without a stop string."""
+        if not self.stopped and self._read < len(self.ids):  # a trailing partial character
+            self.text += self.tokenizer.decode(self.ids[self._prefix :])[len(self.tokenizer.decode(self.ids[self._prefix : self._read])) :]
+            self._read = len(self.ids)
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        out = self.text[self.emitted : upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return out
+
+
 def stream_ids(
     engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, *, adapter: str | None = None
 ) -> Iterator[Delta | Final]:
     """Stream the reply to one prompt given as ids (with the named LoRA adapter, if any)."""
     stop_ids = set(engine.eos_ids)
-    ids: list[int] = []
-    emitted = 0
-    text = ""
+    text = TextStream(tokenizer, params.stop)
     finish = "length"
     steps = engine.generate([prompt_ids], params, adapters=[adapter])
     for step in steps:
@@ -54,25 +105,18 @@ def stream_ids(
         if not params.ignore_eos and tok in stop_ids:
             finish = "stop"
             break
-        ids.append(tok)
-        text = tokenizer.decode(ids)
-        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
+        if delta := text.push(tok):
+            yield Delta(text=delta)
+        if text.stopped:
+            finish = "stop"
             break
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its next byte
-            continue
-        safe = len(text) - held_back(text, params.stop)
-        if safe > emitted:
-            yield Delta(text=text[emitted:safe])
-            emitted = safe
     steps.close()  # finalises the engine's stats even when we stopped early
-    if len(text) > emitted:
-        yield Delta(text=text[emitted:])
+    if rest := text.flush():
+        yield Delta(text=rest)
     stats = engine.last_stats
     if finish == "stop":
         stats.finish_reasons = ["stop"]
-    yield Final(text=text, token_ids=ids, finish_reason=finish, stats=stats)
+    yield Final(text=text.text, token_ids=text.ids, finish_reason=finish, stats=stats)
 
 
 def stream_text(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from pippin.engine.sampling import SamplingParams
+from pippin.engine.stream import TextStream
 from pippin.errors import PippinError
 
 if TYPE_CHECKING:
@@ -73,12 +74,6 @@ def sampling_dict(params: SamplingParams) -> dict:
         "stop": list(params.stop),
         "ignore_eos": params.ignore_eos,
     }
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first stop string (which is not returned)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 def _fingerprint(paths: Sequence[Path]) -> str:
@@ -168,14 +163,14 @@ class PippinSystem:
                 eos_ids=self.engine.eos_ids,
                 kv8=self.engine.kv8,
             )
-        sinks = [_Collect() for _ in prompts]
+        sinks = [_Collect(self.tokenizer, params.stop) for _ in prompts]
         self._scheduler.submit_many([(ids, params, self.adapter, 1, sink) for ids, sink in zip(prompts, sinks)])
         while self._scheduler.has_work:
             self._scheduler.step()
         for sink in sinks:
             if sink.error is not None:
                 raise PippinError(f"{self.spec}: {sink.error}")
-        return [cut_at_stop(self.tokenizer.decode(sink.ids), params.stop) for sink in sinks]
+        return [sink.reply() for sink in sinks]
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -202,15 +197,19 @@ class PippinSystem:
 
 
 class _Collect:
-    """A scheduler sink that keeps one reply's token ids."""
+    """A scheduler sink that keeps one reply's text, ending the row at a stop string (as the server does)."""
 
-    def __init__(self) -> None:
-        self.ids: list[int] = []
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+        self.text = TextStream(tokenizer, tuple(stop))
         self.error: Exception | None = None
 
     def token(self, index: int, token: int) -> bool:
-        self.ids.append(token)
-        return True
+        self.text.push(token)
+        return not self.text.stopped
+
+    def reply(self) -> str:
+        self.text.flush()
+        return self.text.text
 
     def finish(self, index: int, reason: str) -> None:
         pass

@@ -60,3 +60,8 @@ def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or
             log.warning("pippin kernels unavailable, using the PyTorch reference path: %s", e)
     _state["ops"] = result
     return result
+
+
+def variant() -> str:
+    """Which kernel code runs here, for benchmark reports: one AVX2 + FMA build today, or the PyTorch reference."""
+    return "avx2-fma" if ops() is not None else "reference (PyTorch)"

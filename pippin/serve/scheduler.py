@@ -6,7 +6,7 @@ variable otherwise; control calls (adapter load/unload) run on it between steps.
 a step fails the requests of that step and the loop goes on.
 
 `Generation` is one HTTP request seen from the event loop: a sink per prompt turns token ids into text
-(pippin.serve.text, stop strings included) on the worker thread and posts events to an asyncio queue
+(pippin.engine.stream.TextStream, stop strings included) on the worker thread and posts events to an asyncio queue
 with `call_soon_threadsafe`. Cancelling it (client gone) frees its rows at the next step.
 """
 
@@ -24,10 +24,10 @@ from typing import Any
 
 from pippin.engine.sampling import SamplingParams
 from pippin.engine.scheduler import BatchScheduler, Ticket
+from pippin.engine.stream import TextStream
 from pippin.model.tokenizer import Tokenizer
 from pippin.serve.metrics import Metrics
 from pippin.serve.protocol import ApiError
-from pippin.serve.text import TextStream
 
 log = logging.getLogger(__name__)
 

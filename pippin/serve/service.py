@@ -120,6 +120,12 @@ class Service:
         bases = [load_base(spec, config, adapters_dir=config.adapters_dir if i == 0 else None) for i, spec in enumerate(config.models)]
         return cls(config, bases)
 
+    def warm_up(self) -> None:
+        """One short chat request per base model, before the worker starts and the port opens: the first client
+        gets the served speed, not the kernels' first-call costs."""
+        for b in self.bases.values():
+            b.scheduler.warm_up(b.tokenizer.encode_chat([{"role": "user", "content": "Say hello in one short sentence."}]))
+
     def start(self) -> None:
         self.worker.start()
 

@@ -191,3 +191,20 @@ def test_a_request_whose_sampling_fails_fails_alone(monkeypatch):
     run_until_idle(sched)
     assert isinstance(bad.error, PippinError) and "Sampling failed" in str(bad.error)
     assert len(ok.tokens[0]) == 6 and ok.reasons == {0: "length"}
+
+
+def test_warm_up_leaves_no_trace():
+    """The server warms each model up with one short request: afterwards no row is taken, the stats start from zero,
+    and the next request is exactly what it would have been."""
+    model = tiny_model(seed=8)
+    sched = BatchScheduler(model, max_batch=2, max_len=64)
+    sched.warm_up([4, 5, 6, 7], steps=3)
+    assert not sched.has_work and sched.stats.steps == 0 and sched.stats.prefills == 0 and int(sched.lengths.sum()) == 0
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    rec = Recorder()
+    sched.submit([9, 8, 7], params, sink=rec)
+    run_until_idle(sched)
+    assert rec.tokens[0] == alone(Engine(model, max_len=64), [9, 8, 7], params)
+    sched.submit([1, 2], params, sink=Recorder())
+    with pytest.raises(PippinError, match="before any request"):
+        sched.warm_up([4, 5])

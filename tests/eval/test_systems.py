@@ -9,7 +9,7 @@ from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 from pippin.eval.runner import Request, run_requests
-from pippin.eval.systems import EndpointError, OpenAISystem, PippinSystem, System, cut_at_stop, parse_spec
+from pippin.eval.systems import EndpointError, OpenAISystem, PippinSystem, System, parse_spec
 from tests.conftest import tiny_model
 from tests.eval.stubs import ByteTokenizer, ChatServer, completion, last_user
 
@@ -44,11 +44,6 @@ def test_parse_spec(text, kind, model, adapter, url):
 def test_parse_spec_errors(text, message):
     with pytest.raises(PippinError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_spec(text)
-
-
-def test_cut_at_stop():
-    assert cut_at_stop("abc STOP def END", ["END", "STOP"]) == "abc "
-    assert cut_at_stop("abc", ["x"]) == "abc"
 
 
 def test_openai_system_speaks_chat_completions():
@@ -115,6 +110,17 @@ def test_pippin_system_batched_equals_one_at_a_time(tiny_system):
     single = [tiny_system.generate([c], params)[0] for c in convs]
     assert batched == single and len(set(batched)) > 1  # random weights, different prompts: different replies
     assert all(0 < len(t.encode("latin-1")) <= 6 for t in batched)
+
+
+def test_pippin_system_ends_a_reply_at_a_stop_string(tiny_system):
+    """A reply is cut right before the first stop string, and its row ends there instead of running to max tokens."""
+    conv = [[{"role": "user", "content": "a longer prompt"}]]
+    full = tiny_system.generate(conv, SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    stop = full[3:5]
+    steps = tiny_system._scheduler.stats.steps
+    cut = tiny_system.generate(conv, SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,)))[0]
+    assert cut == full[: full.index(stop)]
+    assert tiny_system._scheduler.stats.steps - steps < steps
 
 
 def test_pippin_system_refuses_a_prompt_longer_than_its_context(tiny_system):

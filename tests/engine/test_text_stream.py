@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pippin.serve.text import TextStream, held_back
+from pippin.engine.stream import TextStream, held_back
 from tests.engine.test_stream import byte_tokenizer
 
 
