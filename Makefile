@@ -105,9 +105,14 @@ bench-compression: bench-models
 # AFM's adapters for that base (~40 min on 2 cores; a killed run resumes): the accuracy-recovery adapter,
 # distilled from the full-precision model, then the summarization adapter, started from it and trained on
 # DialogSum rows 100-499 (rows 0-99 stay held out for the benchmark).
+# The recovery adapter distils full precision on chat: its own greedy replies to 256 AlpacaEval instructions (KL at
+# every position), mixed with the calibration text; without ../shared/data, on text the teacher writes itself.
+RECOVERY_STEPS ?= 150
+RECOVERY_DATA  := $(if $(wildcard $(CALIB)),--format alpaca --data $(CALIB) --limit 256 --objective distill --teacher-replies 128 \
+  --text-data $(CALIB),--format text --data $(CALIB_SRC))
 adapters: compressed-3.5
 	@test -f $(BASE35)/adapters/recovery/adapter_model.safetensors || $(VENV)/bin/pippin adapter train recovery \
-	  --model $(BASE35) --teacher default --init-residual --format text --data $(CALIB_SRC) --seq-len 256 --batch-size 4 --steps 60 \
+	  --model $(BASE35) --teacher default --init-residual $(RECOVERY_DATA) --seq-len 256 --batch-size 4 --steps $(RECOVERY_STEPS) \
 	  --lr 3e-4 --save-every 10
 	@test -f $(BASE35)/adapters/summarize/adapter_model.safetensors || $(VENV)/bin/pippin adapter train summarize \
 	  --model $(BASE35) --data $(DIALOGSUM) --format dialogsum --skip 100 --init-from recovery --seq-len 512 --batch-size 4 \

@@ -95,6 +95,34 @@ def test_adapter_train_list_info_generate_merge_on_default_model(tmp_path):
 
 
 @pytest.mark.real
+@pytest.mark.slow
+def test_recovery_adapter_distils_the_teachers_own_chat_replies(tmp_path):
+    """--teacher-replies: the teacher answers the prompts itself (its greedy text, cached in the adapter folder), the
+    adapter distils those chats and plain text; a second run reuses the cache instead of asking the teacher again."""
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Name a color number {i}.", "output": "DATASET"} for i in range(3)]))
+    text = tmp_path / "text.txt"
+    text.write_text("The river ran past the old mill and into the valley below. " * 20)
+    ad = tmp_path / "adapters"
+    args = ["adapter", "train", "rec", "--adapters-dir", str(ad), "--data", str(data), "--format", "alpaca", "--objective", "distill",
+            "--teacher", "default", "--teacher-replies", "6", "--text-data", str(text), "--steps", "2", "--batch-size", "2",
+            "--seq-len", "64", "--save-every", "1"]  # fmt: skip
+    r = pippin(*args)
+    assert r.returncode == 0, r.stderr
+    cache = json.loads((ad / "rec" / "teacher_replies.json").read_text())
+    plain = [json.loads(pippin("generate", f"Name a color number {i}.", "--max-new-tokens", "6", "--json").stdout) for i in range(3)]
+    plain = [p["text"] for p in plain]
+    assert cache["replies"] == plain  # the teacher's own greedy replies, not the dataset's
+    info = json.loads(pippin("adapter", "info", "rec", "--adapters-dir", str(ad), "--json").stdout)
+    assert info["objective"] == "distill" and info["base_matches"] is True
+    stamp = (ad / "rec" / "teacher_replies.json").stat().st_mtime_ns
+    (ad / "rec" / "adapter_model.safetensors").unlink()
+    r = pippin(*args)  # resumes from the checkpoint; the cached replies are not regenerated
+    assert r.returncode == 0, r.stderr
+    assert (ad / "rec" / "teacher_replies.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.real
 def test_generate_with_a_draft_model_gives_the_plain_greedy_text():
     plain = json.loads(pippin("generate", "Name a fruit.", "--max-new-tokens", "12", "--json").stdout)
     r = pippin("generate", "Name a fruit.", "--max-new-tokens", "12", "--json", "--draft", "default", "--draft-k", "3")

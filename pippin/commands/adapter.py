@@ -2,6 +2,8 @@
 
   pippin adapter train summarize --model M --data dialogsum.jsonl --format dialogsum --init-from recovery
   pippin adapter train recovery --model M-3.5bpw --teacher default --init-residual --data calib.json --format text
+  pippin adapter train recovery --model M-3.5bpw --teacher default --init-residual --data alpaca.json --format alpaca \
+      --objective distill --teacher-replies 128 --text-data calib.json
   pippin adapter list --model M
   pippin adapter info summarize --model M
   pippin adapter merge summarize --model default --out merged/      (full-precision bases only)
@@ -29,6 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--format", default="chat", choices=["chat", "dialogsum", "xsum", "alpaca", "text"], help="how to read --data")
     t.add_argument("--objective", default=None, choices=["sft", "distill"], help="default: sft, or distill for --format text")
     t.add_argument("--teacher", default=None, help="teacher model for distillation ('default' = the full-precision default model)")
+    t.add_argument(
+        "--teacher-replies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the teacher answers each chat's prompt itself (greedy, up to N tokens; cached in the adapter folder) and the "
+        "adapter distils those chats: recovery adapters that recover chat",
+    )
+    t.add_argument(
+        "--text-data", default=None, help="distillation: plain text (file or 'self[:N]') in --seq-len windows, one per --data example"
+    )
     t.add_argument("--init-from", default=None, help="adapter name or folder to start from (AFM: the recovery adapter)")
     t.add_argument(
         "--init-residual",
@@ -85,6 +98,28 @@ def run(args: argparse.Namespace) -> int:
     return {"train": _train, "list": _list, "info": _info, "merge": _merge}[args.action](args)
 
 
+def _teacher_chats(convs: list, teacher, tok, args: argparse.Namespace, out: Path) -> list:  # noqa: ANN001 - model, tokenizer
+    """The conversations' prompts answered by the teacher (greedy, continuous batching on its kernels), cached in
+    <adapter>/teacher_replies.json under the teacher's fingerprint and the reply length."""
+    from pippin.adapters.lora import base_fingerprint
+    from pippin.engine.engine import Engine
+    from pippin.engine.sampling import SamplingParams
+    from pippin.eval.systems import PippinSystem
+    from pippin.kernels.modules import use_kernels_
+    from pippin.train.data import teacher_chats
+
+    if teacher is None or args.format == "text":
+        raise PippinError("--teacher-replies needs --teacher and chat-shaped --data (--format chat, alpaca, dialogsum or xsum).")
+    key = f"teacher {base_fingerprint(teacher)}, greedy, {args.teacher_replies} tokens"
+    use_kernels_(teacher)
+    try:
+        system = PippinSystem(Engine(teacher, max_batch=8, max_len=args.seq_len + args.teacher_replies), tok, spec="teacher")
+        params = SamplingParams(max_new_tokens=args.teacher_replies, temperature=0.0)
+        return teacher_chats(convs, lambda batch: system.generate(batch, params), cache=out / "teacher_replies.json", key=key)
+    finally:
+        use_kernels_(teacher, enable=False)
+
+
 def _root(args: argparse.Namespace, loaded) -> Path:  # noqa: ANN001 - LoadedModel
     from pippin.api import default_adapters_dir
 
@@ -97,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
     from pippin.adapters.lora import LoraConfig
     from pippin.api import load_any
     from pippin.train.adapter import TrainConfig, train_adapter
-    from pippin.train.data import read_conversations, text_examples, tokenize_chat
+    from pippin.train.data import all_positions, read_conversations, text_examples, tokenize_chat
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +156,18 @@ def _train(args: argparse.Namespace) -> int:
         examples = examples[args.skip : None if args.limit is None else args.skip + args.limit]
     else:
         convs = read_conversations(args.data, args.format, skip=args.skip, limit=args.limit)
+        if args.teacher_replies:
+            convs = _teacher_chats(convs, teacher, tok, args, out)
         examples = [tokenize_chat(tok, c, max_len=args.seq_len) for c in convs]
+        if objective == "distill":  # the teacher's distribution at every position, prompt included
+            examples = [all_positions(e) for e in examples]
+    if args.text_data:
+        from pippin.api import read_text_source
+
+        if objective != "distill":
+            raise PippinError("--text-data adds plain text to distil on; use it with --objective distill and --teacher.")
+        text = read_text_source(args.text_data, teacher, tok)
+        examples += text_examples(tok.encode(text), seq_len=args.seq_len)[: len(examples)]  # one window per chat
     init = str(_adapter_path(args.init_from, root)) if args.init_from else None
     cfg = TrainConfig(
         lora=LoraConfig(rank=args.rank, alpha=args.alpha),
@@ -137,6 +183,7 @@ def _train(args: argparse.Namespace) -> int:
         init_residual=args.init_residual,
     )
     meta = {"base_model": loaded.meta.get("name", str(loaded.path)), "data": str(args.data), "format": args.format}
+    meta |= {"teacher_replies": args.teacher_replies, "text_data": args.text_data} if args.teacher_replies or args.text_data else {}
     res = train_adapter(loaded.model, examples, cfg, out_dir=out, name=Path(out).name, teacher=teacher, meta=meta)
     note = f" (resumed at step {res.resumed_from})" if res.resumed_from else ""
     if res.n_dropped:

@@ -5,22 +5,26 @@ Readers are chosen by an explicit format, never guessed from a file name:
 - `dialogsum`: DialogSum rows ({"dialogue", "summary1", ...}) turned into "summarize this dialogue" chats;
 - `xsum`: XSum rows ({"document", "summary"}) turned into one-sentence news summaries;
 - `alpaca`: instruction-following rows ({"instruction", "output"}: Alpaca, AlpacaEval) turned into one-turn chats.
-Files are JSONL, or one JSON array of rows (AlpacaEval's shape). A malformed row is an error naming the file and line
-(or array index). Each chat is rendered with the model's own template
-turn by turn, so the mask covers exactly the assistant replies (and their end-of-turn token), as TRL's
-`assistant_only_loss` does.
+Files are JSONL, or one JSON array of rows (AlpacaEval's shape). A malformed row is an error naming the file and
+line (or array index). Each chat is rendered with the model's own template turn by turn, so the mask covers exactly
+the assistant replies (and their end-of-turn token), as TRL's `assistant_only_loss` does. `teacher_chats` replaces
+the data's replies by a teacher's own (recovery adapters distil the full-precision model's answers, cached next to
+the adapter), and `all_positions` puts every token under the loss (distillation matches the teacher on the prompt too).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pippin.errors import PippinError
+from pippin.io import write_json_atomic
 
 SUMMARIZE_DIALOGUE = "Summarize the following dialogue in a few sentences.\n\n{dialogue}"
 SUMMARIZE_ARTICLE = "Summarize the following news article in one sentence.\n\n{document}"
@@ -120,6 +124,45 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], *, max_len: int) ->
         mask += [m["role"] == "assistant"] * len(piece)
         rendered = full
     return Example(ids=ids[:max_len], mask=mask[:max_len])
+
+
+def teacher_chats(
+    conversations: list[list[dict[str, str]]],
+    reply: Callable[[list[list[dict[str, str]]]], list[str]],
+    *,
+    cache: str | Path,
+    key: str,
+    chunk: int = 32,
+) -> list[list[dict[str, str]]]:
+    """Each conversation up to its first assistant turn, answered by `reply` (the teacher, e.g. greedy): the chats a
+    recovery adapter distils on. Replies are cached in `cache` (JSON, rewritten atomically after every chunk, so a
+    killed run resumes where it stopped); `key` names the teacher and its settings, and a cache made under another
+    key is refused rather than mixed in."""
+    prompts = []
+    for c in conversations:
+        first = next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))
+        if first == 0:
+            raise PippinError("A conversation starts with an assistant turn; the teacher needs a prompt to answer.")
+        prompts.append(c[:first])
+    cache = Path(cache)
+    done: list[str] = []
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") != key:
+            raise PippinError(f"{cache} holds replies of another teacher or setting ({saved.get('key')}); delete it or use another --out.")
+        done = list(saved["replies"])[: len(prompts)]
+    with tqdm(total=len(prompts), initial=len(done), desc="teacher replies", unit="chat", disable=len(done) == len(prompts)) as bar:
+        while len(done) < len(prompts):
+            batch = prompts[len(done) : len(done) + chunk]
+            done += reply(batch)
+            write_json_atomic(cache, {"key": key, "replies": done})
+            bar.update(len(batch))
+    return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, done)]
+
+
+def all_positions(example: Example) -> Example:
+    """The same tokens with every position under the loss (distillation over prompt and reply alike)."""
+    return Example(ids=example.ids, mask=[True] * len(example.ids))
 
 
 def collate(examples: list[Example], *, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

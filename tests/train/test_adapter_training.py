@@ -262,3 +262,33 @@ def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_pat
         cfg(init_residual=True, init_from="x")
     with pytest.raises(PippinError, match="teacher"):
         train_adapter(tiny_model(), ex, cfg(init_residual=True), out_dir=tmp_path / "t", name="t", progress=False)
+
+
+def test_teacher_chats_answers_each_prompt_once_resumes_after_a_kill_and_refuses_another_teacher(tmp_path):
+    """Recovery chats: the data's own replies are dropped and the teacher answers each prompt; a run killed mid-way
+    keeps the finished chunks and asks the teacher only for the rest; a cache of another teacher is refused."""
+    from pippin.train.data import teacher_chats
+
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "dataset reply"}] for i in range(5)]
+    asked: list[str] = []
+
+    def teacher(batch):  # noqa: ANN001, ANN202
+        asked.extend(c[-1]["content"] for c in batch)
+        if len(asked) > 2 and not killed:
+            raise KeyboardInterrupt  # the run is killed during its second chunk
+        return [f"teacher says {c[-1]['content']}" for c in batch]
+
+    cache = tmp_path / "teacher_replies.json"
+    killed = False
+    with pytest.raises(KeyboardInterrupt):
+        teacher_chats(convs, teacher, cache=cache, key="t1", chunk=2)
+    assert json.loads(cache.read_text())["replies"] == ["teacher says q0", "teacher says q1"]
+    killed, asked = True, []
+    chats = teacher_chats(convs, teacher, cache=cache, key="t1", chunk=2)
+    assert asked == ["q2", "q3", "q4"]  # the first chunk was not asked again
+    assert [c[-1]["content"] for c in chats] == [f"teacher says q{i}" for i in range(5)]
+    assert all(len(c) == 2 and c[0]["role"] == "user" for c in chats)
+    asked = []
+    assert teacher_chats(convs, teacher, cache=cache, key="t1") == chats and asked == []
+    with pytest.raises(PippinError, match="another teacher"):
+        teacher_chats(convs, teacher, cache=cache, key="t2")
