@@ -67,6 +67,8 @@ class Ticket:
     sink: Sink
     cancelled: bool = False
     """Set by `cancel`; the scheduler frees the rows at its next step."""
+    overtaken: int = 0
+    """Later requests admitted while this one waited (see BatchScheduler.max_overtakes)."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -109,6 +111,7 @@ class BatchScheduler:
         adapters: AdapterStore | None = None,
         eos_ids: Sequence[int] | None = None,
         kv8: bool = False,
+        max_overtakes: int = 8,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
@@ -118,6 +121,9 @@ class BatchScheduler:
         self.max_queue = max_queue
         """Samples that may wait for a row beyond the `max_batch` running ones."""
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
+        self.max_overtakes = max_overtakes
+        """A waiting request that later ones have overtaken this often (it needs more rows or an adapter slot than are
+        free) stops admissions until it fits: rows drain for it instead of being taken one by one forever."""
         self.adapters = adapters
         self.eos_ids = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
         self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, kv8=kv8)
@@ -216,14 +222,25 @@ class BatchScheduler:
         while True:
             free = [i for i, r in enumerate(self.rows) if r is None]
             with self._lock:
-                ticket = next((t for t in self._waiting if self._fits(t, len(free))), None)
+                ticket, passed = None, []
+                for t in self._waiting:
+                    if self._fits(t, len(free)):
+                        ticket = t
+                        break
+                    if t.overtaken >= self.max_overtakes and not t.cancelled:
+                        break  # it has waited long enough: hold the free rows for it
+                    passed.append(t)
                 if ticket is None:
                     return
+                for t in passed:
+                    t.overtaken += 1
                 self._waiting.remove(ticket)
                 self._n_waiting -= ticket.n
             try:
                 self._start(ticket, free[: ticket.n])
-            except PippinError as e:  # e.g. the adapter's files are gone or corrupt: this request only
+            except Exception as e:  # its adapter's files are gone, or a bug in its prefill: this request only
+                if not isinstance(e, PippinError):
+                    log.exception("A request's prefill failed; failing that request only.")
                 for i in free[: ticket.n]:
                     self.rows[i] = None
                     self.lengths[i] = 0

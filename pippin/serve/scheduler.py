@@ -191,6 +191,8 @@ class Worker:
         if not self.alive:
             raise ApiError("The server is shutting down; retry in a moment.", status=503)
         tickets = scheduler.submit_many([(p, params, adapter, n, gen.sink(i)) for i, p in enumerate(prompts)])
+        if self._stop:  # the loop stopped while this was queued: answer now rather than never
+            scheduler.fail_all(ApiError("The server is shutting down; retry in a moment.", status=503))
 
         def cancel() -> None:
             for t in tickets:
@@ -222,6 +224,16 @@ class Worker:
                     fut.set_exception(e)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug outside a step: nobody may be left waiting on a dead thread
+            log.exception("The worker loop died; failing every request and refusing new ones.")
+            with self._cv:
+                self._stop = True
+        finally:
+            self._shut_down()
+
+    def _loop(self) -> None:
         while not self._stop:
             self._run_calls()
             busy = False
@@ -238,7 +250,9 @@ class Worker:
                 with self._cv:
                     if not self._calls and not self._stop and not any(s.has_work for s in self.schedulers):
                         self._cv.wait(timeout=1.0)
-        # Shutting down: whoever still waits gets an answer instead of hanging.
+
+    def _shut_down(self) -> None:
+        """Whoever still waits gets an answer instead of hanging."""
         for s in self.schedulers:
             s.fail_all(ApiError("The server is shutting down.", status=503))
         with self._cv:

@@ -207,9 +207,12 @@ class Service:
                     code="context_length_exceeded",
                     param="messages",
                 )
-        if n * len(prompts) > base.scheduler.max_batch:
+        self._check_rows(base, len(prompts), n)
+
+    def _check_rows(self, base: Base, n_prompts: int, n: int) -> None:
+        if n * n_prompts > base.scheduler.max_batch:
             raise ApiError(
-                f"This request needs {n * len(prompts)} rows (n x prompts) but the server generates at most {base.scheduler.max_batch} "
+                f"This request needs {n * n_prompts} rows (n x prompts) but the server generates at most {base.scheduler.max_batch} "
                 "at once; lower n or send fewer prompts.",
                 param="n",
             )
@@ -218,6 +221,7 @@ class Service:
         base, adapter = self.resolve(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.text, "messages")} for m in req.messages]
         _text("".join(req.stops), "stop")
+        self._check_rows(base, 1, req.n)
         try:
             ids = base.tokenizer.encode_chat(messages)
         except jinja2.TemplateError as e:  # a template may refuse e.g. roles out of order
@@ -232,6 +236,7 @@ class Service:
         vocab = base.loaded.model.config.vocab_size
         prompts = []
         _text("".join(req.stops), "stop")
+        self._check_rows(base, len(req.prompts), req.n)  # before tokenizing: 100k prompts must not occupy a worker
         for p in req.prompts:
             if isinstance(p, str):
                 prompts.append(base.tokenizer.encode(_text(p, "prompt")))

@@ -208,3 +208,46 @@ def test_warm_up_leaves_no_trace():
     sched.submit([1, 2], params, sink=Recorder())
     with pytest.raises(PippinError, match="before any request"):
         sched.warm_up([4, 5])
+
+
+def test_a_request_needing_more_rows_is_not_overtaken_forever():
+    """An n=2 request waits while single-row requests keep arriving; without aging each freed row went to the newest
+    arrival and the n=2 request never saw two free rows at once. After max_overtakes admissions pass it, rows drain."""
+    sched = BatchScheduler(tiny_model(seed=9), max_batch=2, max_len=64, max_queue=64, max_overtakes=3)
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    sched.submit([1, 2], SamplingParams(max_new_tokens=5, ignore_eos=True), sink=Recorder())
+    sched.step()
+    wide = Recorder()
+    sched.submit([3, 4], short, sink=wide, n=2)
+    for step in range(80):
+        if sched.n_waiting < 4:  # a steady stream of one-row requests: one always waits
+            sched.submit([5, 6, step % 50 + 7], short, sink=Recorder())
+        sched.step()
+        if wide.reasons:
+            break
+    assert wide.reasons == {0: "length", 1: "length"}, "the two-row request was starved"
+
+
+def test_a_prefill_that_raises_fails_its_request_only(monkeypatch):
+    """A bug in one request's prefill (not a PippinError) fails that request; the running rows go on undisturbed."""
+    import pippin.engine.scheduler as sched_mod
+
+    model = tiny_model(seed=10)
+    sched = BatchScheduler(model, max_batch=2, max_len=64)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    ok = Recorder()
+    sched.submit([7, 8, 9], params, sink=ok)
+    sched.step()
+    real = sched_mod.prefill
+
+    def prefill(m, tokens, lengths, cache):  # noqa: ANN001, ANN202
+        if tokens.shape[1] == 4:
+            raise RuntimeError("boom")
+        return real(m, tokens, lengths, cache)
+
+    monkeypatch.setattr(sched_mod, "prefill", prefill)
+    bad = Recorder()
+    sched.submit([1, 2, 3, 4], params, sink=bad)
+    run_until_idle(sched)
+    assert isinstance(bad.error, RuntimeError) and not bad.tokens
+    assert ok.error is None and ok.tokens[0] == alone(Engine(model, max_len=64), [7, 8, 9], params)

@@ -336,3 +336,49 @@ def test_health_and_the_web_page(http):
     schema = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
     json.dumps(schema)
+
+
+def test_a_worker_loop_that_dies_answers_the_waiting_requests(own_server, monkeypatch):
+    """A bug outside a scheduler step kills the worker loop: the queued request gets a 503 at once instead of hanging,
+    and so does every later one; /health says down."""
+    import threading
+
+    from pippin.engine.scheduler import BatchScheduler
+
+    live, client, http = own_server
+    sched = live.service.default.scheduler
+    replies = []
+    with paused(live.service):
+        t = threading.Thread(
+            target=lambda: replies.append(http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT}, timeout=10))
+        )
+        t.start()
+        for _ in range(500):
+            if sched.n_waiting:
+                break
+            threading.Event().wait(0.01)
+        assert sched.n_waiting == 1
+
+        def broken(self):  # noqa: ANN001, ANN202
+            raise RuntimeError("a bug in the loop")
+
+        monkeypatch.setattr(BatchScheduler, "has_work", property(broken))
+    t.join(15)
+    assert replies and replies[0].status_code == 503
+    monkeypatch.undo()
+    assert http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT}).status_code == 503
+    assert http.get("/health").json()["status"] == "down"
+
+
+def test_too_many_rows_are_refused_before_any_prompt_is_tokenized(own_server, monkeypatch):
+    """n x prompts over the batch is known from the request's shape: answered 400 without tokenizing a single prompt
+    (a 4 MiB body of 100k strings must not occupy the worker pool)."""
+    live, client, http = own_server
+    tok = live.service.default.tokenizer
+    calls = []
+    real = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ["some text"] * 5000, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and calls == []
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "n": 64, "max_tokens": 2})
+    assert r.status_code == 400 and calls == []
