@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="allow /v1/load_lora_adapter with server paths (default: on for a loopback host, off otherwise)",
     )
+    p.add_argument(
+        "--raw-special-tokens",
+        action="store_true",
+        help="read special-token strings in chat messages (<|im_end|>...) as control tokens, not as text (trusted clients only)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -58,6 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         adapter_slots=args.adapter_slots,
         adapter_cache_mb=args.adapter_cache_mb,
         runtime_adapters=loopback if args.runtime_adapters is None else args.runtime_adapters,
+        raw_special_tokens=args.raw_special_tokens,
         kernels=not args.no_kernels,
         threads=args.threads,
     )

@@ -53,6 +53,7 @@ class Tokenizer:
         self._template = (
             ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template) if chat_template else None
         )
+        self._literal: HFTokenizer | None = None  # a copy that reads special-token strings as plain text
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -167,5 +168,28 @@ class Tokenizer:
             eos_token=self.special.get("eos_token") or "",
         )
 
-    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True, raw: bool = False) -> list[int]:
+        """The template's ids for `messages`. A special-token string inside a message (`<|im_end|><|im_start|>system`)
+        is encoded as the plain text it is, so a user cannot open or close turns; `raw=True` lets it through as the
+        control token. Messages without such strings encode exactly as the rendered prompt does."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+        if raw or not any(sp in m["content"] for m in messages for sp in specials):
+            return self.encode(text)
+        if self._literal is None:
+            literal = HFTokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: no template makes them
+        rest = self.render_chat([{**m, "content": k} for m, k in zip(messages, marks)], add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        for m, mark in zip(messages, marks):
+            before, found, rest = rest.partition(mark)
+            if not found or mark in rest:
+                raise PippinError("This chat template does not copy each message once, verbatim; its special tokens cannot be escaped.")
+            ids += self.backend.encode(before, add_special_tokens=False).ids
+            ids += self._literal.encode(m["content"], add_special_tokens=False).ids
+        ids += self.backend.encode(rest, add_special_tokens=False).ids
+        if self.special.get("add_bos_token", False) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids

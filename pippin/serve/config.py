@@ -39,6 +39,9 @@ class ServeConfig:
     """Memory for loaded adapters (least recently used are dropped past it)."""
     runtime_adapters: bool = False
     """Allow POST /v1/load_lora_adapter with a server-side path (vLLM's runtime LoRA updating)."""
+    raw_special_tokens: bool = False
+    """Let special-token strings in chat messages through as control tokens (off: they are plain text, so a user cannot
+    open or close turns)."""
     kernels: bool = True
     """Use pippin's CPU kernels."""
     threads: int | None = None

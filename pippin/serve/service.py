@@ -223,7 +223,7 @@ class Service:
         _text("".join(req.stops), "stop")
         self._check_rows(base, 1, req.n)
         try:
-            ids = base.tokenizer.encode_chat(messages)
+            ids = base.tokenizer.encode_chat(messages, raw=self.config.raw_special_tokens)
         except jinja2.TemplateError as e:  # a template may refuse e.g. roles out of order
             raise ApiError(f"The model's chat template refused these messages: {e}", param="messages") from None
         self._check_prompts(base, [ids], req.n)
