@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pippin.serve.config import ServeConfig
+from pippin.serve.config import LOOPBACK_HOSTS, ServeConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,13 +42,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read special-token strings in chat messages (<|im_end|>...) as control tokens, not as text (trusted clients only)",
     )
+    p.add_argument(
+        "--adapter-root",
+        action="append",
+        default=[],
+        help="a folder runtime-loaded adapters may come from, besides each model's adapters folder (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    loopback = args.host in LOOPBACK_HOSTS
     return ServeConfig(
         models=args.model or ["default"],
         adapters_dir=args.adapters,
@@ -63,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         adapter_slots=args.adapter_slots,
         adapter_cache_mb=args.adapter_cache_mb,
         runtime_adapters=loopback if args.runtime_adapters is None else args.runtime_adapters,
+        adapter_roots=args.adapter_root,
         raw_special_tokens=args.raw_special_tokens,
         kernels=not args.no_kernels,
         threads=args.threads,

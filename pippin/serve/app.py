@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pippin.engine.scheduler import SchedulerFull
 from pippin.errors import PippinError
+from pippin.serve.config import LOOPBACK_HOSTS
 from pippin.serve.protocol import (
     ApiError,
     AssistantMessage,
@@ -88,7 +89,14 @@ class Guard:
         path = scope["path"]
         endpoint = path if path in API_PATHS else "other"
         status: dict = {"code": 500}
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if self.service.config.loopback and not _loopback_host(headers.get(b"host", b"localhost").decode("latin-1")):
+            # A page on another site whose name resolves to 127.0.0.1 (DNS rebinding) must not reach a loopback server.
+            resp = error_response(403, "This server listens on loopback and answers only requests addressed to localhost.")
+            await resp(scope, receive, send)
+            self.service.metrics.request_done(endpoint, 403)
+            return
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             resp = error_response(413, f"The request body is over {limit} bytes; send less.")
             await resp(scope, receive, send)
@@ -120,6 +128,12 @@ class Guard:
             await _exception_response(e)(scope, receive, send)
         finally:
             self.service.metrics.request_done(endpoint, status["code"])
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header ('localhost:8000', '[::1]:8000', '127.0.0.1') names this machine."""
+    name = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name.lower() in LOOPBACK_HOSTS
 
 
 def _finish(reason: str) -> str:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from pippin.errors import PippinError
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass(kw_only=True)
 class ServeConfig:
@@ -37,6 +39,8 @@ class ServeConfig:
     """LoRA slots in the model: adapters in one batch is adapter_slots - 1."""
     adapter_cache_mb: int = 256
     """Memory for loaded adapters (least recently used are dropped past it)."""
+    adapter_roots: list[str] = field(default_factory=list)
+    """Folders (besides each model's own adapters folder) that runtime-loaded adapters may come from."""
     runtime_adapters: bool = False
     """Allow POST /v1/load_lora_adapter with a server-side path (vLLM's runtime LoRA updating)."""
     raw_special_tokens: bool = False
@@ -62,6 +66,10 @@ class ServeConfig:
         for ok, msg in checks:
             if not ok:
                 raise PippinError(f"Invalid server settings: {msg}.")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
 
     @property
     def prompt_limit(self) -> int:

@@ -284,7 +284,15 @@ class Service:
         check_name(adapter)
         if adapter in base.adapter_names():
             raise ApiError(f"An adapter named {adapter!r} already exists on {base.name}; unload it first or pick another name.")
-        folder = Path(path).expanduser()
+        folder = Path(path).expanduser().resolve()
+        roots = [Path(r).expanduser().resolve() for r in ([base.store.root] if base.store.root else []) + self.config.adapter_roots]
+        if not any(folder.is_relative_to(r) for r in roots):  # checked before existence: no probing of the server's disk
+            raise ApiError(
+                f"lora_path must lie inside an adapter root of this server ({', '.join(map(str, roots)) or 'none'}); "
+                "start it with --adapter-root DIR to allow another.",
+                status=403,
+                param="lora_path",
+            )
         if not folder.is_dir():
             raise ApiError(f"No adapter folder at {path} on the server.", param="lora_path")
 

@@ -246,9 +246,9 @@ def test_a_client_that_disconnects_frees_its_slot(live, stream):
 
 
 @pytest.fixture
-def own_server(tiny_dir):
-    """A server of its own, for a test that changes the adapter list."""
-    srv = start_server(tiny_config(), [str(tiny_dir)])
+def own_server(tiny_dir, tmp_path):
+    """A server of its own, for a test that changes the adapter list (adapters may load from the test's tmp_path)."""
+    srv = start_server(tiny_config(adapter_roots=[str(tmp_path)]), [str(tiny_dir)])
     with httpx.Client(base_url=srv.url, timeout=30) as http:
         yield srv, openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0, timeout=30), http
     srv.stop()
@@ -382,3 +382,27 @@ def test_too_many_rows_are_refused_before_any_prompt_is_tokenized(own_server, mo
     assert r.status_code == 400 and r.json()["error"]["param"] == "n" and calls == []
     r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "n": 64, "max_tokens": 2})
     assert r.status_code == 400 and calls == []
+
+
+def test_runtime_adapters_load_only_from_the_adapter_roots(own_server, tmp_path_factory):
+    """lora_path outside the model's adapters folder and the --adapter-root folders is refused before the server looks
+    at it: the same 403 whether the folder exists or not, so the endpoint cannot probe the disk."""
+    live, client, http = own_server
+    outside = tmp_path_factory.mktemp("elsewhere")
+    shaped = tiny_model(0)
+    apply_lora(shaped, LoraConfig(rank=4), n_slots=2)
+    save_adapter(random_adapter(shaped, "far", seed=3, scale=1.0), outside / "far")
+    for path in (outside / "far", outside / "missing", "/etc", f"{outside}/../../etc"):
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "far", "lora_path": str(path)})
+        assert r.status_code == 403 and "adapter root" in r.json()["error"]["message"], path
+    assert "far" not in [m.id for m in client.models.list().data]
+
+
+def test_a_loopback_server_refuses_requests_for_other_host_names(http):
+    """DNS rebinding: a page on evil.example whose name resolves to 127.0.0.1 sends Host: evil.example; refused."""
+    assert http.get("/v1/models", headers={"Host": "evil.example"}).status_code == 403
+    assert (
+        http.post("/v1/chat/completions", headers={"Host": "evil.example:80"}, json={"model": "tiny", "messages": CHAT}).status_code == 403
+    )
+    for ok in ("localhost", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST:1"):
+        assert http.get("/v1/models", headers={"Host": ok}).status_code == 200, ok
