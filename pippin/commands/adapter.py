@@ -111,11 +111,17 @@ def _teacher_chats(convs: list, teacher, tok, args: argparse.Namespace, out: Pat
     if teacher is None or args.format == "text":
         raise PippinError("--teacher-replies needs --teacher and chat-shaped --data (--format chat, alpaca, dialogsum or xsum).")
     key = f"teacher {base_fingerprint(teacher)}, greedy, {args.teacher_replies} tokens"
+    prompt = lambda c: c[: next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))]  # noqa: E731
+    fits = [c for c in convs if len(tok.encode_chat(prompt(c))) < args.seq_len]
+    if len(fits) < len(convs):
+        print(f"{len(convs) - len(fits)} of {len(convs)} prompts are --seq-len {args.seq_len} tokens or longer; left out", file=sys.stderr)
+    if not fits:
+        raise PippinError(f"Every prompt is at least --seq-len {args.seq_len} tokens long; raise it.")
     use_kernels_(teacher)
     try:
         system = PippinSystem(Engine(teacher, max_batch=8, max_len=args.seq_len + args.teacher_replies), tok, spec="teacher")
         params = SamplingParams(max_new_tokens=args.teacher_replies, temperature=0.0)
-        return teacher_chats(convs, lambda batch: system.generate(batch, params), cache=out / "teacher_replies.json", key=key)
+        return teacher_chats(fits, lambda batch: system.generate(batch, params), cache=out / "teacher_replies.json", key=key)
     finally:
         use_kernels_(teacher, enable=False)
 

@@ -14,6 +14,7 @@ the adapter), and `all_positions` puts every token under the loss (distillation 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,29 +136,31 @@ def teacher_chats(
     chunk: int = 32,
 ) -> list[list[dict[str, str]]]:
     """Each conversation up to its first assistant turn, answered by `reply` (the teacher, e.g. greedy): the chats a
-    recovery adapter distils on. Replies are cached in `cache` (JSON, rewritten atomically after every chunk, so a
-    killed run resumes where it stopped); `key` names the teacher and its settings, and a cache made under another
-    key is refused rather than mixed in."""
+    recovery adapter distils on. Replies are cached in `cache` by prompt (JSON, rewritten atomically after every chunk,
+    so a killed run resumes where it stopped and a changed selection reuses what it can); `key` names the teacher and
+    its settings, and a cache made under another key is refused rather than mixed in."""
     prompts = []
     for c in conversations:
         first = next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))
         if first == 0:
             raise PippinError("A conversation starts with an assistant turn; the teacher needs a prompt to answer.")
         prompts.append(c[:first])
+    digest = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:24] for p in prompts]
     cache = Path(cache)
-    done: list[str] = []
+    done: dict[str, str] = {}
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") != key:
             raise PippinError(f"{cache} holds replies of another teacher or setting ({saved.get('key')}); delete it or use another --out.")
-        done = list(saved["replies"])[: len(prompts)]
-    with tqdm(total=len(prompts), initial=len(done), desc="teacher replies", unit="chat", disable=len(done) == len(prompts)) as bar:
-        while len(done) < len(prompts):
-            batch = prompts[len(done) : len(done) + chunk]
-            done += reply(batch)
+        done = dict(saved["replies"])
+    todo = [i for i, d in enumerate(digest) if d not in done]
+    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher replies", unit="chat", disable=not todo) as bar:
+        for k in range(0, len(todo), chunk):
+            batch = todo[k : k + chunk]
+            done.update(zip([digest[i] for i in batch], reply([prompts[i] for i in batch])))
             write_json_atomic(cache, {"key": key, "replies": done})
             bar.update(len(batch))
-    return [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, done)]
+    return [p + [{"role": "assistant", "content": done[d]}] for p, d in zip(prompts, digest)]
 
 
 def all_positions(example: Example) -> Example:
