@@ -97,3 +97,24 @@ def hf_real():
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tok
+
+
+def kernel_variants() -> list[str]:
+    """The act8 kernel variants this CPU can run (AVX2 always; AVX-512 VNNI where present)."""
+    from pippin.kernels import ops
+
+    k = ops()
+    return [] if k is None else ["avx2-fma"] + (["avx512-vnni"] if k.cpu_has_vnni() else [])
+
+
+@contextlib.contextmanager
+def use_variant(name: str) -> Iterator[None]:
+    """Run the block with the named act8 kernel variant, then restore the one that was running."""
+    from pippin.kernels import ops
+
+    before = ops().kernel_variant()
+    ops().set_kernel_variant(name)
+    try:
+        yield
+    finally:
+        ops().set_kernel_variant(before)

@@ -1,7 +1,8 @@
 """pippin's CPU kernels, compiled once on first use and cached under $PIPPIN_HOME/kernels.
 
 `ops()` returns `torch.ops.pippin` (dense, LUT and int8 matvecs, RMSNorm, SwiGLU, RoPE, a fused decoder
-block; see csrc/ops.cpp) or None where the kernels cannot be used:
+block; see csrc/ops.cpp; the int8 row kernels in csrc/act8_rows.inc are built for AVX2 and for AVX-512 VNNI, and the
+one the CPU supports runs) or None where the kernels cannot be used:
 no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
 reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
 the build takes 20-40 s once per machine and torch version, never at import time.
@@ -32,7 +33,8 @@ def _cpu_has_avx2() -> bool:
 def build_dir() -> Path:
     from pippin.model.checkpoint import pippin_home
 
-    tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    sources = b"".join(f.read_bytes() for f in sorted(_SRC.parent.iterdir()) if f.suffix in (".cpp", ".inc"))
+    tag = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
     return pippin_home() / "kernels" / tag
 
 
@@ -63,5 +65,7 @@ def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or
 
 
 def variant() -> str:
-    """Which kernel code runs here, for benchmark reports: one AVX2 + FMA build today, or the PyTorch reference."""
-    return "avx2-fma" if ops() is not None else "reference (PyTorch)"
+    """Which kernel code runs the int8 (act8) dot products here, for benchmark reports: 'avx512-vnni' where the CPU
+    has AVX-512 VNNI, else 'avx2-fma'; 'reference (PyTorch)' without kernels. `ops().set_kernel_variant(name)` picks one."""
+    k = ops()
+    return k.kernel_variant() if k is not None else "reference (PyTorch)"

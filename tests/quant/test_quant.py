@@ -18,7 +18,7 @@ from pippin.quant.compress import CompressConfig, compress_, quantization_meta, 
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
 from pippin.quant.pack import SUPPORTED_BITS, pack, unpack
 from pippin.quant.palettize import error_feedback, fit_palette, output_error
-from tests.conftest import fused_block_calls, tiny_model
+from tests.conftest import fused_block_calls, kernel_variants, tiny_model, use_variant
 
 CALIB = list(range(3, 250)) * 4  # 988 tokens of "text" for the tiny 256-token vocabulary
 
@@ -274,10 +274,15 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     prefill(model, tokens[:, :4], torch.tensor([4]), cache)
     module_path = [decode_step(model, tokens[:, t], cache) for t in range(4, 14)]
     use_kernels_(model)
-    cache = KVCache(model.config, batch_size=1, max_len=64)
-    prefill(model, tokens[:, :4], torch.tensor([4]), cache)
-    for t, ref_logits in zip(range(4, 14), module_path):
-        torch.testing.assert_close(decode_step(model, tokens[:, t], cache), ref_logits, atol=1e-4, rtol=1e-4)
+    fused = []
+    for variant in kernel_variants():  # the fused step on each variant this CPU runs: all equal the module path
+        with use_variant(variant):
+            cache = KVCache(model.config, batch_size=1, max_len=64)
+            prefill(model, tokens[:, :4], torch.tensor([4]), cache)
+            fused.append([decode_step(model, tokens[:, t], cache) for t in range(4, 14)])
+        for got, ref_logits in zip(fused[-1], module_path):
+            torch.testing.assert_close(got, ref_logits, atol=1e-4, rtol=1e-4)
+        assert all(torch.equal(a, b) for a, b in zip(fused[-1], fused[0]))
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
@@ -337,7 +342,12 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     ref = lin._act8_reference(x)
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
     w_k, lut_k, scale_k, bits_k = lin.act8_kernel_args()
-    torch.testing.assert_close(ops().lut_gemv_act8(x, w_k, lut_k, scale_k, bits_k, group), ref, atol=1e-4, rtol=1e-4)
+    outs = []
+    for variant in kernel_variants():  # every variant this CPU runs: the same integers, so the same floats
+        with use_variant(variant):
+            outs.append(ops().lut_gemv_act8(x, w_k, lut_k, scale_k, bits_k, group))
+        torch.testing.assert_close(outs[-1], ref, atol=1e-4, rtol=1e-4)
+        assert torch.equal(outs[-1], outs[0]), variant
     exact = F.linear(x, lin.dequantize())
     assert (ref - exact).abs().max() < 0.05 * exact.abs().max()
     # The reference itself, written out: x rounded to 7 bits with a scale per 64 features, times the int8 LUT rows

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <string>
 #include <thread>
 #include <cstdint>
 #include <cstring>
@@ -493,12 +494,6 @@ inline __m256i decode32(const uint8_t* p, const Decode3& d3) {
   }
 }
 
-// acc += the 32 products (lut[idx] + 128) * x, summed in pairs/quads into 8 int32 lanes (lut_u is shifted).
-inline __m256i dot32(__m256i acc, __m256i lut_u, __m256i idx, __m256i xv) {
-  const __m256i d16 = _mm256_maddubs_epi16(_mm256_shuffle_epi8(lut_u, idx), xv);
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
-}
-
 inline int32_t hsum_i32(__m256i acc) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
   s = _mm_hadd_epi32(s, s);
@@ -511,22 +506,6 @@ inline __m256i load_lut16(const int8_t* p) {
   return _mm256_broadcastsi128_si256(_mm_add_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), _mm_set1_epi8(char(-128))));
 }
 
-// acc += one block of a row (act8_block(BITS) weights at p) times x (xq, in act8_order).
-template <int BITS>
-inline __m256i block_dot(__m256i acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, const Decode3& d3) {
-  if constexpr (BITS == 8) {  // expanded: the weights themselves (shifted LUT values), 32 bytes
-    const __m256i d16 = _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
-                                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(d16, _mm256_set1_epi16(1)));
-  } else if constexpr (BITS == 4) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nib = _mm256_set1_epi8(0x0F);
-    acc = dot32(acc, lut_u, _mm256_and_si256(b, nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-    return dot32(acc, lut_u, _mm256_and_si256(_mm256_srli_epi16(b, 4), nib), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-  } else {
-    return dot32(acc, lut_u, decode32<BITS>(p, d3), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
-  }
-}
-
 constexpr int64_t PF_PAIRS = 4;
 
 // The shifted LUT of group g for the byte shuffle; expanded (8-bit) weights carry their values and need none.
@@ -536,81 +515,35 @@ inline __m256i lut_for(const int8_t* luts, int64_t g) {
   else return load_lut16(luts + g * 16);
 }
 
-// acc (float) += one activation block (64 weights of a row at p) times x (xq, in act8_order), scaled by its x scale.
-template <int BITS>
-inline __m256 act_block(__m256 acc, __m256i lut_u, const uint8_t* p, const int8_t* xq, float xs, const Decode3& d3) {
-  __m256i i = block_dot<BITS>(_mm256_setzero_si256(), lut_u, p, xq, d3);
-  if constexpr (BITS != 4) i = block_dot<BITS>(i, lut_u, p + 4 * BITS, xq + 32, d3);  // 2-, 3- and 8-bit blocks hold 32
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(xs), acc);
+// The act8 row kernels, compiled twice: for AVX2 (maddubs + madd) and, where the CPU has it, AVX-512 VNNI (one
+// vpdpbusd per 32 bytes). The integers are the same (|x| <= 63 keeps maddubs' pairs from saturating), so both
+// variants give bit-identical results; `kernel_variant` says which runs and `set_kernel_variant` picks one (tests).
+namespace avx2 {
+#include "act8_rows.inc"
+}  // namespace avx2
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define PIPPIN_VNNI 1
+#include "act8_rows.inc"
+#undef PIPPIN_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 
+std::atomic<bool> g_vnni{cpu_has_vnni()};
+
 template <int BITS>
-void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M, int64_t K,
-               int64_t group, int64_t n0, int64_t n1) {
-  const Decode3 d3;
-  const int64_t row_bytes = K * BITS / 8, nb = K / ACT8_BLOCK, block_bytes = ACT8_BLOCK * BITS / 8;
-  const int8_t* xq = a.q;
-  const float* xs = a.scale;
-  int64_t n = n0;
-  if (M == 1) {  // decode: two rows at a time share each x load and give the core two independent chains
-    for (; n + 1 < n1; n += 2) {
-      const __m256i la = lut_for<BITS>(luts, n / group), lb = lut_for<BITS>(luts, (n + 1) / group);
-      const uint8_t *ra = packed + n * row_bytes, *rb = ra + row_bytes;
-      // Weights stream from DRAM in decode (a layer is far larger than the caches by the time it comes round
-      // again), and the hardware prefetcher alone left this loop latency-bound: fetch the pair PF_PAIRS ahead.
-      for (int64_t off = 0; off < 2 * row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ra + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
-      __m256 acc_a = _mm256_setzero_ps(), acc_b = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) {
-        acc_a = act_block<BITS>(acc_a, la, ra + b * block_bytes, xq + b * ACT8_BLOCK, xs[b], d3);
-        acc_b = act_block<BITS>(acc_b, lb, rb + b * block_bytes, xq + b * ACT8_BLOCK, xs[b], d3);
-      }
-      y[n] = (hsum(acc_a) - a.shift[0]) * lsc[n / group];
-      y[n + 1] = (hsum(acc_b) - a.shift[0]) * lsc[(n + 1) / group];
-    }
-  }
-  if constexpr (BITS != 8) {
-    if (M > 1) {  // batched rows: look each weight row up once into bytes, then one byte dot product per row of x
-      thread_local std::vector<uint8_t> bytes;
-      if (int64_t(bytes.size()) < K) bytes.resize(K);
-      uint8_t* wb = bytes.data();
-      for (; n < n1; ++n) {
-        const __m256i lut = lut_for<BITS>(luts, n / group);
-        const uint8_t* row = packed + n * row_bytes;
-        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
-        for (int64_t b = 0; b < nb; ++b) {  // the same bytes, in the same order, that block_dot<BITS> multiplies
-          const uint8_t* p = row + b * block_bytes;
-          __m256i w0, w1;
-          if constexpr (BITS == 4) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), nib = _mm256_set1_epi8(0x0F);
-            w0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib));
-            w1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib));
-          } else {
-            w0 = _mm256_shuffle_epi8(lut, decode32<BITS>(p, d3));
-            w1 = _mm256_shuffle_epi8(lut, decode32<BITS>(p + 4 * BITS, d3));
-          }
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + b * ACT8_BLOCK), w0);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wb + b * ACT8_BLOCK + 32), w1);
-        }
-        for (int64_t m = 0; m < M; ++m) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t b = 0; b < nb; ++b)
-            acc = act_block<8>(acc, lut, wb + b * ACT8_BLOCK, xq + m * K + b * ACT8_BLOCK, xs[m * nb + b], d3);
-          y[m * ldy + n] = (hsum(acc) - a.shift[m]) * lsc[n / group];
-        }
-      }
-      return;
-    }
-  }
-  for (; n < n1; ++n) {
-    const __m256i lut = lut_for<BITS>(luts, n / group);
-    const uint8_t* row = packed + n * row_bytes;
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(row + PF_PAIRS * 2 * row_bytes + off), _MM_HINT_T0);
-    for (int64_t m = 0; m < M; ++m) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; ++b) acc = act_block<BITS>(acc, lut, row + b * block_bytes, xq + m * K + b * ACT8_BLOCK, xs[m * nb + b], d3);
-      y[m * ldy + n] = (hsum(acc) - a.shift[m]) * lsc[n / group];
-    }
-  }
+inline void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M,
+                      int64_t K, int64_t group, int64_t n0, int64_t n1) {
+  if (g_vnni.load(std::memory_order_relaxed)) vnni::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
+  else avx2::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
 }
 
 // One act8 projection: packed indices, its int8 LUT (G, 16) in [-127, 127] (entries past 2^bits unused) and the
@@ -1456,6 +1389,14 @@ struct DecodePlan : torch::CustomClassHolder {
 
 }  // namespace
 
+std::string kernel_variant() { return g_vnni.load() ? "avx512-vnni" : "avx2-fma"; }
+
+void set_kernel_variant(const std::string& name) {
+  TORCH_CHECK(name == "avx2-fma" || name == "avx512-vnni", "kernel variant must be avx2-fma or avx512-vnni, got ", name);
+  TORCH_CHECK(name == "avx2-fma" || cpu_has_vnni(), "this CPU has no AVX-512 VNNI");
+  g_vnni.store(name == "avx512-vnni");
+}
+
 TORCH_LIBRARY(pippin, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -1473,6 +1414,9 @@ TORCH_LIBRARY(pippin, m) {
       "int n_kv_heads, float eps, Tensor?[] lora_a, Tensor?[] lora_b, Tensor?[] lora_scale, Tensor? lora_idx, "
       "Tensor? row_starts=None, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor");
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
+  m.def("kernel_variant", &kernel_variant);
+  m.def("set_kernel_variant", &set_kernel_variant);
+  m.def("cpu_has_vnni", &cpu_has_vnni);
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>,
                        c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, double,
