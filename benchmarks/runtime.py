@@ -7,6 +7,7 @@ Engines, all on the default model with the same thread count, measured in one pr
   transformers-fp32  transformers LlamaForCausalLM with the same fp32 weights (sdpa, DynamicCache)
   pippin-4bit-act8   pippin's 4-bit palette (one LUT per 16 rows, 8-bit embedding), 8-bit activations (integer kernels)
   pippin-6bit-act8   what `make run` serves: 6-bit LUTs on every linear (expanded bytes), the int8 embedding
+  ...-avx2           the same on the AVX2 kernel variant (where the CPU also runs AVX-512 VNNI, which is the default)
   pippin-5.4bpw-4/6-act8  the mixed 4/6-bit model at 5.4 bpw (8-bit embedding), 8-bit activations (6-bit layers
                      run on expanded bytes)
   pippin-3.5bpw[-act8][-kv8]  the 3.5 bpw mixed 2/3/4-bit model (4-bit LUT embedding), with and without 8-bit
@@ -37,6 +38,7 @@ import torch
 
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
+from pippin.kernels import variant
 from pippin.model.checkpoint import config_to_hf, default_gguf_path, load_model
 
 PREFILL, DECODE, DECODE_PROMPT = 512, 128, 15
@@ -70,7 +72,7 @@ class Sample:
 # --- engines: each returns (prefill_fn, decode_fn) where decode_fn runs DECODE steps -------------
 
 
-def pippin_engine(kernels: bool, path: str | None = None, act8: bool = False, kv8: bool = False):
+def pippin_engine(kernels: bool, path: str | None = None, act8: bool = False, kv8: bool = False, kernel_variant: str | None = None):
     if path is None:
         model = load_model().model
     else:
@@ -93,7 +95,23 @@ def pippin_engine(kernels: bool, path: str | None = None, act8: bool = False, kv
         for _ in range(DECODE):
             tok = decode_step(model, tok, cache).argmax(-1)
 
-    return run_prefill, run_decode, sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if kernel_variant is None:
+        return run_prefill, run_decode, nbytes
+    from pippin.kernels import ops
+
+    def pinned(fn):  # this engine's calls run on the named kernel variant; the others keep the CPU's best
+        def run(ids):
+            best = ops().kernel_variant()
+            ops().set_kernel_variant(kernel_variant)
+            try:
+                fn(ids)
+            finally:
+                ops().set_kernel_variant(best)
+
+        return run
+
+    return pinned(run_prefill), pinned(run_decode), nbytes
 
 
 def transformers_engine():
@@ -184,6 +202,8 @@ ENGINES = {
     "pippin-fp32": lambda th: pippin_engine(True),
     "pippin-fp32-ref": lambda th: pippin_engine(False),
     "pippin-6bit-act8": lambda th: pippin_engine(True, SERVED, act8=True),
+    "pippin-6bit-act8-avx2": lambda th: pippin_engine(True, SERVED, act8=True, kernel_variant="avx2-fma"),
+    "pippin-3.5bpw-act8-avx2": lambda th: pippin_engine(True, COMPRESSED, act8=True, kernel_variant="avx2-fma"),
     "pippin-5.4bpw-4/6-act8": lambda th: pippin_engine(True, MIXED_46, act8=True),
     "pippin-4bit-act8": lambda th: pippin_engine(True, FOUR_BIT, act8=True),
     "pippin-3.5bpw-act8": lambda th: pippin_engine(True, COMPRESSED, act8=True),
@@ -228,6 +248,13 @@ def rss_of(engine: str, threads: int) -> float:
     # ru_maxrss would be wrong here: Linux carries it over fork+exec from this (large) parent process.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -291,7 +318,8 @@ def main() -> None:
             results[n]["peak_rss_mb"] = rss_of(n, args.threads)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "kernels": variant(),
         "threads": args.threads,
         "rounds": args.rounds,
         "read_bandwidth_GBps": bw,
