@@ -1122,7 +1122,8 @@ bool row_prefix(const at::Tensor& t) {
 // decode step ran 25-35 % slower on the server's thread than on the main one. This one spins (pausing), and yields
 // the core after a while so an oversubscribed machine still makes progress.
 struct SpinBarrier {
-  std::atomic<int> arrived{0}, phase{0};
+  alignas(64) std::atomic<int> arrived{0};  // on its own cache line: the waiters spin on `phase` undisturbed
+  alignas(64) std::atomic<int> phase{0};
 
   void wait(int n) {
     if (n <= 1) return;
