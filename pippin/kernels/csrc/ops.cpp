@@ -545,8 +545,12 @@ inline void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* lu
                       int64_t K, int64_t group, int64_t n0, int64_t n1) {
   // VNNI for batched rows (prefill, several decode rows): 12-15 % faster prefill on an AMD EPYC (Zen 4). One row (batch-1
   // decode) stays on AVX2 there: its vpdpbusd chain measured 10-15 % slower than maddubs + madd on that core.
-  if (M > 1 && g_vnni.load(std::memory_order_relaxed)) vnni::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
-  else avx2::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
+  if (M > 1 && g_vnni.load(std::memory_order_relaxed)) {
+    vnni::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
+    _mm256_zeroupper();  // leave no dirty upper vector state behind for the AVX2 and SSE code that follows
+  } else {
+    avx2::act8_rows<BITS>(a, packed, luts, lsc, y, ldy, M, K, group, n0, n1);
+  }
 }
 
 // One act8 projection: packed indices, its int8 LUT (G, 16) in [-127, 127] (entries past 2^bits unused) and the
