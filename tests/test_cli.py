@@ -112,7 +112,7 @@ def test_recovery_adapter_distils_the_teachers_own_chat_replies(tmp_path):
     cache = json.loads((ad / "rec" / "teacher_replies.json").read_text())
     plain = [json.loads(pippin("generate", f"Name a color number {i}.", "--max-new-tokens", "6", "--json").stdout) for i in range(3)]
     plain = [p["text"] for p in plain]
-    assert cache["replies"] == plain  # the teacher's own greedy replies, not the dataset's
+    assert list(cache["replies"].values()) == plain  # the teacher's own greedy replies, not the dataset's
     info = json.loads(pippin("adapter", "info", "rec", "--adapters-dir", str(ad), "--json").stdout)
     assert info["objective"] == "distill" and info["base_matches"] is True
     stamp = (ad / "rec" / "teacher_replies.json").stat().st_mtime_ns
