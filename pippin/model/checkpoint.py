@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,15 +279,24 @@ def load_gguf(path: Path, *, progress: bool = False) -> LoadedModel:
 
 
 def save_pippin(loaded: LoadedModel, path: str | os.PathLike, *, extra_meta: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) atomically; returns the folder."""
+    """Write config.json + model.safetensors (+ tokenizer) atomically; returns the folder. config.json is the one
+    commit point: it goes first when a checkpoint is overwritten and comes back last, so a crash in between leaves a
+    folder that is refused as incomplete, never new weights under an old config. Temporary files have unique names,
+    so two writers of the same folder do not clobber each other's."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    tmp = path / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path / "model.safetensors")
+    (path / "config.json").unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.safetensors.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     if loaded.tokenizer is not None:
         loaded.tokenizer.save(path)
     meta = {k: v for k, v in loaded.meta.items() if k not in ("format", "format_version", "model")}

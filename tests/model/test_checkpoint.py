@@ -176,3 +176,27 @@ def test_hf_config_roundtrip(preset):
 
     cfg = get_preset(preset)
     assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+def test_overwriting_a_checkpoint_has_one_commit_point(tmp_path, monkeypatch):
+    """config.json marks a complete checkpoint: a crash while a folder is overwritten (after the new weights, before
+    the new config) leaves a folder refused as incomplete, never new weights under the old config; a failed weights
+    write leaves no temporary file behind."""
+    import pippin.model.checkpoint as ck
+
+    old, new = tiny_model(seed=1), tiny_model(seed=2, n_layers=3)
+    ck.save_pippin(LoadedModel(model=old, tokenizer=None, path=tmp_path, meta={"name": "old"}), tmp_path / "ck")
+
+    def crash(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "write_json_atomic", crash)
+    with pytest.raises(OSError):
+        ck.save_pippin(LoadedModel(model=new, tokenizer=None, path=tmp_path, meta={"name": "new"}), tmp_path / "ck")
+    monkeypatch.undo()
+    with pytest.raises(PippinError, match="no config.json"):
+        load_model(tmp_path / "ck")
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(OSError):
+        ck.save_pippin(LoadedModel(model=new, tokenizer=None, path=tmp_path, meta={}), tmp_path / "ck")
+    assert not list((tmp_path / "ck").glob(".*tmp"))
