@@ -7,10 +7,13 @@ figures in docs/benchmarks.md that explain it:
   layers widened to nibbles, 6-bit ones expanded to bytes);
 - step: for a compressed model with act8, the median time of the blocks (`features`: embedding plus every layer),
   of the head (final norm plus output projection) and of a whole `decode_step`, at a batch of B rows;
-- --loop S: decode for S seconds and exit, for a profiler (`perf record -g python benchmarks/kernels.py --loop 25`).
+- --loop S: decode for S seconds and exit, for a profiler (`perf record -g python benchmarks/kernels.py --loop 25`);
+- --prefill-rows: ms for one act8 layer (576 -> 1536) at 16-512 rows, on the integer kernel against dequantizing the
+  weights for a GEMM (the reference path prefill took before);
+- --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code.
 It only calls public entry points (`features`, `head`, `decode_step`), so a checkout of an older commit times the
 same way. Usage:
-  python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S]
+  python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--thread]
 """
 
 from __future__ import annotations
@@ -92,6 +95,55 @@ def loop(path: str, seconds: float, threads: int) -> None:
             tok = decode_step(model, tok, cache).argmax(-1)
 
 
+def prefill_rows(model: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    lin = load_any(os.path.expanduser(model)).model.layers[0].mlp.gate_proj
+    set_act8_(lin, True)
+    w, lut_i8, scale, bits = lin.act8_kernel_args()
+    for m in (16, 42, 128, 512):
+        x = torch.randn(m, lin.in_features)
+        fns = {
+            "kernel": lambda: ops().lut_gemv_act8(x, w, lut_i8, scale, bits, lin.group_size),  # noqa: B023
+            "dequantize+GEMM": lambda: lin._act8_reference(x),  # noqa: B023
+        }
+        ms = {name: 1e3 * statistics.median(_times(f, 10)) for name, f in fns.items()}
+        print(f"act8 576->1536, {m} rows: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+
+
+def thread(model: str, threads: int) -> None:
+    import threading
+
+    torch.set_num_threads(threads)
+    m = load_any(os.path.expanduser(model)).model
+    set_act8_(m, True)
+    use_kernels_(m)
+
+    def run(where: str) -> None:
+        cache = KVCache(m.config, batch_size=1, max_len=512)
+        prefill(m, torch.tensor([[1, 2, 3, 4]]), torch.tensor([4]), cache)
+        tok = torch.tensor([5])
+        t = time.perf_counter()
+        for _ in range(200):
+            decode_step(m, tok, cache)
+        print(f"decode step on the {where}: {(time.perf_counter() - t) / 200 * 1e3:.3f} ms")
+
+    for _ in range(2):
+        run("main thread")
+        th = threading.Thread(target=run, args=("second thread",))
+        th.start()
+        th.join()
+
+
+def _times(fn, n: int) -> list[float]:  # noqa: ANN001
+    fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MODEL)
@@ -99,7 +151,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", action="store_true", help="also the per-row kernel cost by bit width")
     ap.add_argument("--loop", type=float, default=0, help="only decode for this many seconds (for a profiler)")
+    ap.add_argument("--prefill-rows", action="store_true", help="only the act8 layer at prefill row counts")
+    ap.add_argument("--thread", action="store_true", help="only a decode step on the main thread against a second one")
     args = ap.parse_args()
+    if args.prefill_rows or args.thread:
+        if args.prefill_rows:
+            prefill_rows(args.model, args.threads)
+        if args.thread:
+            thread(args.model, args.threads)
+        return
     if args.loop:
         loop(args.model, args.loop, args.threads)
         return

@@ -106,13 +106,12 @@ def _teacher_chats(convs: list, teacher, tok, args: argparse.Namespace, out: Pat
     from pippin.engine.sampling import SamplingParams
     from pippin.eval.systems import PippinSystem
     from pippin.kernels.modules import use_kernels_
-    from pippin.train.data import teacher_chats
+    from pippin.train.data import prompt_of, teacher_chats
 
     if teacher is None or args.format == "text":
         raise PippinError("--teacher-replies needs --teacher and chat-shaped --data (--format chat, alpaca, dialogsum or xsum).")
     key = f"teacher {base_fingerprint(teacher)}, greedy, {args.teacher_replies} tokens"
-    prompt = lambda c: c[: next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))]  # noqa: E731
-    fits = [c for c in convs if len(tok.encode_chat(prompt(c))) < args.seq_len]
+    fits = [c for c in convs if len(tok.encode_chat(prompt_of(c))) < args.seq_len]
     if len(fits) < len(convs):
         print(f"{len(convs) - len(fits)} of {len(convs)} prompts are --seq-len {args.seq_len} tokens or longer; left out", file=sys.stderr)
     if not fits:

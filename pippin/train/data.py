@@ -127,6 +127,11 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], *, max_len: int) ->
     return Example(ids=ids[:max_len], mask=mask[:max_len])
 
 
+def prompt_of(conversation: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages before the first assistant turn (what a teacher answers)."""
+    return conversation[: next((i for i, m in enumerate(conversation) if m["role"] == "assistant"), len(conversation))]
+
+
 def teacher_chats(
     conversations: list[list[dict[str, str]]],
     reply: Callable[[list[list[dict[str, str]]]], list[str]],
@@ -139,12 +144,9 @@ def teacher_chats(
     recovery adapter distils on. Replies are cached in `cache` by prompt (JSON, rewritten atomically after every chunk,
     so a killed run resumes where it stopped and a changed selection reuses what it can); `key` names the teacher and
     its settings, and a cache made under another key is refused rather than mixed in."""
-    prompts = []
-    for c in conversations:
-        first = next((i for i, m in enumerate(c) if m["role"] == "assistant"), len(c))
-        if first == 0:
-            raise PippinError("A conversation starts with an assistant turn; the teacher needs a prompt to answer.")
-        prompts.append(c[:first])
+    prompts = [prompt_of(c) for c in conversations]
+    if not all(prompts):
+        raise PippinError("A conversation starts with an assistant turn; the teacher needs a prompt to answer.")
     digest = [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:24] for p in prompts]
     cache = Path(cache)
     done: dict[str, str] = {}
