@@ -31,7 +31,6 @@ from pippin.adapters.peft_format import Adapter, LoraConfig, save_adapter
 from pippin.api import attach_adapters, default_adapters_dir, load_any
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
-from pippin.kernels.modules import use_kernels_
 from pippin.train.data import SUMMARIZE_DIALOGUE
 from pippin.train.losses import perplexity
 
@@ -78,7 +77,6 @@ def swap_and_throughput(args, path: str | None) -> dict:
     for i, n in enumerate(names):
         save_adapter(random_adapter(lm.model, n, i), tmp / n)
     size_mb = (tmp / "a0" / "adapter_model.safetensors").stat().st_size / 1e6
-    use_kernels_(lm.model)
     # Swap from memory: the adapter is cached but not in a slot (the slot was reassigned).
     mem, disk = [], []
     for _ in range(args.swap_rounds):
@@ -189,13 +187,11 @@ def summarization(args, path: str | None) -> dict:
 
     out = {}
     full = load_any(None)
-    use_kernels_(full.model)
     preds = summarize_with(Engine(full.model, max_batch=8, max_len=1024), full.tokenizer, rows, None)
     out["full precision"] = {**score(preds), "example": preds[0]}
     del full
     lm = load_any(path)
     store = attach_adapters(lm, n_slots=3)
-    use_kernels_(lm.model)
     engine = Engine(lm.model, max_batch=8, max_len=1024, adapters=store)
     for system in [None, *[a for a in ("recovery", "summarize") if a in store.names()]]:
         preds = summarize_with(engine, lm.tokenizer, rows, system)

@@ -26,7 +26,6 @@ from pippin.api import load_any
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.eval.fidelity import DOMAINS, agreement, domain_text, perplexity, token_windows, transcript
-from pippin.kernels.modules import use_kernels_
 from pippin.quant.calibrate import read_calibration_text
 from pippin.quant.compress import TARGETS, CompressConfig, compress_
 
@@ -58,7 +57,6 @@ def main() -> None:
     questions = [json.loads(line)["turns"][0] for line in (data / "mt_bench" / "question.jsonl").read_text().splitlines()][::2][:32]
     messages = [[{"role": "user", "content": q}] for q in questions]
     fast = copy.deepcopy(ref)
-    use_kernels_(fast)
     replies = Engine(fast, max_batch=8).generate_ids([tok.encode_chat(m) for m in messages], SamplingParams(max_new_tokens=128))
     transcripts = [t for m, r in zip(messages, replies) if (t := transcript(tok, m, tok.decode(r))) is not None]
     del fast

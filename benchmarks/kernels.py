@@ -11,7 +11,7 @@ figures in docs/benchmarks.md that explain it:
 - --prefill-rows: ms for one act8 layer (576 -> 1536) at 16-512 rows, on the integer kernel against dequantizing the
   weights for a GEMM (the reference path prefill took before);
 - --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code.
-It only calls public entry points (`features`, `head`, `decode_step`), so a checkout of an older commit times the
+It only calls public entry points (the FusedDecoder's `features` and `head`, `decode_step`), so a checkout of an older commit times the
 same way. Usage:
   python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--thread]
 """
@@ -29,7 +29,7 @@ from pippin.api import load_any
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.kernels import ops
-from pippin.kernels.modules import use_kernels_
+from pippin.kernels.decoder import FusedDecoder
 from pippin.quant.compress import set_act8_
 from pippin.quant.linear import PalettizedLinear
 from pippin.quant.palettize import fit_palette
@@ -63,19 +63,20 @@ def step(path: str, batch: int, threads: int) -> None:
     torch.set_num_threads(threads)
     model = load_any(os.path.expanduser(path)).model
     set_act8_(model, True)
-    assert use_kernels_(model), "pippin kernels unavailable"
+    dec = FusedDecoder.from_model(model)
+    assert dec.fused, "pippin kernels unavailable"
     cache = KVCache(model.config, batch_size=batch, max_len=256)
     ids = torch.arange(100, 124).repeat(batch, 1)
-    tok = prefill(model, ids, torch.full((batch,), 24), cache).argmax(-1)
+    tok = prefill(dec, ids, torch.full((batch,), 24), cache).argmax(-1)
     with torch.inference_mode():
         positions = cache.lengths.unsqueeze(1)
         cache.begin(positions)  # every timed call below writes the same slot
-        blocks = median_ms(lambda: model.features(tok.unsqueeze(1), positions=positions, cache=cache))
-        h = model.features(tok.unsqueeze(1), positions=positions, cache=cache)
-        head = median_ms(lambda: model.head(h))
+        blocks = median_ms(lambda: dec.features(tok.unsqueeze(1), positions=positions, cache=cache))
+        h = dec.features(tok.unsqueeze(1), positions=positions, cache=cache)
+        head = median_ms(lambda: dec.head(h))
 
         def one_step() -> None:
-            decode_step(model, tok, cache)
+            decode_step(dec, tok, cache)
             cache.lengths = cache.lengths - 1  # the same slot again
 
         whole = median_ms(one_step)
@@ -86,13 +87,13 @@ def loop(path: str, seconds: float, threads: int) -> None:
     torch.set_num_threads(threads)
     model = load_any(os.path.expanduser(path)).model
     set_act8_(model, True)
-    use_kernels_(model)
+    dec = FusedDecoder.from_model(model)
     cache = KVCache(model.config, batch_size=1, max_len=256)
     end = time.time() + seconds
     while time.time() < end:
-        tok = prefill(model, torch.arange(100, 115).unsqueeze(0), torch.tensor([15]), cache).argmax(-1)
+        tok = prefill(dec, torch.arange(100, 115).unsqueeze(0), torch.tensor([15]), cache).argmax(-1)
         for _ in range(128):
-            tok = decode_step(model, tok, cache).argmax(-1)
+            tok = decode_step(dec, tok, cache).argmax(-1)
 
 
 def prefill_rows(model: str, threads: int) -> None:
@@ -116,15 +117,15 @@ def thread(model: str, threads: int) -> None:
     torch.set_num_threads(threads)
     m = load_any(os.path.expanduser(model)).model
     set_act8_(m, True)
-    use_kernels_(m)
+    dec = FusedDecoder.from_model(m)
 
     def run(where: str) -> None:
         cache = KVCache(m.config, batch_size=1, max_len=512)
-        prefill(m, torch.tensor([[1, 2, 3, 4]]), torch.tensor([4]), cache)
+        prefill(dec, torch.tensor([[1, 2, 3, 4]]), torch.tensor([4]), cache)
         tok = torch.tensor([5])
         t = time.perf_counter()
         for _ in range(200):
-            decode_step(m, tok, cache)
+            decode_step(dec, tok, cache)
         print(f"decode step on the {where}: {(time.perf_counter() - t) / 200 * 1e3:.3f} ms")
 
     for _ in range(2):

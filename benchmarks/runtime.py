@@ -81,19 +81,21 @@ def pippin_engine(kernels: bool, path: str | None = None, act8: bool = False, kv
 
         model = load_any(os.path.expanduser(path)).model
         set_act8_(model, act8)
+    fwd = model
     if kernels:
-        from pippin.kernels.modules import use_kernels_
+        from pippin.kernels.decoder import FusedDecoder
 
-        assert use_kernels_(model), "pippin kernels unavailable"
+        fwd = FusedDecoder.from_model(model)
+        assert fwd.fused, "pippin kernels unavailable"
     cache = KVCache(model.config, batch_size=1, max_len=1024, kv8=kv8)
 
     def run_prefill(ids):
-        prefill(model, torch.tensor([ids]), torch.tensor([len(ids)]), cache)
+        prefill(fwd, torch.tensor([ids]), torch.tensor([len(ids)]), cache)
 
     def run_decode(ids):
-        tok = prefill(model, torch.tensor([ids]), torch.tensor([len(ids)]), cache).argmax(-1)
+        tok = prefill(fwd, torch.tensor([ids]), torch.tensor([len(ids)]), cache).argmax(-1)
         for _ in range(DECODE):
-            tok = decode_step(model, tok, cache).argmax(-1)
+            tok = decode_step(fwd, tok, cache).argmax(-1)
 
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if kernel_variant is None:

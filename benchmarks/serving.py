@@ -200,11 +200,9 @@ def engine_warm_ttft(args) -> float:
     from pippin.api import load_any
     from pippin.engine.engine import Engine
     from pippin.engine.sampling import SamplingParams
-    from pippin.kernels.modules import use_kernels_
 
     torch.set_num_threads(args.threads)
     lm = load_any(args.model)
-    use_kernels_(lm.model)
     engine = Engine(lm.model, max_len=2048)
     params = SamplingParams(max_new_tokens=1)
     out = []
@@ -223,11 +221,9 @@ def speculative(args) -> dict:
     from pippin.engine.engine import Engine
     from pippin.engine.sampling import SamplingParams
     from pippin.engine.speculative import SpeculativeDecoder
-    from pippin.kernels.modules import use_kernels_
 
     torch.set_num_threads(args.threads)
     target, draft = load_any(None), load_any(args.model)
-    use_kernels_(target.model), use_kernels_(draft.model)
     tok = target.tokenizer
     params = SamplingParams(max_new_tokens=64)
     rows = []

@@ -83,12 +83,8 @@ def load_engine(
     store = None
     if adapters is not False:
         store = attach_adapters(loaded, None if adapters is True else adapters)
-    if kernels:
-        from pippin.kernels.modules import use_kernels_
-
-        use_kernels_(loaded.model)
     kv8 = uses_kv8(loaded) if kv8 is None else kv8
-    return Engine(loaded.model, max_len=max_len, max_batch=max_batch, adapters=store, kv8=kv8), loaded.tokenizer
+    return Engine(loaded.model, max_len=max_len, max_batch=max_batch, adapters=store, kv8=kv8, kernels=kernels), loaded.tokenizer
 
 
 def uses_kv8(loaded: LoadedModel) -> bool:
@@ -119,20 +115,12 @@ SELF_PROMPTS = (
 def self_generated_text(model: torch.nn.Module, tokenizer: Tokenizer, *, n_seqs: int = 16, max_new_tokens: int = 256, seed: int = 0) -> str:
     """Text the model writes itself (sampled answers to varied prompts): calibration and distillation data that
     needs nothing from outside, as in data-free quantization (LLM-QAT). Sampling at T=0.8, top-p 0.95."""
-    from pippin.kernels.modules import use_kernels_
-
     prompts = [tokenizer.encode_chat([{"role": "user", "content": SELF_PROMPTS[i % len(SELF_PROMPTS)]}]) for i in range(n_seqs)]
-    had = any(type(m).__module__ == "pippin.kernels.modules" for m in model.modules())
-    on = use_kernels_(model)
-    try:
-        engine = Engine(model, max_batch=8, max_len=max(map(len, prompts)) + max_new_tokens)
-        texts = []
-        for i in range(0, n_seqs, 8):
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed + i)
-            texts += [tokenizer.decode(ids) for ids in engine.generate_ids(prompts[i : i + 8], params)]
-    finally:
-        if on and not had:  # leave the model as we found it (compression swaps plain nn.Linear modules)
-            use_kernels_(model, enable=False)
+    engine = Engine(model, max_batch=8, max_len=max(map(len, prompts)) + max_new_tokens)
+    texts = []
+    for i in range(0, n_seqs, 8):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed + i)
+        texts += [tokenizer.decode(ids) for ids in engine.generate_ids(prompts[i : i + 8], params)]
     return "\n\n".join(t.strip() for t in texts if t.strip())
 
 

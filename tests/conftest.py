@@ -45,20 +45,12 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 
 @contextlib.contextmanager
 def fused_block_calls() -> Iterator[list[bool]]:
-    """Record every decoder block that runs on the fused kernel, whether one block at a time (`decode_block`) or all
-    of a step's blocks in one model-level `DecodePlan` call: one bool per block, True when its rows ran at their own
-    cache offsets (ragged rows)."""
-    import pippin.kernels.modules as km
-    from pippin.kernels import ops
+    """Record every decoder block that runs on the kernels (a FusedDecoder's plan, built while this is open): one
+    bool per block and step, True when its rows ran at their own cache offsets (ragged rows)."""
+    from pippin.kernels.decoder import FusedDecoder
 
     calls: list[bool] = []
-    real, plan_of = ops(), km.KernelTransformer._decode_plan
-
-    class Ops:
-        def __getattr__(self, name):  # noqa: ANN001, ANN204
-            if name != "decode_block":
-                return getattr(real, name)
-            return lambda *a: calls.append(a[20] is not None) or real.decode_block(*a)  # a[20]: per-row starts
+    build = FusedDecoder.from_model.__func__
 
     class Plan:
         def __init__(self, plan, n_layers: int) -> None:  # noqa: ANN001
@@ -68,13 +60,14 @@ def fused_block_calls() -> Iterator[list[bool]]:
             calls.extend([a[6] is not None] * self.n_layers)  # a[6]: per-row starts
             return self.plan.forward(*a)
 
-    def spy_plan(model):  # noqa: ANN001, ANN202
-        found = plan_of(model)
-        return None if found is None else (found[0], Plan(found[1], len(model.layers)))
+    def spy(cls, model):  # noqa: ANN001, ANN202
+        dec = build(cls, model)
+        if dec.plan is not None:
+            dec.plan = Plan(dec.plan, len(model.layers))
+        return dec
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(km, "ops", lambda: Ops())
-        mp.setattr(km.KernelTransformer, "_decode_plan", spy_plan)
+        mp.setattr(FusedDecoder, "from_model", classmethod(spy))
         yield calls
 
 

@@ -13,7 +13,6 @@ import torch
 
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
-from pippin.kernels.modules import use_kernels_
 from tests.conftest import SHARED_DATA
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -38,7 +37,7 @@ def test_greedy_generation_matches_transformers(real_model, hf_real):
     tok = real_model.tokenizer
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(max_new_tokens=64, ignore_eos=True)
-    ours_ref = Engine(real_model.model, max_len=256).generate_ids(prompts, params)
+    ours_ref = Engine(real_model.model, max_len=256, kernels=False).generate_ids(prompts, params)
     config = copy.deepcopy(hf.generation_config)
     # Never stop early, like ignore_eos: an EOS id no token can have (transformers warns, then runs to the end).
     config.eos_token_id, config.pad_token_id, config.max_new_tokens, config.do_sample = [-1], 0, 64, False
@@ -47,12 +46,9 @@ def test_greedy_generation_matches_transformers(real_model, hf_real):
             out = hf.generate(torch.tensor([p]), generation_config=config)
         assert ours == out[0, len(p) :].tolist()
     # The kernel fast path (fused blocks, AVX2 matvecs) produces the same tokens.
-    use_kernels_(real_model.model)
-    try:
-        fast = Engine(real_model.model, max_len=256)
-        assert [fast.generate_ids([p], params)[0] for p in prompts] == ours_ref
-    finally:
-        use_kernels_(real_model.model, enable=False)
+    fast = Engine(real_model.model, max_len=256)
+    assert fast.forward.fused
+    assert [fast.generate_ids([p], params)[0] for p in prompts] == ours_ref
 
 
 def varied_strings(n: int = 1200) -> list[str]:

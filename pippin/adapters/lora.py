@@ -145,6 +145,12 @@ class LoRALinear(nn.Module):
         h = F.linear(self.dropout(x), self.lora_A[s].float())
         return y + self.lora_scale[s] * F.linear(h, self.lora_B[s].float())
 
+    def kernel_lora(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A, B, scale) slot banks for pippin.kernels' FusedDecoder (fp16 inference slots); None for trainable ones."""
+        if self.lora_A.dtype != torch.float16 or self.lora_A.requires_grad:
+            return None
+        return self.lora_A, self.lora_B, self.lora_scale
+
     def _fast(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Inference on a few fp32 rows with fp16 slots: the kernel adds the update into y in place."""
         return (
@@ -296,8 +302,7 @@ def base_fingerprint(model: nn.Module) -> str:
     unwrap = lambda n: n.replace(".base.", ".").removesuffix(".base")  # same names with or without LoRA
     for name, m in model.named_modules():
         if not isinstance(m, LoRALinear | nn.Dropout | nn.Identity) and not list(m.children()):
-            # Class names without the kernel prefix: swapping in the CPU kernels does not change the base.
-            h.update(f"{unwrap(name)}:{type(m).__name__.removeprefix('Kernel')}:{getattr(m, 'bits', '')};".encode())
+            h.update(f"{unwrap(name)}:{type(m).__name__}:{getattr(m, 'bits', '')};".encode())
     state = model.state_dict()
     for name in sorted(state, key=unwrap):
         if ".lora_" in name:

@@ -105,7 +105,6 @@ def _teacher_chats(convs: list, teacher, tok, args: argparse.Namespace, out: Pat
     from pippin.engine.engine import Engine
     from pippin.engine.sampling import SamplingParams
     from pippin.eval.systems import PippinSystem
-    from pippin.kernels.modules import use_kernels_
     from pippin.train.data import prompt_of, teacher_chats
 
     if teacher is None or args.format == "text":
@@ -116,13 +115,9 @@ def _teacher_chats(convs: list, teacher, tok, args: argparse.Namespace, out: Pat
         print(f"{len(convs) - len(fits)} of {len(convs)} prompts are --seq-len {args.seq_len} tokens or longer; left out", file=sys.stderr)
     if not fits:
         raise PippinError(f"Every prompt is at least --seq-len {args.seq_len} tokens long; raise it.")
-    use_kernels_(teacher)
-    try:
-        system = PippinSystem(Engine(teacher, max_batch=8, max_len=args.seq_len + args.teacher_replies), tok, spec="teacher")
-        params = SamplingParams(max_new_tokens=args.teacher_replies, temperature=0.0)
-        return teacher_chats(fits, lambda batch: system.generate(batch, params), cache=out / "teacher_replies.json", key=key)
-    finally:
-        use_kernels_(teacher, enable=False)
+    system = PippinSystem(Engine(teacher, max_batch=8, max_len=args.seq_len + args.teacher_replies), tok, spec="teacher")
+    params = SamplingParams(max_new_tokens=args.teacher_replies, temperature=0.0)
+    return teacher_chats(fits, lambda batch: system.generate(batch, params), cache=out / "teacher_replies.json", key=key)
 
 
 def _root(args: argparse.Namespace, loaded) -> Path:  # noqa: ANN001 - LoadedModel

@@ -55,20 +55,17 @@ def _speculative(args: argparse.Namespace, prompt: str, params) -> int:  # noqa:
     """Greedy output equals plain decoding; sampled output keeps the target's distribution (accept/reject)."""
     from pippin.api import load_any
     from pippin.engine.speculative import SpeculativeDecoder
-    from pippin.kernels.modules import use_kernels_
 
     if args.adapter or params.stop:
         raise PippinError("--draft does not combine with --adapter or --stop yet.")
     target, draft = load_any(args.model, progress=True), load_any(args.draft, progress=True)
-    if not args.no_kernels:
-        use_kernels_(target.model), use_kernels_(draft.model)
     tok = target.tokenizer
     ids = (
         tok.encode(prompt)
         if args.raw
         else tok.encode_chat(([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}])
     )
-    dec = SpeculativeDecoder(target.model, draft.model, k=args.draft_k, max_len=args.max_len)
+    dec = SpeculativeDecoder(target.model, draft.model, k=args.draft_k, max_len=args.max_len, kernels=not args.no_kernels)
     out: list[int] = []
     shown = ""
     for t in dec.generate(ids, params):

@@ -6,7 +6,9 @@ token position, so callers can stream; it checks limits up front (prompt plus ma
 the context) and raises a `PippinError` that says what to do. Each row may name its own LoRA adapter
 (`adapters=[...]`): the engine's AdapterStore makes them resident and routes rows to them, so one batch
 mixes adapters in one forward pass. Text and stop strings are the job of pippin.engine.stream.
-`compile=True` compiles the decode step with torch.compile.
+`kernels=True` (the default) runs few-token steps on pippin's CPU kernels (`FusedDecoder`, built from the model
+here; the model itself where the kernels do not apply); `compile=True` compiles the model's decode step with
+torch.compile instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams, sample
 from pippin.errors import PippinError
+from pippin.kernels.decoder import FusedDecoder
 from pippin.model.transformer import Transformer
 
 
@@ -63,8 +66,13 @@ class Engine:
         compile: bool = False,
         adapters: AdapterStore | None = None,
         kv8: bool = False,
+        kernels: bool = True,
     ) -> None:
         self.model = model.eval()
+        self.kernels = kernels and not compile
+        """Few-token steps run on the CPU kernels (where they apply to this model)."""
+        self.forward: Transformer | FusedDecoder = FusedDecoder.from_model(model) if self.kernels else model
+        """What prefill and decode call: the model, or its fused decoder (same signature)."""
         self.adapters = adapters
         """Where per-row adapter names are resolved; None: the engine serves the base model only."""
         cfg = model.config
@@ -73,9 +81,7 @@ class Engine:
         """Keys and values stored in 8 bits (see KVCache)."""
         self.cache = KVCache(cfg, batch_size=max_batch, max_len=self.max_len, kv8=kv8)
         self.eos_ids = list(cfg.eos_token_ids)
-        self._decode = decode_step
-        if compile:
-            self._decode = torch.compile(decode_step, dynamic=True)
+        self._decode = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self.last_stats: GenerationStats | None = None
 
     def cache_for(self, batch: int) -> KVCache:
@@ -145,7 +151,7 @@ class Engine:
 
         cache = self.cache_for(B)
         t0 = time.perf_counter()
-        logits = prefill(self.model, tokens, lengths, cache)
+        logits = prefill(self.forward, tokens, lengths, cache)
         done = torch.zeros(B, dtype=torch.bool)
         n_gen = torch.zeros(B, dtype=torch.long)
         reasons = ["length"] * B
@@ -168,7 +174,7 @@ class Engine:
                     break
                 if history is not None:
                     history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
-                logits = self._decode(self.model, nxt, cache)
+                logits = self._decode(self.forward, nxt, cache)
         finally:  # also when the caller stops early (stop string, client gone): stats stay truthful
             t_end = time.perf_counter()
             n_decode = int(n_gen.max()) - 1

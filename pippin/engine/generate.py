@@ -2,7 +2,8 @@
 
 `prefill` runs the prompts (right-padded to one length) through the model, filling the cache, and
 returns the logits at each row's last prompt token. `decode_step` feeds one new token per row at that
-row's own position. Both only move token ids and positions; text lives in pippin.engine.stream.
+row's own position. `model` is the Transformer or its `FusedDecoder` (the same call). Both only move token ids
+and positions; text lives in pippin.engine.stream.
 The decode step can be compiled with torch.compile (`Engine(compile=True)`); the CPU kernels are usually faster.
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 import torch
 
 from pippin.engine.kv_cache import KVCache
+from pippin.kernels.decoder import FusedDecoder
 from pippin.model.transformer import Transformer
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, *, start: int = 0) -> torch.Tensor:
+def prefill(
+    model: Transformer | FusedDecoder, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, *, start: int = 0
+) -> torch.Tensor:
     """Run prompts (B, T) right-padded, with true `lengths` (B,), from slot `start`; logits (B, V) at each last token."""
     B, T = tokens.shape
     positions = (torch.arange(T) + start).expand(B, T)
@@ -26,7 +30,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, lengths: torch.Tensor, cac
 
 
 @torch.inference_mode()
-def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_step(model: Transformer | FusedDecoder, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One new token per row (B,) at each row's next free slot; logits (B, V)."""
     positions = cache.lengths.unsqueeze(1)  # (B, 1)
     cache.begin(positions)

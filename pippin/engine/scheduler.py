@@ -31,6 +31,7 @@ from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams, sample
 from pippin.errors import PippinError
+from pippin.kernels.decoder import FusedDecoder
 from pippin.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,13 @@ class BatchScheduler:
         eos_ids: Sequence[int] | None = None,
         kv8: bool = False,
         max_overtakes: int = 8,
+        kernels: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
         self.model = model.eval()
+        self.forward: Transformer | FusedDecoder = FusedDecoder.from_model(model) if kernels else model
+        """What prefill and decode call: the model, or its fused decoder on the CPU kernels (same signature)."""
         cfg = model.config
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -290,7 +294,7 @@ class BatchScheduler:
         T = len(ticket.prompt)
         t0 = time.perf_counter()
         view = _row_view(self.cache, first)
-        logits = prefill(self.model, torch.tensor([ticket.prompt]), torch.tensor([T]), view)
+        logits = prefill(self.forward, torch.tensor([ticket.prompt]), torch.tensor([T]), view)
         for i in rows[1:]:  # n samples share one prefill
             self.cache.copy_row(first, i, T)
         self.lengths[rows] = T
@@ -312,7 +316,7 @@ class BatchScheduler:
         view = self.cache.first_rows(hi)
         view.lengths = self.lengths[:hi].clone()
         t0 = time.perf_counter()
-        logits = decode_step(self.model, tokens, view)
+        logits = decode_step(self.forward, tokens, view)
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.last_batch = self._n_running()

@@ -24,6 +24,7 @@ from pippin.engine.generate import prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams, filter_logits
 from pippin.errors import PippinError
+from pippin.kernels.decoder import FusedDecoder
 from pippin.model.transformer import Transformer
 
 
@@ -80,7 +81,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, *, ge
 
 
 @torch.inference_mode()
-def forward_at(model: Transformer, tokens: list[int], cache: KVCache, start: int) -> torch.Tensor:
+def forward_at(model: Transformer | FusedDecoder, tokens: list[int], cache: KVCache, start: int) -> torch.Tensor:
     """Run T tokens at positions start..start+T-1 of a one-row cache; logits (T, V) at every position."""
     x = torch.tensor([tokens])
     positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
@@ -93,7 +94,7 @@ def forward_at(model: Transformer, tokens: list[int], cache: KVCache, start: int
 class SpeculativeDecoder:
     """Generate with a target model, k tokens at a time proposed by a draft model."""
 
-    def __init__(self, target: Transformer, draft: Transformer, *, k: int = 4, max_len: int | None = None) -> None:
+    def __init__(self, target: Transformer, draft: Transformer, *, k: int = 4, max_len: int | None = None, kernels: bool = True) -> None:
         if target.config.vocab_size != draft.config.vocab_size:
             raise PippinError(
                 f"The draft's vocabulary ({draft.config.vocab_size}) differs from the target's ({target.config.vocab_size}); "
@@ -102,6 +103,9 @@ class SpeculativeDecoder:
         if k < 1:
             raise PippinError(f"k (draft tokens per step) must be >= 1, got {k}.")
         self.target, self.draft, self.k = target.eval(), draft.eval(), k
+        fwd = FusedDecoder.from_model if kernels else (lambda m: m)
+        self.target_forward, self.draft_forward = fwd(self.target), fwd(self.draft)
+        """What the steps call: each model, or its fused decoder on the CPU kernels (same signature)."""
         self.max_len = min(target.config.max_seq_len, draft.config.max_seq_len, max_len or 4096)
         self.eos_ids = set(target.config.eos_token_ids)
         self.tcache = KVCache(target.config, batch_size=1, max_len=self.max_len)
@@ -125,7 +129,7 @@ class SpeculativeDecoder:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stop = set() if params.ignore_eos else self.eos_ids
         ids = list(prompt)
-        logits = prefill(self.target, torch.tensor([ids]), torch.tensor([len(ids)]), self.tcache)[0]
+        logits = prefill(self.target_forward, torch.tensor([ids]), torch.tensor([len(ids)]), self.tcache)[0]
         st.target_forwards += 1
         first = int(logits.argmax()) if params.greedy else int(torch.multinomial(probs(logits, params), 1, generator=gen))
         d_len = 0  # tokens of `ids` the draft cache holds
@@ -148,7 +152,7 @@ class SpeculativeDecoder:
                 drafts, q = self._propose(ids, d_len, k, params, gen)
                 if k:
                     d_len = len(ids) + k - 1  # the draft was fed ids and all drafts but the last
-                tl = forward_at(self.target, [ids[-1], *drafts], self.tcache, len(ids) - 1)  # (k+1, V)
+                tl = forward_at(self.target_forward, [ids[-1], *drafts], self.tcache, len(ids) - 1)  # (k+1, V)
                 st.target_forwards += 1
                 dt = torch.tensor(drafts, dtype=torch.long)
                 if params.greedy:
@@ -169,7 +173,7 @@ class SpeculativeDecoder:
         if k == 0:
             return [], None
         st = self.stats
-        logits = prefill(self.draft, torch.tensor([ids[d_len:]]), torch.tensor([len(ids) - d_len]), self.dcache, start=d_len)[0]
+        logits = prefill(self.draft_forward, torch.tensor([ids[d_len:]]), torch.tensor([len(ids) - d_len]), self.dcache, start=d_len)[0]
         st.draft_forwards += 1
         drafts, qs = [], []
         for j in range(k):
@@ -181,6 +185,6 @@ class SpeculativeDecoder:
                 qs.append(qj)
             drafts.append(tok)
             if j < k - 1:
-                logits = forward_at(self.draft, [tok], self.dcache, len(ids) + j)[0]
+                logits = forward_at(self.draft_forward, [tok], self.dcache, len(ids) + j)[0]
                 st.draft_forwards += 1
         return drafts, (torch.stack(qs) if qs else None)

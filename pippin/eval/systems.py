@@ -162,6 +162,7 @@ class PippinSystem:
                 adapters=self.engine.adapters,
                 eos_ids=self.engine.eos_ids,
                 kv8=self.engine.kv8,
+                kernels=self.engine.kernels,
             )
         sinks = [_Collect(self.tokenizer, params.stop) for _ in prompts]
         self._scheduler.submit_many([(ids, params, self.adapter, 1, sink) for ids, sink in zip(prompts, sinks)])

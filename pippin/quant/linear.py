@@ -122,6 +122,14 @@ class PalettizedLinear(nn.Module):
             return self.packed, lut_i8, scale, self.bits
         return self.act8_weights(), lut_i8, scale, 4 if self.bits == 3 else 8
 
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
+        """(weights, LUT, int8-LUT scales or None, kernel bits, group) for pippin.kernels' FusedDecoder: the act8
+        kernel's arguments where act8 runs on the kernels, else the packed indices and the fp32 LUT."""
+        if self.uses_act8_kernel():
+            w, lut_i8, scale, bits = self.act8_kernel_args()
+            return w, lut_i8, scale, bits, self.group_size
+        return self.packed, self.lut32(), None, self.bits, self.group_size
+
     def act8_applies(self) -> bool:
         """act8 covers layers whose input width is a multiple of 64 (one activation scale per 64); others stay fp32."""
         return self.act8 and self.bits in (2, 3, 4, 6, 8) and self.in_features % ACT8_BLOCK == 0

@@ -82,10 +82,6 @@ def load_base(spec: str, config: ServeConfig, *, adapters_dir: str | os.PathLike
         raise PippinError(f"{loaded.path} has no tokenizer; convert it with `pippin convert` from a source that has one.")
     store = attach_adapters(loaded, adapters_dir, n_slots=config.adapter_slots)
     store.budget_bytes = config.adapter_cache_mb << 20
-    if config.kernels:
-        from pippin.kernels.modules import use_kernels_
-
-        use_kernels_(loaded.model)
     name = name or loaded.meta.get("name") or loaded.path.stem
     if ":" in name:
         raise PippinError(f"Model name {name!r} must not contain ':' (it separates base and adapter); give NAME=PATH.")
@@ -98,6 +94,7 @@ def load_base(spec: str, config: ServeConfig, *, adapters_dir: str | os.PathLike
         adapters=store,
         eos_ids=sorted(eos),
         kv8=uses_kv8(loaded),
+        kernels=config.kernels,
     )
     return Base(name=name, loaded=loaded, tokenizer=loaded.tokenizer, store=store, scheduler=sched, created=now())
 

@@ -276,7 +276,6 @@ def test_trainable_lora_starts_at_the_base_and_only_adapters_get_gradients():
 
 def test_lora_kernel_and_fused_block_match_the_reference():
     from pippin.kernels import ops
-    from pippin.kernels.modules import use_kernels_
 
     if ops() is None:
         pytest.skip("kernels unavailable")
@@ -295,22 +294,19 @@ def test_lora_kernel_and_fused_block_match_the_reference():
         store.put(random_adapter(model, n, seed=20 + i))
     prompts, names = [[5, 6, 7], [9, 10, 11], [1, 2, 3]], ["a", "b", None]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    engine = Engine(model, max_batch=3, max_len=64, adapters=store)
-    ref = engine.generate_ids(prompts, params, adapters=names)
-    use_kernels_(model)
-    with fused_block_calls() as calls:  # the prefill block by block, each decode step in the model-level plan
+    reference = Engine(model, max_batch=3, max_len=64, adapters=store, kernels=False)
+    ref = reference.generate_ids(prompts, params, adapters=names)
+    with fused_block_calls() as calls:  # the prefill block by block, each decode step in the one-region step
+        engine = Engine(model, max_batch=3, max_len=64, adapters=store)
         fast = engine.generate_ids(prompts, params, adapters=names)
     assert fast == ref
     assert len(calls) == 2 * 10  # both blocks, for the prefill and each of the 9 decode steps
-    watch, plan = model._decode_plan()
-    assert watch.routes and plan.fused()
+    assert engine.forward.routes and engine.forward.plan.plan.fused()
     # Rows of one batch at their own offsets, each with its own adapter, through the one-region decode step.
     prompts = [[5, 6, 7, 8, 9], [9, 10], [1, 2, 3]]
-    use_kernels_(model, enable=False)
-    ref = engine.generate_ids(prompts, params, adapters=names)
-    use_kernels_(model)
-    with fused_block_calls() as calls:
-        assert engine.generate_ids(prompts, params, adapters=names) == ref
+    ref = reference.generate_ids(prompts, params, adapters=names)
+    calls.clear()
+    assert engine.generate_ids(prompts, params, adapters=names) == ref
     assert calls.count(True) == 2 * 9
 
 

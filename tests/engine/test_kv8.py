@@ -9,7 +9,7 @@ from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache, dequantize_kv, quantize_kv
 from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
-from pippin.kernels.modules import use_kernels_
+from pippin.kernels.decoder import FusedDecoder
 from tests.conftest import fused_block_calls, tiny_model
 
 
@@ -69,16 +69,16 @@ def test_kv8_row_copies_carry_the_scales():
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
 def test_kernel_model_with_kv8_matches_the_reference_path():
     ref, fast = tiny_model(), tiny_model()
-    use_kernels_(fast)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
-    want = Engine(ref, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params)
+    want = Engine(ref, max_batch=2, max_len=64, kv8=True, kernels=False).generate_ids(prompts, params)
     with fused_block_calls() as calls:  # the fused blocks write and read the int8 cache themselves
         assert Engine(fast, max_batch=2, max_len=64, kv8=True).generate_ids(prompts, params) == want
     assert calls == [False] * 2 + [True] * 2 * 7  # both blocks: the prefill (uniform), then 7 ragged decode steps
     # Step by step, through the whole-model plan: the same logits, and the cache holds the same int8 entries.
     tokens = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(2))
-    caches = [KVCache(m.config, batch_size=1, max_len=32, kv8=True) for m in (ref, fast)]
+    fast = FusedDecoder.from_model(fast)
+    caches = [KVCache(ref.config, batch_size=1, max_len=32, kv8=True) for _ in range(2)]
     for m, c in zip((ref, fast), caches):
         prefill(m, tokens[:, :3], torch.tensor([3]), c)
     for t in range(3, 14):

@@ -1,4 +1,4 @@
-"""Each CPU kernel against its PyTorch reference, and the kernel model path against the reference model."""
+"""Each CPU kernel against its PyTorch reference, and the FusedDecoder against the reference model."""
 
 import copy
 
@@ -11,8 +11,8 @@ from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
-from pippin.kernels.modules import KernelBlock, KernelLinear, use_kernels_
-from pippin.model.transformer import Transformer
+from pippin.kernels.decoder import FusedDecoder
+from pippin.model.transformer import Block, Transformer
 from tests.conftest import fused_block_calls, tiny_model
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
@@ -44,69 +44,58 @@ def test_rms_norm_silu_mul_rope():
 
 
 @pytest.mark.parametrize("kv_heads,tied,shape", [(2, True, {}), (1, False, {}), (4, True, {}), (1, True, {"dim": 128, "n_heads": 2})])
-def test_kernel_model_generates_like_reference(kv_heads, tied, shape):
+def test_fused_decoder_generates_like_the_reference(kv_heads, tied, shape):
     # The last case has 64-wide heads, the size whose attention output the fused block keeps in registers.
-    ref_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied, **shape)
-    fast_model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied, **shape)
-    assert use_kernels_(fast_model)
-    assert isinstance(fast_model.layers[0], KernelBlock) and isinstance(fast_model.layers[0].mlp.down_proj, KernelLinear)
+    model = tiny_model(n_kv_heads=kv_heads, tie_embeddings=tied, **shape)
+    before = {n: type(m) for n, m in model.named_modules()}
     prompts = [[1, 2, 3, 4], list(range(50, 70))]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-    for batch in ([prompts[0]], prompts):  # uniform and ragged positions (both on the fused block)
-        ref = Engine(ref_model, max_batch=2, max_len=64)
-        fast = Engine(fast_model, max_batch=2, max_len=64)
+    for batch in ([prompts[0]], prompts):  # uniform and ragged positions (both on the fused step)
+        ref = Engine(model, max_batch=2, max_len=64, kernels=False)
+        fast = Engine(model, max_batch=2, max_len=64)
+        assert fast.forward.fused
         assert fast.generate_ids(batch, params) == ref.generate_ids(batch, params)
     tokens = torch.randint(0, 256, (1, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(fast_model(tokens), ref_model(tokens), atol=1e-5, rtol=1e-5)
-    caches = [KVCache(m.config, batch_size=1, max_len=64) for m in (ref_model, fast_model)]
-    for m, c in zip((ref_model, fast_model), caches):
-        prefill(m, tokens[:, :2], torch.tensor([2]), c)
+    dec = FusedDecoder.from_model(model)
+    caches = [KVCache(model.config, batch_size=1, max_len=64) for _ in range(2)]
+    for fwd, c in zip((model, dec), caches):
+        prefill(fwd, tokens[:, :2], torch.tensor([2]), c)
     for t in range(2, 12):  # decode logits through the fused blocks, over contexts past 8 keys
-        torch.testing.assert_close(
-            decode_step(fast_model, tokens[:, t], caches[1]), decode_step(ref_model, tokens[:, t], caches[0]), atol=1e-4, rtol=1e-4
-        )
-    # A copy of a model that has decoded (and cached its kernel arguments) decodes the same, from its own weights.
-    twin = copy.deepcopy(fast_model)
+        want = decode_step(model, tokens[:, t], caches[0])
+        torch.testing.assert_close(decode_step(dec, tokens[:, t], caches[1]), want, atol=1e-4, rtol=1e-4)
+    # The model itself is never changed: the same module classes (no class swapped in), and a decoder built from a
+    # copy reads the copy's weights.
+    assert {n: type(m) for n, m in model.named_modules()} == before and type(model.layers[0]) is Block
+    twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():
-            p.mul_(1.01)  # a copy that reused the original's cached tensors would not see this
-    twin_cache, ref_cache = KVCache(twin.config, batch_size=1, max_len=64), KVCache(twin.config, batch_size=1, max_len=64)
-    scaled_ref = copy.deepcopy(ref_model)
-    with torch.no_grad():
-        for p in scaled_ref.parameters():
             p.mul_(1.01)
-    prefill(twin, tokens[:, :2], torch.tensor([2]), twin_cache)
-    prefill(scaled_ref, tokens[:, :2], torch.tensor([2]), ref_cache)
+    twin_dec = FusedDecoder.from_model(twin)
+    caches = [KVCache(model.config, batch_size=1, max_len=64) for _ in range(2)]
+    prefill(twin_dec, tokens[:, :2], torch.tensor([2]), caches[0])
+    prefill(twin, tokens[:, :2], torch.tensor([2]), caches[1])
     for t in range(2, 6):
-        torch.testing.assert_close(
-            decode_step(twin, tokens[:, t], twin_cache), decode_step(scaled_ref, tokens[:, t], ref_cache), atol=1e-4, rtol=1e-4
-        )
-    # State dict is untouched by the swap (names and values), and it switches back.
-    assert ref_model.state_dict().keys() == fast_model.state_dict().keys()
-    use_kernels_(fast_model, enable=False)
-    assert type(fast_model.layers[0]).__name__ == "Block"
+        want = decode_step(twin, tokens[:, t], caches[1])
+        torch.testing.assert_close(decode_step(twin_dec, tokens[:, t], caches[0]), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n_rows", [3, 9])  # 9: enough rows for the block's dense projections to take the GEMM
 def test_fused_block_runs_ragged_rows_at_their_own_offsets(n_rows):
-    """Rows at different offsets (prompts of different lengths, continuous batching) stay on the fused block."""
-    ref_model, fast_model = tiny_model(), tiny_model()
-    use_kernels_(fast_model)
+    """Rows at different offsets (prompts of different lengths, continuous batching) stay on the fused step."""
+    model = tiny_model()
     prompts = [[1, 2, 3], list(range(50, 71)), [9] * 8, [7, 8], list(range(100, 110)), [4] * 5, [200] * 12, [30, 31, 32, 33], [66]][:n_rows]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    ref = Engine(ref_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
+    ref = Engine(model, max_batch=n_rows, max_len=64, kernels=False).generate_ids(prompts, params)
     with fused_block_calls() as calls:
-        fast = Engine(fast_model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
+        fast = Engine(model, max_batch=n_rows, max_len=64).generate_ids(prompts, params)
     assert fast == ref
     assert calls.count(True) == 2 * 11  # both blocks at each of the 11 ragged decode steps (prefill is uniform but too big)
 
 
-def test_block_path_steps_aside_for_unknown_projection_modules():
-    model, ref = tiny_model(), tiny_model()
-    use_kernels_(model)
+def test_fused_decoder_refuses_unknown_projection_modules():
+    model = tiny_model()
 
-    class Wrapped(torch.nn.Module):  # e.g. an adapter wrapper the kernel block does not know: it changes the output
+    class Wrapped(torch.nn.Module):  # e.g. an adapter wrapper the kernels do not know: it changes the output
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -115,9 +104,10 @@ def test_block_path_steps_aside_for_unknown_projection_modules():
             return self.inner(x) * 1.5
 
     model.layers[0].self_attn.q_proj = Wrapped(model.layers[0].self_attn.q_proj)
-    ref.layers[0].self_attn.q_proj = Wrapped(ref.layers[0].self_attn.q_proj)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    assert Engine(model, max_len=32).generate_ids([[3, 4, 5]], params) == Engine(ref, max_len=32).generate_ids([[3, 4, 5]], params)
+    fast = Engine(model, max_len=32)
+    assert not fast.forward.fused  # the whole model then runs as the reference
+    assert fast.generate_ids([[3, 4, 5]], params) == Engine(model, max_len=32, kernels=False).generate_ids([[3, 4, 5]], params)
 
 
 @pytest.mark.parametrize("kv8", [False, True])
@@ -125,14 +115,14 @@ def test_decode_plan_fused_step_equals_the_reference_for_ragged_rows_and_any_thr
     """With one token per row the model-level plan runs every layer in one parallel region (phases split over the
     threads, barriers between them). It must equal the reference path with rows at their own offsets, and give the
     same logits on one thread as on several."""
-    ref, fast = tiny_model(seed=3), tiny_model(seed=3)
-    use_kernels_(fast)
-    assert fast._decode_plan()[1].fused()
+    ref = tiny_model(seed=3)
+    fast = FusedDecoder.from_model(ref)
+    assert fast.plan.fused()
     lengths = torch.tensor([3, 9, 5])
     tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(4))
 
     def run(model) -> list[torch.Tensor]:  # noqa: ANN001
-        cache = KVCache(model.config, batch_size=3, max_len=32, kv8=kv8)
+        cache = KVCache(ref.config, batch_size=3, max_len=32, kv8=kv8)
         out = [prefill(model, tokens[:, :9], lengths, cache)]
         for t in range(5):
             out.append(decode_step(model, tokens[torch.arange(3), lengths + t], cache))
@@ -154,13 +144,13 @@ def test_decode_plan_fused_step_equals_the_reference_for_ragged_rows_and_any_thr
 def test_decode_plan_runs_the_first_rows_of_a_bigger_cache(kv8):
     """Continuous batching decodes the rows in use, a view over the first rows of a cache with room for more: the
     one-call step must take that view (it fell back to a call per block before) and equal the reference."""
-    ref, fast = tiny_model(seed=5), tiny_model(seed=5)
-    use_kernels_(fast)
+    ref = tiny_model(seed=5)
+    fast = FusedDecoder.from_model(ref)
     lengths = torch.tensor([4, 7])
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
 
     def run(model, rows: int) -> list[torch.Tensor]:  # noqa: ANN001
-        view = KVCache(model.config, batch_size=rows, max_len=32, kv8=kv8).first_rows(2)
+        view = KVCache(ref.config, batch_size=rows, max_len=32, kv8=kv8).first_rows(2)
         out = [prefill(model, tokens[:, :7], lengths, view)]
         for t in range(4):
             out.append(decode_step(model, tokens[torch.arange(2), lengths + t], view))

@@ -13,6 +13,7 @@ from pippin.engine.kv_cache import KVCache
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 from pippin.kernels import ops
+from pippin.kernels.decoder import FusedDecoder
 from pippin.quant.allocate import LayerChoice, allocate
 from pippin.quant.compress import CompressConfig, compress_, quantization_meta, stored_bits
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
@@ -223,8 +224,6 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
 def test_fused_block_runs_palettized_projections_like_the_reference():
-    from pippin.kernels.modules import use_kernels_
-
     model = tiny_model()
     plan = {
         f"layers.{i}.{m}": b
@@ -240,8 +239,7 @@ def test_fused_block_runs_palettized_projections_like_the_reference():
     }  # down_proj stays dense: mixed dense + LUT in one block
     compress_(model, CALIB, CompressConfig(plan=plan, seq_len=128, n_seqs=2))
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    ref = Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params)
-    use_kernels_(model)
+    ref = Engine(model, max_len=64, kernels=False).generate_ids([[5, 6, 7, 8]], params)
     with fused_block_calls() as calls:
         assert Engine(model, max_len=64).generate_ids([[5, 6, 7, 8]], params) == ref
     assert len(calls) == 2 * 12  # both blocks, for the 4-token prefill and each of the 11 decode steps
@@ -249,8 +247,6 @@ def test_fused_block_runs_palettized_projections_like_the_reference():
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
 def test_act8_kernel_matches_its_reference_and_the_fused_block():
-    from pippin.kernels.modules import use_kernels_
-
     g = torch.Generator().manual_seed(5)
     w, x = torch.randn(48, 64, generator=g), torch.randn(3, 64, generator=g)
     lin = PalettizedLinear.from_palette(fit_palette(w, bits=4, group_size=16))
@@ -273,24 +269,22 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
     tokens = torch.randint(0, 256, (1, 14), generator=g)
     prefill(model, tokens[:, :4], torch.tensor([4]), cache)
     module_path = [decode_step(model, tokens[:, t], cache) for t in range(4, 14)]
-    use_kernels_(model)
+    dec = FusedDecoder.from_model(model)
     fused = []
     for variant in kernel_variants():  # the fused step on each variant this CPU runs: all equal the module path
         with use_variant(variant):
             cache = KVCache(model.config, batch_size=1, max_len=64)
-            prefill(model, tokens[:, :4], torch.tensor([4]), cache)
-            fused.append([decode_step(model, tokens[:, t], cache) for t in range(4, 14)])
+            prefill(dec, tokens[:, :4], torch.tensor([4]), cache)
+            fused.append([decode_step(dec, tokens[:, t], cache) for t in range(4, 14)])
         for got, ref_logits in zip(fused[-1], module_path):
             torch.testing.assert_close(got, ref_logits, atol=1e-4, rtol=1e-4)
         assert all(torch.equal(a, b) for a, b in zip(fused[-1], fused[0]))
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
-def test_model_level_decode_plan_follows_lut_and_act8_changes():
-    # One call runs all blocks of a decode step from arguments kept in C++: a LUT changed in place or an act8
-    # flag switched after the first step must rebuild them, or the fast path would decode with stale weights.
-    from pippin.kernels.modules import use_kernels_
-
+def test_fused_decoder_built_after_lut_and_act8_changes_follows_them():
+    # The decoder's plan keeps its arguments in C++: one built after a LUT or its indices change in place, or an
+    # act8 flag switches, must read the new weights (the act8 kernels' cached LUTs and expanded bytes follow).
     model = tiny_model()
     # q, k, v (and gate, up) at different widths: each shared input is quantized once per width, and they run as
     # one call writing side by side; layer 0 keeps o and down dense.
@@ -304,10 +298,10 @@ def test_model_level_decode_plan_follows_lut_and_act8_changes():
     tokens = torch.tensor([[5, 6, 7, 8, 9]])
 
     def decode(kernels: bool) -> torch.Tensor:
-        use_kernels_(model, enable=kernels)
+        fwd = FusedDecoder.from_model(model) if kernels else model
         cache = KVCache(model.config, batch_size=1, max_len=32)
-        prefill(model, tokens[:, :4], torch.tensor([4]), cache)
-        return decode_step(model, tokens[:, 4], cache)
+        prefill(fwd, tokens[:, :4], torch.tensor([4]), cache)
+        return decode_step(fwd, tokens[:, 4], cache)
 
     gate, down = model.layers[1].mlp.gate_proj, model.layers[1].mlp.down_proj
     assert down.uses_act8_kernel() and down.act8_kernel_args()[3] == 8
