@@ -7,6 +7,7 @@ pippin.serve.config.ServeConfig, so `run(args)` and `serve(config)` are the same
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pippin.serve.config import LOOPBACK_HOSTS, ServeConfig
@@ -48,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         help="a folder runtime-loaded adapters may come from, besides each model's adapters folder (repeatable)",
     )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PIPPIN_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every /v1 request (default: $PIPPIN_API_KEY; none when unset)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -71,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         runtime_adapters=loopback if args.runtime_adapters is None else args.runtime_adapters,
         adapter_roots=args.adapter_root,
         raw_special_tokens=args.raw_special_tokens,
+        api_key=args.api_key or None,
         kernels=not args.no_kernels,
         threads=args.threads,
     )
@@ -107,6 +114,10 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
     url = f"http://{host}:{sock.getsockname()[1]}/"
     print(f"pippin serve: {url}  (playground at /, OpenAI API at {url}v1, metrics at /metrics)", flush=True)
     print(f"  models: {', '.join(c.id for c in service.models())}", file=sys.stderr, flush=True)
+    if config.api_key is not None:
+        print("  /v1 requires the API key (Authorization: Bearer ...); the playground asks for it", file=sys.stderr, flush=True)
+    elif not config.loopback:
+        print(f"  warning: {config.host} is reachable from other machines and no --api-key is set", file=sys.stderr, flush=True)
     for base in service.bases.values():
         if base.loaded.path.is_dir() and (line := summary(base.loaded.path)):
             print(f"  {base.name} against full precision: {line}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -53,14 +54,14 @@ from pippin.serve.service import Service
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 API_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-ERRORS = {r: {"model": ErrorResponse} for r in (400, 404, 413, 429, 500)}
+ERRORS = {r: {"model": ErrorResponse} for r in (400, 401, 404, 413, 429, 500)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_response(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
     kind = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(status, "invalid_request_error")
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": "1"} if status in (429, 503) else {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -76,8 +77,9 @@ def _exception_response(e: Exception) -> JSONResponse:
 
 
 class Guard:
-    """ASGI middleware: refuse bodies over the limit (413), answer unexpected errors with a 500 in OpenAI's shape, and
-    count requests per endpoint and status."""
+    """ASGI middleware: refuse requests to a loopback server addressed to another host (403), /v1 requests without the
+    API key when one is set (401), bodies over the limit (413); answer unexpected errors with a 500 in OpenAI's shape,
+    and count requests per endpoint and status."""
 
     def __init__(self, app: ASGIApp, *, service: Service) -> None:
         self.app, self.service = app, service
@@ -95,6 +97,12 @@ class Guard:
             resp = error_response(403, "This server listens on loopback and answers only requests addressed to localhost.")
             await resp(scope, receive, send)
             self.service.metrics.request_done(endpoint, 403)
+            return
+        key = self.service.config.api_key
+        if key is not None and (path == "/v1" or path.startswith("/v1/")) and not _has_key(headers.get(b"authorization", b""), key):
+            resp = error_response(401, "This server needs an API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+            await resp(scope, receive, send)
+            self.service.metrics.request_done(endpoint, 401)
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -128,6 +136,12 @@ class Guard:
             await _exception_response(e)(scope, receive, send)
         finally:
             self.service.metrics.request_done(endpoint, status["code"])
+
+
+def _has_key(authorization: bytes, key: str) -> bool:
+    """Whether an Authorization header carries the key as a bearer token (compared in constant time)."""
+    scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
 
 
 def _loopback_host(host: str) -> bool:

@@ -46,6 +46,9 @@ class ServeConfig:
     raw_special_tokens: bool = False
     """Let special-token strings in chat messages through as control tokens (off: they are plain text, so a user cannot
     open or close turns)."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every /v1 request must send `Authorization: Bearer <api_key>` (401 otherwise), as vLLM's and llama.cpp's
+    servers do; the page, /health and /metrics stay open. None: no key (fine on loopback, not on a shared network)."""
     kernels: bool = True
     """Use pippin's CPU kernels."""
     threads: int | None = None
@@ -62,6 +65,7 @@ class ServeConfig:
             (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
             (self.adapter_slots >= 2, "adapter_slots must be >= 2 (slot 0 is the base)"),
             (0 < self.port < 65536 or self.port == 0, "port must be in 0..65535"),
+            (self.api_key is None or len(self.api_key) >= 8, "an API key needs at least 8 characters"),
         ]
         for ok, msg in checks:
             if not ok:

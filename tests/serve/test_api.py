@@ -406,3 +406,27 @@ def test_a_loopback_server_refuses_requests_for_other_host_names(http):
     )
     for ok in ("localhost", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST:1"):
         assert http.get("/v1/models", headers={"Host": ok}).status_code == 200, ok
+
+
+def test_an_api_key_guards_every_v1_route_and_the_official_client_sends_it(tiny_dir):
+    """--api-key: /v1 answers 401 (OpenAI's invalid_api_key) without the bearer token or with a wrong one, and serves
+    with it; the page and /health stay open, so the playground can load and ask for the key."""
+    key = "s3cret-key-for-tests"
+    srv = start_server(tiny_config(api_key=key), [str(tiny_dir)])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            for headers in ({}, {"Authorization": "Bearer wrong-key-here"}, {"Authorization": key}, {"Authorization": f"Basic {key}"}):
+                r = http.get("/v1/models", headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+                assert r.headers["www-authenticate"] == "Bearer"
+            body = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
+            assert http.post("/v1/chat/completions", json=body).status_code == 401
+            assert http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"}).status_code == 401
+            assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+            assert http.get("/v1/models", headers={"Authorization": f"bearer {key}"}).status_code == 200
+        good = openai.OpenAI(base_url=srv.api, api_key=key, max_retries=0, timeout=30)
+        assert good.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0).choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.api, api_key="not-the-key", max_retries=0, timeout=30).models.list()
+    finally:
+        srv.stop()

@@ -70,3 +70,33 @@ def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
     assert reply == want and len(reply) > 10
     assert updates > 5  # streamed, not one final paint
     assert ttft.endswith(" ms") and float(toks) > 0
+
+
+def test_playground_asks_for_the_api_key_and_then_chats(tiny_dir):
+    """A server started with --api-key: the page says it needs the key, and once it is typed in, models load and a
+    message gets a reply."""
+    from tests.serve.conftest import start_server, tiny_config
+
+    srv = start_server(tiny_config(api_key="playground-key"), [str(tiny_dir)])
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(srv.url + "/")
+                page.wait_for_function("document.getElementById('status').textContent.includes('API key')")
+                page.fill("#api_key", "playground-key")
+                page.dispatch_event("#api_key", "change")
+                page.wait_for_selector('#model option[value="tiny"]', state="attached")
+                page.fill("#max_tokens", "8")
+                page.fill("#input", "hello")
+                page.click("#send")
+                page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
+                assert page.inner_text(".msg.assistant .body")
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        srv.stop()

@@ -1,8 +1,20 @@
 // pippin playground: lists models from /v1/models, streams /v1/chat/completions over SSE with fetch,
-// and shows time to first token and tokens per second while the reply arrives. No libraries.
+// and shows time to first token and tokens per second while the reply arrives. An API key (for a server started
+// with --api-key) is kept in this browser's localStorage and sent as a bearer token. No libraries.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const KEY_STORE = "pippin-api-key";
+
+function authHeaders() {
+  const key = $("api_key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+function needKey() {
+  $("status").textContent = "this server needs an API key: enter it under Server";
+  $("api_key").focus();
+}
 const history = []; // {role, content} of the conversation so far
 let controller = null;
 
@@ -23,7 +35,8 @@ function addMessage(role, text) {
 
 async function loadModels() {
   try {
-    const r = await fetch("/v1/models");
+    const r = await fetch("/v1/models", { headers: authHeaders() });
+    if (r.status === 401) return needKey();
     const data = await r.json();
     const sel = $("model");
     sel.innerHTML = "";
@@ -80,10 +93,11 @@ async function send(text) {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(body),
       signal: controller.signal,
     });
+    if (r.status === 401) needKey();
     if (!r.ok) {
       const err = await r.json().catch(() => ({ error: { message: r.statusText } }));
       throw new Error(err.error ? err.error.message : r.statusText);
@@ -157,5 +171,10 @@ $("stop").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => {
   history.length = 0;
   $("messages").innerHTML = "";
+});
+$("api_key").value = localStorage.getItem(KEY_STORE) || "";
+$("api_key").addEventListener("change", () => {
+  localStorage.setItem(KEY_STORE, $("api_key").value.trim());
+  loadModels();
 });
 loadModels();
