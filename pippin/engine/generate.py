@@ -18,14 +18,16 @@ from pippin.model.transformer import Transformer
 
 @torch.inference_mode()
 def prefill(
-    model: Transformer | FusedDecoder, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, *, start: int = 0
+    model: Transformer | FusedDecoder, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache, *, start: int | torch.Tensor = 0
 ) -> torch.Tensor:
-    """Run prompts (B, T) right-padded, with true `lengths` (B,), from slot `start`; logits (B, V) at each last token."""
+    """Run prompts (B, T) right-padded, with true `lengths` (B,), from slot `start` (one for all rows, or (B,) per row: a
+    chunk of each prompt after the part already in the cache); logits (B, V) at each row's last token."""
     B, T = tokens.shape
+    start = torch.as_tensor(start).view(-1, 1)
     positions = (torch.arange(T) + start).expand(B, T)
     cache.begin(positions)
     logits = model(tokens, positions=positions, cache=cache, mask=cache.attention_mask(positions), logits_at=lengths - 1)
-    cache.lengths = lengths + start
+    cache.lengths = lengths + start.view(-1)
     return logits
 
 

@@ -10,8 +10,11 @@ the cache is passed into the model rather than attached to it (nanochat, mlx-lm)
 
 `kv8=True` stores keys and values as int8 with one fp32 absmax scale per token and head (AFM's 8-bit KV cache,
 a quarter of the memory of fp32 plus 1/D for the scales); `update` quantizes the new entries and returns the
-dequantized prefix, so attention sees exactly what an 8-bit cache holds. The fused kernel block writes and reads
-the int8 cache itself (`block_slots` hands it the scales), quantizing exactly as `quantize_kv`.
+dequantized prefix, so attention sees exactly what an 8-bit cache holds. The fused decoder writes and reads
+the int8 cache itself (`all_slots` hands it the scales), quantizing exactly as `quantize_kv`.
+
+`gather(rows)` addresses any rows of the buffers (a batched prefill of prompts whose rows are not neighbours):
+writes go to those rows in place, and attention reads a copy of their filled slots.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class KVCache:
         self.batch_size = batch_size
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         """Valid tokens per row (the next free position); the engine sets it after each step."""
+        self._rows: torch.Tensor | None = None  # (B,) the buffer rows this cache addresses (None: all, in order)
         self._start: int | None = None  # all rows write at the same offset (fast path)
         self._positions: torch.Tensor | None = None  # (B, T) per-row slots otherwise
         self._end = 0  # attend over slots [0, _end)
@@ -76,39 +80,36 @@ class KVCache:
         if not self.kv8:
             self._store(self.k[layer], k)
             self._store(self.v[layer], v)
-            return self.k[layer][:, :, : self._end], self.v[layer][:, :, : self._end]
+            return self._filled(self.k[layer]), self._filled(self.v[layer])
         out = []
         for buf, scales, x in ((self.k[layer], self.k_scale[layer], k), (self.v[layer], self.v_scale[layer], v)):
             q, scale = quantize_kv(x)
             self._store(buf, q)
             self._store(scales, scale)
-            out.append(dequantize_kv(buf[:, :, : self._end], scales[:, :, : self._end]))
+            out.append(dequantize_kv(self._filled(buf), self._filled(scales)))
         return out[0], out[1]
 
+    def _filled(self, buf: torch.Tensor) -> torch.Tensor:
+        """Slots [0, end) of this cache's rows of buf (B_buf, H_kv, S[, D]): a view, or a copy for gathered rows."""
+        prefix = buf[:, :, : self._end]
+        return prefix if self._rows is None else prefix.index_select(0, self._rows)
+
     def _store(self, buf: torch.Tensor, x: torch.Tensor) -> None:
-        """Write x (B, H_kv, T[, D]) into buf (B, H_kv, S[, D]) at the declared slots."""
-        if self._start is not None:
+        """Write x (B, H_kv, T[, D]) into buf (B_buf, H_kv, S[, D]) at the declared slots."""
+        if self._start is not None and self._rows is None:
             buf[:, :, self._start : self._start + x.shape[2]] = x
+        elif self._start is not None:
+            buf[self._rows, :, self._start : self._start + x.shape[2]] = x
         else:
-            rows = torch.arange(x.shape[0]).unsqueeze(1)  # (B, 1) broadcast with positions (B, T)
+            rows = (self._rows if self._rows is not None else torch.arange(x.shape[0])).unsqueeze(1)  # (B, 1) with (B, T)
             buf[rows, :, self._positions] = x.transpose(1, 2)
 
-    def block_slots(self, layer: int) -> tuple:
-        """(k, v, start, row_starts, k_scale, v_scale) of one layer for fused kernels that write the cache themselves:
-        every row writes its new tokens at `start`, or, when rows are ragged (continuous batching, prompts of
-        different lengths), row b at row_starts[b]; each attends over its slots up to its own position. The scales
-        are None for an fp32 cache; an int8 cache passes its (B, H_kv, S) scales (the kernel quantizes new entries
-        exactly as `quantize_kv`)."""
-        ks, vs = (self.k_scale[layer], self.v_scale[layer]) if self.kv8 else (None, None)
-        if self._start is not None:
-            return self.k[layer], self.v[layer], self._start, None, ks, vs
-        return self.k[layer], self.v[layer], 0, self._positions[:, 0].contiguous(), ks, vs
-
     def all_slots(self) -> tuple | None:
-        """`block_slots` for every layer at once: the whole (L, B, H_kv, S, D) buffers (and (L, B, H_kv, S) scales),
-        for one fused call over all blocks of a decode step; a view over the first rows of a bigger cache (continuous
-        batching) passes as is. None if a row's slots are not contiguous."""
-        if not all(t[0, 0].is_contiguous() and t.stride(1) == t[0, 0].numel() for t in self._buffers()):
+        """(k, v, start, row_starts, k_scale, v_scale) for the fused decoder, which writes the cache itself: the whole
+        (L, B, H_kv, S, D) buffers (and (L, B, H_kv, S) scales; None for fp32); every row writes its new tokens at
+        `start`, or, when rows are ragged, row b at row_starts[b]. A view over the first rows of a bigger cache
+        (continuous batching) passes as is. None if a row's slots are not contiguous, or rows are gathered."""
+        if self._rows is not None or not all(t[0, 0].is_contiguous() and t.stride(1) == t[0, 0].numel() for t in self._buffers()):
             return None
         ks, vs = (self.k_scale, self.v_scale) if self.kv8 else (None, None)
         if self._start is not None:
@@ -135,7 +136,15 @@ class KVCache:
         new.k_scale, new.v_scale = (buffers[2], buffers[3]) if len(buffers) == 4 else (None, None)
         new.lengths = lengths
         new.max_len, new.batch_size = new.k.shape[3], new.k.shape[1]
-        new._start, new._positions, new._end = None, None, 0
+        new._rows, new._start, new._positions, new._end = None, None, None, 0
+        return new
+
+    def gather(self, rows: list[int]) -> KVCache:
+        """An empty cache over the given rows of this one's buffers, in that order (neighbouring rows: a plain view)."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.rows(rows[0], rows[0] + len(rows))
+        new = KVCache._over(self._buffers(), torch.zeros(len(rows), dtype=torch.long))
+        new._rows, new.batch_size = torch.tensor(rows), len(rows)
         return new
 
     def first_rows(self, n: int) -> KVCache:

@@ -1,11 +1,14 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
-`BatchScheduler` owns a model and a KV cache of `max_batch` rows. `submit` queues a request (n samples of
-one prompt, with its own SamplingParams, seed and LoRA adapter). Each `step()` first admits waiting
-requests into free rows: each prompt is prefilled into its own row, and for n > 1 the row is copied to
-the sibling rows. Then it runs one decode step over every running row, each at its own position and
-with its own adapter, and samples each row with its own parameters. A finished or cancelled row frees
-its slot at once. Tokens and endings go to the request's `Sink`, on the thread that calls `step()`.
+`BatchScheduler` owns a model and a KV cache of `max_batch` rows: the one generation core that `Engine.generate`,
+eval and the server all step. `submit` queues a request (n samples of one prompt, with its own SamplingParams,
+seed, stop ids and LoRA adapter). Each `step()` first admits waiting requests into free rows, then prefills: the
+admitted prompts run together as one right-padded batch (each in its own row, rows anywhere in the cache), at most
+`prefill_chunk` prompt tokens per step, so a long prompt is prefilled over several steps instead of stalling the
+rows that decode (Sarathi-style chunked prefill); for n > 1 the row is copied to the sibling rows once its prompt
+is in. Then one decode step runs over every decoding row, each at its own position and with its own adapter, and
+samples each row with its own parameters. A finished or cancelled row frees its slot at once. Tokens and endings
+go to the request's `Sink`, on the thread that calls `step()`.
 
 Token ids only: text, stop strings and chat templates belong to the caller (pippin.serve), which can end a
 sample from its sink. There are no threads here: the caller runs `step()` in a loop. `submit` and `cancel`
@@ -70,6 +73,8 @@ class Ticket:
     """Set by `cancel`; the scheduler frees the rows at its next step."""
     overtaken: int = 0
     """Later requests admitted while this one waited (see BatchScheduler.max_overtakes)."""
+    stop_ids: frozenset[int] | None = None
+    """Token ids that end a sample (None: the scheduler's eos_ids)."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -83,6 +88,18 @@ class _Row:
     last: int = 0
     """The token to feed at the next decode step."""
     n_generated: int = 0
+    ready: bool = False
+    """The prompt is in the cache: the row decodes (before: its prefill runs in chunks)."""
+
+
+@dataclass(eq=False, kw_only=True)
+class _Prefill:
+    """A request whose prompt is being written into its first row, chunk by chunk."""
+
+    ticket: Ticket
+    rows: list[int]
+    done: int = 0
+    """Prompt tokens already in the cache."""
 
 
 @dataclass(kw_only=True)
@@ -114,14 +131,20 @@ class BatchScheduler:
         kv8: bool = False,
         max_overtakes: int = 8,
         kernels: bool = True,
+        compile: bool = False,
+        prefill_chunk: int = 512,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
         self.model = model.eval()
-        self.forward: Transformer | FusedDecoder = FusedDecoder.from_model(model) if kernels else model
+        self.forward: Transformer | FusedDecoder = FusedDecoder.from_model(model) if kernels and not compile else model
         """What prefill and decode call: the model, or its fused decoder on the CPU kernels (same signature)."""
+        self._decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
+        self.prefill_chunk = prefill_chunk
+        """Prompt tokens prefilled per step, all waiting prompts together (decoding rows wait at most this long)."""
         cfg = model.config
         self.max_batch = max_batch
+        """Rows generated at once (the cache has this many; a lower value set later leaves the rest unused)."""
         self.max_queue = max_queue
         """Samples that may wait for a row beyond the `max_batch` running ones."""
         self.max_len = min(cfg.max_seq_len, max_len or 4096)
@@ -136,6 +159,7 @@ class BatchScheduler:
         self.rows: list[_Row | None] = [None] * max_batch
         self.stats = SchedulerStats()
         self._waiting: deque[Ticket] = deque()
+        self._prefilling: list[_Prefill] = []
         self._n_waiting = 0  # samples, not tickets
         self._lock = threading.Lock()
 
@@ -157,8 +181,10 @@ class BatchScheduler:
         """Queue a request; raises SchedulerFull past max_batch + max_queue samples in flight."""
         return self.submit_many([(list(prompt), params, adapter, n, sink)])[0]
 
-    def submit_many(self, requests: Sequence[tuple[list[int], SamplingParams, str | None, int, Sink]]) -> list[Ticket]:
-        """Queue several requests all or none (one HTTP call with several prompts)."""
+    def submit_many(
+        self, requests: Sequence[tuple[list[int], SamplingParams, str | None, int, Sink]], *, stop_ids: Sequence[int] | None = None
+    ) -> list[Ticket]:
+        """Queue several requests all or none (one HTTP call with several prompts). stop_ids: instead of eos_ids."""
         for prompt, params, _, n, _ in requests:
             self.check(len(prompt), params, n)
         if adapters := {a for _, _, a, _, _ in requests if a is not None}:
@@ -167,7 +193,8 @@ class BatchScheduler:
             in_memory = set(self.adapters.loaded())
             for a in adapters - in_memory:
                 self.adapters.path_of(a)  # unknown names fail now, not inside the batch
-        tickets = [Ticket(prompt=list(p), params=s, adapter=a, n=n, sink=k) for p, s, a, n, k in requests]
+        stops = frozenset(stop_ids) if stop_ids is not None else None
+        tickets = [Ticket(prompt=list(p), params=s, adapter=a, n=n, sink=k, stop_ids=stops) for p, s, a, n, k in requests]
         with self._lock:
             wanted = sum(t.n for t in tickets)
             if self._n_running() + self._n_waiting + wanted > self.max_batch + self.max_queue:
@@ -198,10 +225,12 @@ class BatchScheduler:
     # --- called from the stepping thread -----------------------------------------------------------
 
     def step(self) -> None:
-        """Admit what fits, then one decode step for every running row."""
+        """Admit what fits, prefill up to `prefill_chunk` prompt tokens, then one decode step for every decoding row."""
         self._drop_cancelled()
         self._admit()
-        if self._n_running():
+        if self._prefilling:
+            self._prefill()
+        if any(r is not None and r.ready for r in self.rows):
             self._decode()
 
     def _drop_cancelled(self) -> None:
@@ -224,7 +253,7 @@ class BatchScheduler:
         """Move waiting requests into free rows, first come first served (a request whose adapter cannot get
         a slot next to the running ones waits without blocking the others)."""
         while True:
-            free = [i for i, r in enumerate(self.rows) if r is None]
+            free = [i for i, r in enumerate(self.rows[: self.max_batch]) if r is None]
             with self._lock:
                 ticket, passed = None, []
                 for t in self._waiting:
@@ -240,15 +269,7 @@ class BatchScheduler:
                     t.overtaken += 1
                 self._waiting.remove(ticket)
                 self._n_waiting -= ticket.n
-            try:
-                self._start(ticket, free[: ticket.n])
-            except Exception as e:  # its adapter's files are gone, or a bug in its prefill: this request only
-                if not isinstance(e, PippinError):
-                    log.exception("A request's prefill failed; failing that request only.")
-                for i in free[: ticket.n]:
-                    self.rows[i] = None
-                    self.lengths[i] = 0
-                _call(ticket, ticket.sink.fail, e)
+            self._start(ticket, free[: ticket.n])
 
     def _fits(self, ticket: Ticket, n_free: int) -> bool:
         if ticket.cancelled or ticket.n > n_free:
@@ -277,7 +298,7 @@ class BatchScheduler:
         self._route([r.ticket.adapter if r is not None else None for r in self.rows[:hi]])
 
     def _start(self, ticket: Ticket, rows: list[int]) -> None:
-        """Prefill the prompt into the first row, copy it to the others, and sample each row's first token."""
+        """Give the request its rows (one per sample) and queue its prompt for prefill."""
         p = ticket.params
         if p.max_new_tokens == 0:
             for k in range(ticket.n):
@@ -289,38 +310,89 @@ class BatchScheduler:
             gen = torch.Generator().manual_seed(p.seed + k if p.seed is not None else secrets.randbits(63))
             history = list(ticket.prompt) if p.repetition_penalty != 1.0 else None
             self.rows[i] = _Row(ticket=ticket, index=k, generator=gen, history=history)
-        self._route([ticket.adapter])
-        first = rows[0]
-        T = len(ticket.prompt)
+            self.lengths[i] = 0
+        self._prefilling.append(_Prefill(ticket=ticket, rows=rows))
+
+    def _prefill(self) -> None:
+        """The next chunk of every waiting prompt, up to `prefill_chunk` tokens, as one batch; a prompt that is then
+        complete is copied to its sibling rows and samples its first token."""
+        self._prefilling = [p for p in self._prefilling if self.rows[p.rows[0]] is not None and self.rows[p.rows[0]].ticket is p.ticket]
+        group: list[tuple[_Prefill, int]] = []
+        budget = self.prefill_chunk
+        for p in self._prefilling:
+            n = min(len(p.ticket.prompt) - p.done, budget)
+            width = max([n] + [c for _, c in group])
+            if n <= 0 or any(q.done + width > self.max_len for q, _ in group + [(p, n)]):
+                break  # padding the batch to `width` must stay inside every row's context
+            group.append((p, n))
+            budget -= n
+        if not group:
+            return
         t0 = time.perf_counter()
-        view = _row_view(self.cache, first)
-        logits = prefill(self.forward, torch.tensor([ticket.prompt]), torch.tensor([T]), view)
-        for i in rows[1:]:  # n samples share one prefill
-            self.cache.copy_row(first, i, T)
-        self.lengths[rows] = T
+        try:
+            logits = self._prefill_rows(group)
+        except Exception:  # one request's adapter is gone or its prefill hit a bug: find it, fail only that request
+            logits = None
+        if logits is None:
+            for p, n in group:
+                try:
+                    self._after_prefill(p, n, self._prefill_rows([(p, n)])[0])
+                except Exception as e:
+                    if not isinstance(e, PippinError):
+                        log.exception("A request's prefill failed; failing that request only.")
+                    self._fail_where(lambda t, p=p: t is p.ticket, e)
+        else:
+            for j, (p, n) in enumerate(group):
+                self._after_prefill(p, n, logits[j])
         self.stats.busy_s += time.perf_counter() - t0
+        self._prefilling = [p for p in self._prefilling if p.done < len(p.ticket.prompt)]
+
+    def _prefill_rows(self, group: list[tuple[_Prefill, int]]) -> torch.Tensor:
+        """One forward over the chunks (prefill, n tokens each) in their first rows; logits (len(group), V)."""
+        width = max(n for _, n in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)
+        for j, (p, n) in enumerate(group):
+            tokens[j, :n] = torch.tensor(p.ticket.prompt[p.done : p.done + n])
+        self._route([p.ticket.adapter for p, _ in group])
+        view = self.cache.gather([p.rows[0] for p, _ in group])
+        start = torch.tensor([p.done for p, _ in group])
+        return prefill(self.forward, tokens, torch.tensor([n for _, n in group]), view, start=start)
+
+    def _after_prefill(self, p: _Prefill, n: int, logits: torch.Tensor) -> None:
+        p.done += n
+        first, T = p.rows[0], len(p.ticket.prompt)
+        self.lengths[first] = p.done  # a decode step that rides this row along writes its dummy at the next slot
+        self.stats.prompt_tokens += n
+        if p.done < T:
+            return
+        for i in p.rows[1:]:  # n samples share one prefill
+            self.cache.copy_row(first, i, T)
+        self.lengths[p.rows] = T
         self.stats.prefills += 1
-        self.stats.prompt_tokens += T
-        for i in rows:
-            if self.rows[i] is not None and (tok := self._sample(self.rows[i], logits)) >= 0:
+        for i in p.rows:
+            if self.rows[i] is not None:
+                self.rows[i].ready = True
+        for i in p.rows:
+            if self.rows[i] is not None and (tok := self._sample(self.rows[i], logits.unsqueeze(0))) >= 0:
                 self._emit(i, tok)
 
     def _decode(self) -> None:
-        hi = max(i for i, r in enumerate(self.rows) if r is not None) + 1
+        hi = max(i for i, r in enumerate(self.rows) if r is not None and r.ready) + 1
         self._route_running(hi)
-        if not self._n_running():
+        if not any(r is not None and r.ready for r in self.rows):
             return
-        hi = max(i for i, r in enumerate(self.rows) if r is not None) + 1
-        # Free rows below `hi` ride along as dummies at position 0 (their slots are scratch).
-        tokens = torch.tensor([r.last if r is not None else 0 for r in self.rows[:hi]])
+        hi = max(i for i, r in enumerate(self.rows) if r is not None and r.ready) + 1
+        # Free rows below `hi` ride along as dummies at position 0 (their slots are scratch), rows still prefilling at
+        # their next slot (which their next chunk overwrites).
+        tokens = torch.tensor([r.last if r is not None and r.ready else 0 for r in self.rows[:hi]])
         view = self.cache.first_rows(hi)
         view.lengths = self.lengths[:hi].clone()
         t0 = time.perf_counter()
-        logits = decode_step(self.forward, tokens, view)
+        logits = self._decode_step(self.forward, tokens, view)
         self.stats.busy_s += time.perf_counter() - t0
         self.stats.steps += 1
-        self.stats.last_batch = self._n_running()
-        live = [i for i in range(hi) if self.rows[i] is not None]
+        live = [i for i in range(hi) if self.rows[i] is not None and self.rows[i].ready]
+        self.stats.last_batch = len(live)
         self.lengths[live] += 1
         greedy = logits.argmax(-1)
         for i in live:
@@ -346,7 +418,7 @@ class BatchScheduler:
         t = row.ticket
         row.n_generated += 1
         self.stats.generated_tokens += 1
-        if not t.params.ignore_eos and token in self.eos_ids:
+        if not t.params.ignore_eos and token in (t.stop_ids if t.stop_ids is not None else self.eos_ids):
             self._finish(i, "stop")
             return
         if not _call(t, t.sink.token, row.index, token):
@@ -418,11 +490,6 @@ class _Discard:
 
     def fail(self, error: Exception) -> None:
         raise error
-
-
-def _row_view(cache: KVCache, row: int) -> KVCache:
-    """A one-row cache over row `row` of `cache`'s buffers (a view: the prefill writes in place)."""
-    return cache.rows(row, row + 1)
 
 
 def _call(ticket: Ticket, fn, *args) -> bool:  # noqa: ANN001 - a sink method

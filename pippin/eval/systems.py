@@ -110,7 +110,6 @@ class PippinSystem:
         self.adapter = adapter
         self.batch_size = batch_size
         self.identity = identity or spec
-        self._scheduler = None  # made on first use, then reused (it owns a KV cache of batch_size rows)
 
     @property
     def chunk_size(self) -> int:
@@ -147,27 +146,16 @@ class PippinSystem:
     def generate(self, conversations: Sequence[Sequence[Message]], params: SamplingParams) -> list[str]:
         """Replies through continuous batching: `batch_size` rows, a finished row taken by the next prompt at once
         (no row idles until the longest reply of a fixed batch ends). Each row samples with its own generator
-        seeded from `params.seed`, so a reply does not depend on the batching."""
-        from pippin.engine.scheduler import BatchScheduler
-
+        seeded from `params.seed`, so a reply does not depend on the batching. The engine's own generation core runs
+        them (one KV cache)."""
         prompts = [self.tokenizer.encode_chat(list(c)) for c in conversations]
         for ids in prompts:  # refuse before any work, with the engine's own message
             self.engine.check_prompt(len(ids), params.max_new_tokens)
-        if self._scheduler is None or self._scheduler.max_queue < len(prompts):
-            self._scheduler = BatchScheduler(
-                self.engine.model,
-                max_batch=self.batch_size,
-                max_len=self.engine.max_len,
-                max_queue=max(len(prompts), 64),
-                adapters=self.engine.adapters,
-                eos_ids=self.engine.eos_ids,
-                kv8=self.engine.kv8,
-                kernels=self.engine.kernels,
-            )
+        scheduler = self.engine.scheduler(max_batch=self.batch_size, max_queue=max(len(prompts), 64))
         sinks = [_Collect(self.tokenizer, params.stop) for _ in prompts]
-        self._scheduler.submit_many([(ids, params, self.adapter, 1, sink) for ids, sink in zip(prompts, sinks)])
-        while self._scheduler.has_work:
-            self._scheduler.step()
+        scheduler.submit_many([(ids, params, self.adapter, 1, sink) for ids, sink in zip(prompts, sinks)])
+        while scheduler.has_work:
+            scheduler.step()
         for sink in sinks:
             if sink.error is not None:
                 raise PippinError(f"{self.spec}: {sink.error}")

@@ -229,25 +229,62 @@ def test_a_request_needing_more_rows_is_not_overtaken_forever():
 
 
 def test_a_prefill_that_raises_fails_its_request_only(monkeypatch):
-    """A bug in one request's prefill (not a PippinError) fails that request; the running rows go on undisturbed."""
+    """A bug in one request's prefill (not a PippinError) fails that request; the running rows, and a request prefilled
+    in the same batch, go on undisturbed."""
     import pippin.engine.scheduler as sched_mod
 
     model = tiny_model(seed=10)
-    sched = BatchScheduler(model, max_batch=2, max_len=64)
+    sched = BatchScheduler(model, max_batch=3, max_len=64)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     ok = Recorder()
     sched.submit([7, 8, 9], params, sink=ok)
     sched.step()
     real = sched_mod.prefill
 
-    def prefill(m, tokens, lengths, cache):  # noqa: ANN001, ANN202
+    def prefill(m, tokens, lengths, cache, **kw):  # noqa: ANN001, ANN202
         if tokens.shape[1] == 4:
             raise RuntimeError("boom")
-        return real(m, tokens, lengths, cache)
+        return real(m, tokens, lengths, cache, **kw)
 
     monkeypatch.setattr(sched_mod, "prefill", prefill)
-    bad = Recorder()
-    sched.submit([1, 2, 3, 4], params, sink=bad)
+    bad, neighbour = Recorder(), Recorder()
+    sched.submit_many([([1, 2, 3, 4], params, None, 1, bad), ([5, 6], params, None, 1, neighbour)])
     run_until_idle(sched)
     assert isinstance(bad.error, RuntimeError) and not bad.tokens
     assert ok.error is None and ok.tokens[0] == alone(Engine(model, max_len=64), [7, 8, 9], params)
+    assert neighbour.error is None and neighbour.tokens[0] == alone(Engine(model, max_len=64), [5, 6], params)
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_long_prompts_prefill_together_in_chunks_while_other_rows_decode(kv8):
+    """Waiting prompts are prefilled as one batch in rows that are not neighbours, at most `prefill_chunk` tokens per step,
+    and a running row gains a token at every one of those steps; every reply equals greedy decoding without a cache."""
+    from tests.engine.test_engine import greedy_reference
+
+    model = tiny_model(seed=4)
+    sched = BatchScheduler(model, max_batch=4, max_len=128, prefill_chunk=16, kv8=kv8)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    short, gap, keep = Recorder(), Recorder(), Recorder()
+    sched.submit_many([([3, 4, 5], params, None, 1, short), ([9, 9], params, None, 1, gap), ([7, 7, 7], params, None, 1, keep)])
+    sched.step()
+    sched.cancel(sched.rows[1].ticket)  # row 1 frees: the next two prompts land in rows 1 and 3
+    sched.step()
+    prompts = [list(range(10, 20)), list(range(50, 80))]
+    longs = [Recorder(), Recorder()]
+    sched.submit_many([(prompts[0], params, None, 1, longs[0]), (prompts[1], params, None, 1, longs[1])])
+    before = len(short.tokens[0])
+    gathered = []
+    real_gather = sched.cache.gather
+    sched.cache.gather = lambda rows: gathered.append(rows) or real_gather(rows)
+    for k in range(2):  # 40 prompt tokens, 16 per step (10 + 6 together, then 16, then 8), each step also decodes
+        sched.step()
+        assert len(short.tokens[0]) == before + k + 1 and not longs[1].tokens
+    assert gathered[:2] == [[1, 3], [3]]
+    run_until_idle(sched)
+    if not kv8:  # an 8-bit cache rounds keys and values: the oracle is then the same request alone
+        assert short.tokens[0] == greedy_reference(model, [3, 4, 5], 10)
+        for p, rec in zip(prompts, longs):
+            assert rec.tokens[0] == greedy_reference(model, p, 10)
+    else:
+        for p, rec in zip(prompts, longs):
+            assert rec.tokens[0] == alone(Engine(model, max_len=128, kv8=True), p, params)

@@ -117,10 +117,10 @@ def test_pippin_system_ends_a_reply_at_a_stop_string(tiny_system):
     conv = [[{"role": "user", "content": "a longer prompt"}]]
     full = tiny_system.generate(conv, SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     stop = full[3:5]
-    steps = tiny_system._scheduler.stats.steps
+    steps = tiny_system.engine.core.stats.steps
     cut = tiny_system.generate(conv, SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,)))[0]
     assert cut == full[: full.index(stop)]
-    assert tiny_system._scheduler.stats.steps - steps < steps
+    assert tiny_system.engine.core.stats.steps - steps < steps
 
 
 def test_pippin_system_refuses_a_prompt_longer_than_its_context(tiny_system):
@@ -156,4 +156,4 @@ def test_runner_sends_a_pippin_system_chunks_larger_than_its_rows(tiny_system, m
     reqs = [Request(id=str(i), messages=[{"role": "user", "content": f"q{i}"}]) for i in range(11)]
     outs = run_requests(tiny_system, reqs, SamplingParams(max_new_tokens=3), batch_size=2)
     assert all(o.ok for o in outs) and sizes == [8, 3]  # chunk_size = 4 rows' worth, the scheduler keeps 2 rows busy
-    assert tiny_system._scheduler.stats.last_batch <= 2
+    assert tiny_system.engine.core.stats.last_batch <= 2
