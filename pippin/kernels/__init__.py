@@ -1,8 +1,9 @@
 """pippin's CPU kernels, compiled once on first use and cached under $PIPPIN_HOME/kernels.
 
-`ops()` returns `torch.ops.pippin` (dense, LUT and int8 matvecs, RMSNorm, SwiGLU, RoPE, a fused decoder
-block; see csrc/ops.cpp; the int8 row kernels in csrc/act8_rows.inc are built for AVX2 and for AVX-512 VNNI, and the
-one the CPU supports runs) or None where the kernels cannot be used:
+`ops()` returns `torch.ops.pippin` (dense, LUT and int8 matvecs, RMSNorm, SwiGLU, RoPE, per-row LoRA; and
+`torch.classes.pippin.DecodePlan`, a whole decode step; csrc/common.h indexes the C++ files that hold them; the int8
+row kernels in csrc/act8_rows.inc are built for AVX2 and for AVX-512 VNNI, and the one the CPU supports runs) or None
+where the kernels cannot be used:
 no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
 reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
 the build takes 20-40 s once per machine and torch version, never at import time.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).parent / "csrc" / "ops.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 _state: dict[str, object] = {}
 
 
@@ -33,7 +34,7 @@ def _cpu_has_avx2() -> bool:
 def build_dir() -> Path:
     from pippin.model.checkpoint import pippin_home
 
-    sources = b"".join(f.read_bytes() for f in sorted(_SRC.parent.iterdir()) if f.suffix in (".cpp", ".inc"))
+    sources = b"".join(f.read_bytes() for f in sorted(_CSRC.iterdir()) if f.suffix in (".cpp", ".h", ".inc"))
     tag = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
     return pippin_home() / "kernels" / tag
 
@@ -51,7 +52,7 @@ def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or
             d.mkdir(parents=True, exist_ok=True)
             cpp_extension.load(
                 name="pippin_ops",
-                sources=[str(_SRC)],
+                sources=[str(f) for f in sorted(_CSRC.glob("*.cpp"))],
                 extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 build_directory=str(d),
                 is_python_module=False,
