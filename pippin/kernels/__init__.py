@@ -6,7 +6,7 @@ row kernels in csrc/act8_rows.inc are built for AVX2 and for AVX-512 VNNI, and t
 where the kernels cannot be used:
 no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
 reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
-the build takes 20-40 s once per machine and torch version, never at import time.
+the build takes about a minute on 2 cores, once per machine, source and torch version, never at import time.
 """
 
 from __future__ import annotations
