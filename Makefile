@@ -111,10 +111,10 @@ RECOVERY_STEPS ?= 150
 RECOVERY_DATA  := $(if $(wildcard $(CALIB)),--format alpaca --data $(CALIB) --limit 256 --objective distill --teacher-replies 128 \
   --text-data $(CALIB),--format text --data $(CALIB_SRC))
 adapters: compressed-3.5
-	@test -f $(BASE35)/adapters/recovery/adapter_model.safetensors || $(VENV)/bin/pippin adapter train recovery \
+	@test -f $(BASE35)/adapters/recovery/adapter_config.json || $(VENV)/bin/pippin adapter train recovery \
 	  --model $(BASE35) --teacher default --init-residual $(RECOVERY_DATA) --seq-len 256 --batch-size 4 --steps $(RECOVERY_STEPS) \
 	  --lr 3e-4 --save-every 10
-	@test -f $(BASE35)/adapters/summarize/adapter_model.safetensors || $(VENV)/bin/pippin adapter train summarize \
+	@test -f $(BASE35)/adapters/summarize/adapter_config.json || $(VENV)/bin/pippin adapter train summarize \
 	  --model $(BASE35) --data $(DIALOGSUM) --format dialogsum --skip 100 --init-from recovery --seq-len 512 --batch-size 4 \
 	  --steps 40 --lr 5e-4 --save-every 10
 

@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 
 from pippin.adapters.lora import LoraConfig, LoRALinear, lora_modules
 from pippin.errors import PippinError
-from pippin.io import write_atomic, write_json_atomic
+from pippin.io import remove, write_atomic, write_json_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,8 +83,11 @@ def peft_config_dict(config: LoraConfig, *, base_model: str | None) -> dict[str,
 
 
 def save_adapter(adapter: Adapter, path: str | Path, *, base_model: str | None = None) -> Path:
-    """Write the PEFT folder atomically file by file (weights first, so a config never names missing weights)."""
+    """Write the PEFT folder file by file, each atomically. adapter_config.json is the folder's one commit point: it is
+    taken back first when an adapter is overwritten and written last, so a crash in between leaves a folder that is
+    refused as incomplete, never new weights under an old config (or the reverse)."""
     path = Path(path)
+    remove(path / CONFIG_FILE)
     tensors = {}
     for mod, (A, B) in adapter.weights.items():
         tensors[f"base_model.model.model.{mod}.lora_A.weight"] = A.half().contiguous()

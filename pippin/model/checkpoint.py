@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pippin.errors import PippinError
-from pippin.io import write_json_atomic
+from pippin.io import atomic_path, remove, write_json_atomic
 from pippin.model.config import ModelConfig
 from pippin.model.tokenizer import Tokenizer
 from pippin.model.transformer import Transformer, rope_tables
@@ -286,17 +285,9 @@ def save_pippin(loaded: LoadedModel, path: str | os.PathLike, *, extra_meta: dic
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    (path / "config.json").unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.safetensors.", suffix=".tmp")
-    os.close(fd)
-    try:
+    remove(path / "config.json")
+    with atomic_path(path / "model.safetensors") as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if loaded.tokenizer is not None:
         loaded.tokenizer.save(path)
     meta = {k: v for k, v in loaded.meta.items() if k not in ("format", "format_version", "model")}

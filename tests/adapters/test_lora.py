@@ -351,3 +351,29 @@ def test_lora_kernel_on_bank_slots_equals_the_pytorch_reference(monkeypatch):
     slot = store.slot_for("c")
     assert torch.equal(A[slot].flatten(), c.flat[off : off + A[0].numel()])
     assert not A[slot][2:].any()  # rank 2 adapter: rows 2-3 of A are padding
+
+
+def test_overwriting_an_adapter_has_one_commit_point(tmp_path, monkeypatch):
+    """adapter_config.json marks a complete adapter: a crash while a folder is overwritten (after the new weights, before
+    the new config) leaves a folder refused as incomplete, never the new weights under the old config."""
+    import pippin.adapters.peft_format as pf
+
+    model, _ = served()
+    save_adapter(random_adapter(model, "a", seed=1, rank=4), tmp_path / "a")
+    real = pf.write_json_atomic
+
+    def crash_on_config(path, obj):  # noqa: ANN001, ANN202
+        if path.name == pf.CONFIG_FILE:
+            raise OSError("disk full")
+        return real(path, obj)
+
+    monkeypatch.setattr(pf, "write_json_atomic", crash_on_config)
+    new = random_adapter(model, "a", seed=2, rank=4)
+    with pytest.raises(OSError):
+        save_adapter(new, tmp_path / "a")
+    monkeypatch.undo()
+    with pytest.raises(PippinError, match="not an adapter folder"):
+        load_adapter(tmp_path / "a")
+    save_adapter(new, tmp_path / "a")
+    got = load_adapter(tmp_path / "a").weights
+    assert all(torch.equal(got[m][0], A.half()) and torch.equal(got[m][1], B.half()) for m, (A, B) in new.weights.items())
