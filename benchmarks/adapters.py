@@ -173,17 +173,15 @@ def summarize_with(engine, tok, rows: list[dict], adapter: str | None) -> list[s
 
 
 def summarization(args, path: str | None) -> dict:
-    from pippin.eval.rouge import rouge
+    from pippin.eval.tasks.summarization import ROUGE_TYPES, best_rouge
 
     rows = [json.loads(line) for line in Path(args.dialogsum).read_text().splitlines()[: args.n_summaries]]
     refs = [[r[k] for k in ("summary1", "summary2", "summary3") if k in r] for r in rows]
 
     def score(preds: list[str]) -> dict:
-        # F1, best of the references per dialogue, averaged over dialogues (x100).
-        return {
-            m: 100 * statistics.mean(max(getattr(rouge(p, ref, stem=True), m).fmeasure for ref in rs) for p, rs in zip(preds, refs))
-            for m in ("rouge1", "rouge2", "rougeL")
-        }
+        # F1 x100, best of the references per dialogue, averaged over dialogues.
+        scores = [best_rouge(p, rs) for p, rs in zip(preds, refs)]
+        return {m: statistics.mean(s[m] for s in scores) for m in ROUGE_TYPES}
 
     out = {}
     full = load_any(None)

@@ -2,23 +2,31 @@
 
 Each checker takes the response and the instruction's keyword arguments and says whether the response
 follows it. The rules are those of google-research/instruction_following_eval (`instructions.py`), rewritten
-with the same regexes and thresholds. Differences: keywords are matched literally (upstream hands them to `re`
-unescaped; no IFEval keyword contains a metacharacter), languages are identified by `pippin.eval.langid`
-instead of `langdetect`, and sentences and capital words are counted by `pippin.eval.text` instead of NLTK.
+with the same regexes and thresholds and the same libraries: `langdetect` identifies languages (seeded, so a
+score does not change from run to run; upstream leaves it unseeded) and NLTK splits sentences and words
+(`pippin.eval.text`). One difference: keywords are matched literally (upstream hands them to `re` unescaped; no
+IFEval keyword contains a metacharacter).
 `CHECKERS` maps each id to its function and the arguments it takes, so rows can be validated on load.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pippin.eval.langid import SUPPORTED_LANGUAGES, detect_language
+from langdetect import DetectorFactory, LangDetectException, detect
+from langdetect.detector_factory import PROFILES_DIRECTORY
+
 from pippin.eval.text import count_sentences, count_words, word_tokenize
 
 RELATIONS = ("less than", "at least")
+# langdetect draws random n-gram samples; a fixed seed makes its answer a function of the text.
+DetectorFactory.seed = 0
+# The ISO 639-1 codes langdetect can return (one profile each; Chinese is zh-cn / zh-tw).
+SUPPORTED_LANGUAGES = frozenset(os.listdir(PROFILES_DIRECTORY))
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,10 @@ def keywords_letter_frequency(response: str, *, letter: str, let_frequency: int,
 
 
 def _is_language(response: str, language: str) -> bool:
-    # No evidence either way counts as followed, as upstream does when langdetect raises.
-    detected = detect_language(response)
-    return detected is None or detected == language
+    try:
+        return detect(response) == language
+    except LangDetectException:  # no letters to go on: upstream counts the instruction as followed
+        return True
 
 
 @_register("language:response_language", language=str)

@@ -1,7 +1,7 @@
 """Serving: an OpenAI-compatible HTTP server over continuous batching, with per-request LoRA adapters.
 
 `protocol` (request/response shapes), `service` (models, limits, prompts), `scheduler` (the worker thread
-and its bridge to asyncio), `text` (streamed detokenization, stop strings), `metrics` (Prometheus),
+and its bridge to asyncio), `text` (streamed detokenization, stop strings), `metrics` (Prometheus, with prometheus_client),
 `app` (the FastAPI routes) and `static/` (the web playground). `pippin serve` starts it; in Python:
 
     from pippin.serve.app import create_app

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pippin.engine.scheduler import SchedulerFull
 from pippin.errors import PippinError
 from pippin.serve.config import LOOPBACK_HOSTS
+from pippin.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pippin.serve.protocol import (
     ApiError,
     AssistantMessage,
@@ -244,8 +245,8 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:

@@ -1,109 +1,106 @@
-"""Server metrics in the Prometheus text format (no client library): counters, gauges and histograms.
+"""Server metrics for GET /metrics, kept and rendered by `prometheus_client`: counters, histograms and gauges.
 
-`Metrics` is written from the event loop and the worker thread (under a lock) and rendered by
-GET /metrics. Gauges that describe the engine (queue depth, running rows, adapter cache, memory) are
-read at scrape time from a callback, so they are never stale. Names follow Prometheus conventions
-(`_total` counters, `_seconds` histograms, base units).
+Each `Metrics` has its own `CollectorRegistry`, not the process-wide default one, so that several servers in one
+process (the tests start many) each report only their own numbers. Requests and tokens are recorded from the event
+loop and the worker thread (prometheus_client's metrics are thread-safe). Gauges that describe the engine (queue
+depth, running rows, adapter cache, memory) are read at scrape time from a callback, so they are never stale;
+process memory and CPU come from prometheus_client's `ProcessCollector` (Linux). Names follow Prometheus
+conventions (`_total` counters, `_seconds` histograms, base units); counters and histograms also carry the
+library's `_created` timestamps.
 """
 
 from __future__ import annotations
 
-import bisect
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOK_S_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800)
+SNAPSHOT_S = 0.1  # one (time, tokens) snapshot per 100 ms at most for the tok/s gauge
 
 Sample = tuple[str, dict[str, str], float]
-"""(metric name, labels, value): one line of a gauge read at scrape time."""
+"""(metric name, labels, value): one sample read at scrape time; a name ending in `_total` is a counter."""
 
 
-class Histogram:
-    def __init__(self, buckets: Iterable[float]) -> None:
-        self.bounds = tuple(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.n = 0
+class _ScrapeTime(Collector):
+    """The engine's samples, grouped into one metric family per name, each time the registry is collected."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.n += 1
+    def __init__(self, samples: Callable[[], list[Sample]]) -> None:
+        self.samples = samples
 
-    def lines(self, name: str) -> list[str]:
-        out, acc = [], 0
-        for bound, c in zip(self.bounds, self.counts):
-            acc += c
-            out.append(f'{name}_bucket{{le="{bound}"}} {acc}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
-        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.n}"]
-        return out
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels.items())
-    return "{" + body + "}"
-
-
-def _number(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
-
-
-def resident_memory_bytes() -> int:
-    """This process's resident set size (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for name, labels, value in self.samples():
+            if name not in families:
+                kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+                families[name] = kind(name, GAUGE_HELP.get(name, name), labels=list(labels))
+            families[name].add_metric(list(labels.values()), value)
+        yield from families.values()
 
 
 class Metrics:
     """Everything GET /metrics shows. `gauges` returns engine-side samples at scrape time."""
 
     def __init__(self, gauges: Callable[[], list[Sample]] | None = None, *, window_s: float = 10.0) -> None:
-        self.gauges = gauges
         self.window_s = window_s
-        self.started = time.time()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.request_tok_s = Histogram(TOK_S_BUCKETS)
-        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens so far) snapshots for the tok/s gauge
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "pippin_requests_total", "HTTP requests to the API by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("pippin_prompt_tokens_total", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("pippin_generation_tokens_total", "Tokens generated and sent.", registry=r)
+        self.ttft = Histogram(
+            "pippin_time_to_first_token_seconds",
+            "Time from request to its first token (queue + prefill).",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "pippin_request_latency_seconds", "Time from request to its last token.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_tok_s = Histogram(
+            "pippin_request_decode_tokens_per_second", "Per-request decode speed after the first token.", buckets=TOK_S_BUCKETS, registry=r
+        )
+        tok_s = Gauge("pippin_generation_tokens_per_second", f"Generated tokens per second over the last {window_s:.0f} s.", registry=r)
+        tok_s.set_function(self.tokens_per_second)
+        started = time.time()
+        Gauge("pippin_uptime_seconds", "Seconds since the server started.", registry=r).set_function(lambda: time.time() - started)
+        ProcessCollector(namespace="pippin", registry=r)  # pippin_process_resident_memory_bytes, ..._cpu_seconds_total, ...
+        if gauges is not None:
+            r.register(_ScrapeTime(gauges))
+        # (time, tokens so far) snapshots at least SNAPSHOT_S apart: maxlen of them span the window, and bound the
+        # memory however long the server runs without a scrape.
+        self._recent: deque[tuple[float, int]] = deque(maxlen=int(window_s / SNAPSHOT_S) + 2)
+        self._n_generated = 0
         self._lock = threading.Lock()
 
     def request_done(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            key = (endpoint, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     def tokens(self, n: int = 1) -> None:
+        self.generation_tokens.inc(n)
         now = time.monotonic()
         with self._lock:
-            if not self._recent or now - self._recent[-1][0] > 0.1:  # a snapshot per 100 ms for the tok/s gauge
-                self._recent.append((now, self.generation_tokens))
-                while now - self._recent[0][0] > self.window_s:  # bounded whether or not /metrics is scraped
-                    self._recent.popleft()
-            self.generation_tokens += n
+            if not self._recent or now - self._recent[-1][0] > SNAPSHOT_S:
+                self._recent.append((now, self._n_generated))
+            self._n_generated += n
 
     def generation_done(self, *, prompt_tokens: int, ttft_s: float | None, total_s: float, completion_tokens: int) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt_tokens
-            if ttft_s is not None:
-                self.ttft.observe(ttft_s)
-                decode_s = total_s - ttft_s
-                if completion_tokens > 1 and decode_s > 0:
-                    self.request_tok_s.observe((completion_tokens - 1) / decode_s)
-            self.latency.observe(total_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+            decode_s = total_s - ttft_s
+            if completion_tokens > 1 and decode_s > 0:
+                self.request_tok_s.observe((completion_tokens - 1) / decode_s)
+        self.latency.observe(total_s)
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `window_s`, all requests together."""
@@ -114,44 +111,11 @@ class Metrics:
             if not self._recent:
                 return 0.0
             t0, n0 = self._recent[0]
-            return (self.generation_tokens - n0) / max(now - t0, 1e-3)
+            return (self._n_generated - n0) / max(now - t0, 1e-3)
 
-    def render(self) -> str:
-        tok_s = self.tokens_per_second()
-        out: list[str] = []
-
-        def head(name: str, kind: str, text: str) -> None:
-            out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-
-        with self._lock:
-            head("pippin_requests_total", "counter", "HTTP requests to the API by endpoint and status code.")
-            for (ep, status), n in sorted(self.requests.items()):
-                out.append(f"pippin_requests_total{_labels({'endpoint': ep, 'status': str(status)})} {n}")
-            head("pippin_prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
-            out.append(f"pippin_prompt_tokens_total {self.prompt_tokens}")
-            head("pippin_generation_tokens_total", "counter", "Tokens generated and sent.")
-            out.append(f"pippin_generation_tokens_total {self.generation_tokens}")
-            for name, hist, text in (
-                ("pippin_time_to_first_token_seconds", self.ttft, "Time from request to its first token (queue + prefill)."),
-                ("pippin_request_latency_seconds", self.latency, "Time from request to its last token."),
-                ("pippin_request_decode_tokens_per_second", self.request_tok_s, "Per-request decode speed after the first token."),
-            ):
-                head(name, "histogram", text)
-                out += hist.lines(name)
-        head("pippin_generation_tokens_per_second", "gauge", f"Generated tokens per second over the last {self.window_s:.0f} s.")
-        out.append(f"pippin_generation_tokens_per_second {tok_s:.3f}")
-        head("pippin_process_resident_memory_bytes", "gauge", "Resident memory of the server process.")
-        out.append(f"pippin_process_resident_memory_bytes {resident_memory_bytes()}")
-        head("pippin_uptime_seconds", "gauge", "Seconds since the server started.")
-        out.append(f"pippin_uptime_seconds {time.time() - self.started:.1f}")
-        seen: set[str] = set()
-        for name, labels, value in self.gauges() if self.gauges else []:
-            if name not in seen:
-                seen.add(name)
-                kind = "counter" if name.endswith("_total") else "gauge"
-                head(name, kind, GAUGE_HELP.get(name, name))
-            out.append(f"{name}{_labels(labels)} {_number(value)}")
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this server's registry (serve it as `CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
 
 
 GAUGE_HELP = {

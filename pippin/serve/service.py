@@ -355,5 +355,4 @@ class Service:
                 ("pippin_adapter_memory_bytes", lab, adapter_bytes),
                 ("pippin_adapters_loaded", lab, n_loaded),
             ]
-        out.sort(key=lambda x: x[0])  # one HELP/TYPE block per metric name
         return out

@@ -1,4 +1,4 @@
-"""IFEval loading, strict/loose checking and scoring; the acceptance test reproduces the paper's GPT-4 numbers."""
+"""IFEval loading, strict/loose checking and scoring; on the GPT-4 responses, upstream's results and the paper's numbers."""
 
 import dataclasses
 import json
@@ -142,18 +142,50 @@ def test_gpt4_prompt_without_response_is_an_error_not_a_failure(gpt4):
     assert (s.n_prompts, s.n_instructions) == (540, 832)
 
 
-def test_gpt4_reproduces_paper_numbers(gpt4):
-    items, responses = gpt4
+def gpt4_as_scored_in_the_paper(items, responses):
     # Score prompt 2785 as the paper did: its original text ("at least one placeholder"), which the response answers.
     (old_prompt,) = [p for p in responses if p.startswith("What is inside Shinto shrines?") and "at least one placeholder" in p]
-    items = [
+    return [
         dataclasses.replace(item, prompt=old_prompt, kwargs=[{"num_highlights": 3}, {"num_placeholders": 1}]) if item.key == 2785 else item
         for item in items
     ]
-    s = score(items, responses)
+
+
+def test_gpt4_reproduces_paper_numbers(gpt4):
+    items, responses = gpt4
+    s = score(gpt4_as_scored_in_the_paper(items, responses), responses)
     assert (s.n_prompts, s.n_instructions, s.errors) == (541, 834, [])
     for name, paper in PAPER_GPT4.items():
         assert getattr(s, name) == pytest.approx(paper, abs=0.6), name
-    # Strict scoring reproduces the paper to the prompt: 416 of 541 prompts and 697 of 834 instructions.
-    assert sum(all(r.strict) for r in s.results) == 416
-    assert sum(sum(r.strict) for r in s.results) == 697
+    # Strict: 418 of 541 prompts and 699 of 834 instructions; the paper has 416 and 697. The two are prompts 1122 and
+    # 1129, whose letter_frequency "letter" is "#" and "!": upstream's checker swaps a non-letter for a random letter
+    # (instructions.py, LetterFrequencyChecker), we count the character asked for. Both prompts pass all else, so
+    # failing those two instructions gives exactly the paper's 416 and 697.
+    strict = {r.key: r.strict for r in s.results}
+    assert sum(map(all, strict.values())) == 418 and sum(map(sum, strict.values())) == 699
+    assert strict[1122] == [True, True] and strict[1129] == [True, True]
+    # Loose: 432 prompts and 715 instructions, the paper 429 and 712; upstream's checker run on this file gives ours
+    # (see below), so the paper's loose run differs from its released code by those two prompts and one more.
+    loose = {r.key: r.loose for r in s.results}
+    assert sum(map(all, loose.values())) == 432 and sum(map(sum, loose.values())) == 715
+
+
+# (prompt key, instruction index, strict, loose): google-research's checker (langdetect, NLTK Punkt) on these GPT-4
+# answers, as its evaluation_main wrote them (eval_results_strict/loose.jsonl of Podtech-AI/IFEval's first commit).
+# The hand-written language identifier and sentence splitter pippin had before got each of these wrong.
+UPSTREAM = [
+    (279, 0, True, True),  # change_case:english_lowercase, a lower-case English poem
+    (2571, 0, False, False),  # change_case:english_capital, the answer "A": langdetect reads Tagalog
+    (3572, 0, True, True),  # change_case:english_capital, "FARE INSIGHT ANALYTICS"
+    (3617, 0, True, True),  # change_case:english_capital, a numbered list of three names
+    (1174, 1, False, False),  # length_constraints:number_sentences "less than 6": NLTK counts 6
+]
+
+
+@pytest.mark.parametrize("key, index, strict, loose", UPSTREAM)
+def test_gpt4_answers_are_checked_as_upstream_checks_them(gpt4, key, index, strict, loose):
+    items, responses = gpt4
+    (item,) = [i for i in items if i.key == key]
+    response = responses[item.prompt]
+    assert check_response(item, response)[index] is strict
+    assert check_response(item, response, loose=True)[index] is loose

@@ -19,7 +19,8 @@ CASES = [
         "I think it is a good idea.",
     ),
     ("change_case:english_capital", {}, "THIS IS ALL IN CAPITALS AND IT IS ENGLISH.", "This is not."),
-    ("change_case:english_capital", {}, "HELLO, HOW ARE YOU?", "YES"),  # one bare word: undetermined language
+    # Short capitals as langdetect reads them (IFEval's checker): English, and Somali.
+    ("change_case:english_capital", {}, "FARE INSIGHT ANALYTICS", "HELLO, HOW ARE YOU?"),
     ("change_case:english_lowercase", {}, "this is all lower case and it is english.", "This has a capital."),
     ("change_case:english_lowercase", {}, "this is all lower case and it is english.", "c'est une phrase en français et pas en anglais."),
     (
@@ -81,6 +82,14 @@ def test_checker(instruction_id, kwargs, follows, breaks):
     assert check(breaks, **kwargs) is False
 
 
+def test_language_checks_follow_langdetect_and_pass_text_without_letters():
+    # No letters: langdetect raises, and IFEval counts the instruction as followed (a capitals check still needs capitals).
+    assert CHECKERS["language:response_language"].fn("12345 !!! ...", language="fr") is True
+    assert CHECKERS["change_case:english_capital"].fn("12345 !!! ...") is False
+    # langdetect samples n-grams at random; seeded, a borderline text gets one answer ("Bonjour" is fr or hr unseeded).
+    assert len({CHECKERS["language:response_language"].fn("Bonjour", language="fr") for _ in range(20)}) == 1
+
+
 def test_every_instruction_id_has_cases():
     assert len(CHECKERS) == 25
     assert {c[0] for c in CASES} == set(CHECKERS)
@@ -110,6 +119,7 @@ def test_validate_kwargs_drops_nulls_of_the_hugging_face_format():
             "letter must be a single character",
         ),
         ("language:response_language", {"language": "xx"}, "cannot identify language 'xx'"),
+        ("language:response_language", {"language": "zh"}, "cannot identify language 'zh'"),  # langdetect says zh-cn / zh-tw
         ("startend:end_checker", {"end_phrase": "  "}, "end_phrase must be a non-empty string"),
     ],
 )

@@ -1,7 +1,5 @@
 """Judge answers: parsing, AFM's good/neutral/poor aggregation, position-bias cancellation, retries of unparseable
-answers, cached judgments, Spearman's rho."""
-
-import math
+answers, cached judgments."""
 
 import pytest
 
@@ -21,7 +19,6 @@ from pippin.eval.judges import (
     parse_verdict,
 )
 from pippin.eval.prompts import AFM_DIMENSIONS, SUMMARY_GRADER, TEMPLATES
-from pippin.eval.rank_correlation import average_ranks, spearman
 from pippin.eval.runner import GenerationCache, Request
 from tests.eval.stubs import StubSystem
 
@@ -160,12 +157,3 @@ def test_templates_are_versioned_and_render_their_fields():
     assert all(t.version >= 1 and "@v" in t.id and len(t.sha) == 12 for t in TEMPLATES.values())
     messages = SUMMARY_GRADER.render(instruction="Summarize.", source="SRC {x}", summary="SUM")
     assert [m["role"] for m in messages] == ["system", "user"] and "SRC {x}" in messages[1]["content"]
-
-
-def test_average_ranks_and_spearman():
-    assert average_ranks([10, 20, 20, 30]) == [1.0, 2.5, 2.5, 4.0]
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # scipy.stats.spearmanr([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) from SciPy's documentation
-    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)
-    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))

@@ -6,16 +6,16 @@ import json
 import re
 
 import pytest
+from scipy.stats import spearmanr
 
 from pippin.errors import PippinError
 from pippin.eval.forms import Filled
 from pippin.eval.ifeval import load_ifeval, load_responses, score
 from pippin.eval.prompts import AFM_DIMENSIONS
-from pippin.eval.rank_correlation import spearman
 from pippin.eval.runner import GenerationCache
 from pippin.eval.suite import EvalContext
 from pippin.eval.tasks import SUITES, suite_module
-from pippin.eval.tasks.judge_agreement import bucket
+from pippin.eval.tasks.judge_agreement import bucket, spearman_rho
 from pippin.eval.tasks.mtbench import load_mtbench, single_grading_request
 from pippin.eval.tasks.writing import PREAMBLE
 from tests.conftest import SHARED_DATA
@@ -243,6 +243,14 @@ def test_writing_scores_against_the_prompt_criteria(tmp_path):
     assert system.params[0].temperature == 0.7 and len(result.items[0]["criteria_scores"]) == 42
 
 
+def test_spearman_rho_is_scipys_and_none_where_undefined():
+    # scipy.stats.spearmanr([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) from SciPy's documentation (the 7s share rank 3.5).
+    assert spearman_rho([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(0.8207826816681233)
+    # By hand: ranks [1, 2, 3, 4] and [4, 2.5, 2.5, 1]; Pearson of those is -4.5 / sqrt(5 * 4.5).
+    assert spearman_rho([1, 2, 3, 4], [40, 30, 30, 10]) == pytest.approx(-4.5 / (5 * 4.5) ** 0.5)
+    assert spearman_rho([1, 2, 3], [5, 5, 5]) is None and spearman_rho([1], [2]) is None and spearman_rho([], []) is None
+
+
 def test_judge_agreement_with_human_ratings(tmp_path):
     rows = read_jsonl(SHARED_DATA / "dialsummeval" / "human_judgment.jsonl", 28)
     human = {r["summary"]: {d: sum(a[d] for a in r["annotations"]) / 3 for d in ("consistency", "relevance", "fluency")} for r in rows}
@@ -265,7 +273,7 @@ def test_judge_agreement_with_human_ratings(tmp_path):
     good, bad = result.metrics["stub:oracle"], result.metrics["stub:contrarian"]
     consistency = [human[r["summary"]]["consistency"] for r in rows]
     grade = {"poor": 1, "neutral": 2, "good": 3}
-    expected = spearman(consistency, [grade[bucket(c).value] for c in consistency])
+    expected = spearmanr(consistency, [grade[bucket(c).value] for c in consistency]).statistic
     assert good["spearman consistency~groundedness"] == pytest.approx(expected) and expected > 0.5
     assert bad["spearman consistency~groundedness"] == pytest.approx(-expected)
     assert good["agreement consistency %"] == 100.0 and good["agreement relevance %"] == 100.0 and good["n graded"] == 28

@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pippin.adapters.lora import LoraConfig, apply_lora
 from pippin.adapters.peft_format import save_adapter
@@ -304,7 +305,9 @@ LINE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? -?[0-9.e+]
 def test_metrics_are_prometheus_text_with_the_serving_numbers(client, http):
     client.chat.completions.create(model="tiny:summarize", messages=CHAT, max_tokens=4)
     client.chat.completions.create(model="tiny:summarize", messages=CHAT, max_tokens=30)
-    text = http.get("/metrics").text
+    r = http.get("/metrics")
+    assert r.headers["content-type"] == CONTENT_TYPE_LATEST
+    text = r.text
     values = {}
     for line in text.splitlines():
         if line.startswith("#"):

@@ -1,6 +1,6 @@
 """IFEval suite: generate replies to the 541 prompts of `ifeval/input_data.jsonl`, then score them strictly and loosely.
 
-Scoring is pippin.eval.ifeval (all 25 checkers, reproduces the paper's GPT-4 numbers). Each prompt is sent as
+Scoring is pippin.eval.ifeval (all 25 checkers, as IFEval's released checker scores the GPT-4 responses). Each prompt is sent as
 one user message with no system prompt; lm-evaluation-harness allows up to 1280 new tokens, we default to 1024.
 Malformed rows and failed generations are errors, left out of every accuracy.
 """

@@ -5,7 +5,7 @@ relevance, fluency and coherence. Each (dialogue, summary) is graded with the su
 the judge's good/neutral/poor becomes 3/2/1 and is compared with the annotators' mean on the matching dimension:
 consistency ~ groundedness, relevance ~ comprehensiveness, fluency and coherence ~ composition (AFM has no
 separate fluency/coherence; instruction following and harmfulness have no human counterpart). Reported per
-dimension: Spearman's rho (ties averaged) and exact agreement with the mean rating bucketed as SOURCE.md
+dimension: Spearman's rho (`scipy.stats.spearmanr`, ties averaged) and exact agreement with the mean rating bucketed as SOURCE.md
 suggests (below 2.5 poor, below 3.5 neutral, else good); plus rho of the AFM overall grade against the mean of
 all four human dimensions. A pippin judge answers in the grading form by forced choice, and its rho is taken on
 its expected grade (the option probabilities weighted 3/2/1, G-Eval's probability-weighted score), which ranks
@@ -15,12 +15,14 @@ one report can compare the default model with a stronger judge. `--limit N` take
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from scipy.stats import spearmanr
 
 from pippin.eval.forms import afm_expected
 from pippin.eval.judges import Grade, afm_overall
 from pippin.eval.prompts import SUMMARIZE_DIALOGUE, SUMMARY_GRADER
-from pippin.eval.rank_correlation import spearman
 from pippin.eval.suite import EvalContext, ItemError, SuiteResult, parse_rows, percent, read_records, require_str
 from pippin.eval.tasks.summarization import grade_summaries
 
@@ -58,6 +60,13 @@ def bucket(mean_score: float) -> Grade:
     return Grade.POOR if mean_score < 2.5 else Grade.NEUTRAL if mean_score < 3.5 else Grade.GOOD
 
 
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rho of paired ratings; None where it is undefined (a constant side, which includes fewer than 2 pairs)."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None  # scipy would warn and return NaN
+    return float(spearmanr(x, y).statistic)
+
+
 def agreement(
     pairs: list[tuple[RatedSummary, dict[str, Grade]]], expected: list[dict[str, float]] | None = None
 ) -> dict[str, float | None]:
@@ -70,13 +79,11 @@ def agreement(
     for dim, judge_dim in HUMAN_TO_JUDGE.items():
         human = [it.human[dim] for it, _ in pairs]
         judge = [e[judge_dim] for e in expected] if expected is not None else [GRADE_VALUE[g[judge_dim]] for _, g in pairs]
-        rho = spearman(human, judge) if pairs else float("nan")
-        out[f"spearman {dim}~{judge_dim}"] = None if rho != rho else rho  # NaN (constant side) -> None
+        out[f"spearman {dim}~{judge_dim}"] = spearman_rho(human, judge)
         out[f"agreement {dim} %"] = percent(sum(bucket(h) is g[judge_dim] for h, (_, g) in zip(human, pairs)), len(pairs))
     human = [sum(it.human.values()) / len(it.human) for it, _ in pairs]
     overall = [e["overall"] for e in expected] if expected is not None else [GRADE_VALUE[afm_overall(g)] for _, g in pairs]
-    rho = spearman(human, overall) if pairs else float("nan")
-    out["spearman overall"] = None if rho != rho else rho
+    out["spearman overall"] = spearman_rho(human, overall)
     out["n graded"] = len(pairs)
     return out
 
