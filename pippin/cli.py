@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except PippinError as e:
         print(f"pippin {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine said no: disk full, permission denied, a file gone mid-run
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"pippin {args.command}: error: {e.strerror or e}{where}; nothing was half-written (writes are atomic).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -130,3 +130,47 @@ def test_generate_with_a_draft_model_gives_the_plain_greedy_text():
     spec = json.loads(r.stdout)
     assert spec["text"] == plain["text"]
     assert spec["stats"]["acceptance_rate"] == 1.0  # the draft is the target itself: every proposal is kept
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda d: (d / "config.json").write_text('{"format": "pippin", "format_version": 1}'), 'has no "model" object'),
+        (lambda d: (d / "config.json").write_text("[1, 2]"), 'has no "model" object'),
+        (lambda d: (d / "tokenizer_config.json").write_text("{not json"), "is not a valid tokenizer config"),
+        (lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 7}'), "is not a valid tokenizer config"),
+    ],
+)
+def test_a_corrupt_checkpoint_is_one_clear_line(tmp_path, corrupt, message):
+    """A config.json without its architecture or a broken tokenizer_config.json: one sentence, status 2 (a traceback
+    before)."""
+    from tests.serve.conftest import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "tiny")
+    corrupt(folder)
+    r = pippin("generate", "--model", str(folder), "hi", "--max-new-tokens", "2")
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_clear_line(monkeypatch, capsys):
+    import errno
+
+    import pippin.commands.info as info
+    from pippin.cli import main
+
+    def full(args):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device", "/models/out/model.safetensors")
+
+    monkeypatch.setattr(info, "run", full)
+    assert main(["info", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device (/models/out/model.safetensors)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_hugging_face_folder_without_the_architecture_is_one_clear_line(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    r = pippin("generate", "--model", str(tmp_path / "hf"), "hi")
+    assert r.returncode == 2 and "is not a Hugging Face Llama-style config" in r.stderr and "Traceback" not in r.stderr

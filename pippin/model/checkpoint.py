@@ -151,7 +151,10 @@ def load_hf(path: Path) -> LoadedModel:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise PippinError(f"{path} has no config.json; it is not a Hugging Face model folder.")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    try:
+        cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, or not a Llama-style config
+        raise PippinError(f"{cfg_file} is not a Hugging Face Llama-style config ({type(e).__name__}: {e}).") from None
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
@@ -305,9 +308,16 @@ def load_pippin(path: Path, *, prepare: Callable[[Transformer, dict[str, Any]], 
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise PippinError(f"{cfg_file} is not valid JSON ({e}); re-create the checkpoint with `pippin convert`.") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise PippinError(f'{cfg_file} has no "model" object (the architecture); re-create the checkpoint with `pippin convert`.')
+    if not isinstance(raw.get("format_version", 0), int):
+        raise PippinError(f"{cfg_file}: format_version must be a number.")
     if raw.get("format_version", 0) > FORMAT_VERSION:
         raise PippinError(f"{path} was written by a newer pippin (format {raw['format_version']}); upgrade pippin.")
-    cfg = ModelConfig.from_dict(raw["model"])
+    try:
+        cfg = ModelConfig.from_dict(raw["model"])
+    except (TypeError, ValueError) as e:
+        raise PippinError(f'{cfg_file}: the "model" object is not a valid architecture ({e}).') from None
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise PippinError(f"{weights} is missing; re-create the checkpoint with `pippin convert`.")
@@ -349,7 +359,7 @@ def prepare_default(*, progress: bool = True) -> Path:
         try:
             if json.loads(cfg_file.read_text()).get("source_fingerprint") == fingerprint:
                 return out
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, AttributeError):
             pass  # a corrupt cache entry is rebuilt below
     loaded = load_gguf(src, progress=progress)
     save_pippin(loaded, out, extra_meta={"source": str(src), "source_fingerprint": fingerprint, "name": DEFAULT_MODEL})
@@ -375,8 +385,11 @@ def load_model(
     cfg_file = path / "config.json"
     if cfg_file.is_file():
         try:
-            fmt = json.loads(cfg_file.read_text()).get("format")
+            raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise PippinError(f"{cfg_file} is not valid JSON ({e}).") from e
+        if not isinstance(raw, dict):
+            raise PippinError(f'{cfg_file} has no "model" object (the architecture); it must be a JSON object.')
+        fmt = raw.get("format")
         return load_pippin(path, prepare=prepare) if fmt == "pippin" else load_hf(path)
     raise PippinError(f"{path} has no config.json; it is not a model folder.")

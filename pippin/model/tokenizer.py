@@ -100,21 +100,30 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise PippinError(f"{tj} is not a valid tokenizer file ({e}); re-create it with `pippin convert`.") from e
         cfg: dict[str, Any] = {}
-        if (path / "tokenizer_config.json").is_file():
-            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        tc = path / "tokenizer_config.json"
+        try:
+            if tc.is_file():
+                cfg = json.loads(tc.read_text())
 
-        def name(v: Any) -> str | None:  # HF stores special tokens as strings or {"content": ...}
-            return v.get("content") if isinstance(v, dict) else v
+            def name(v: Any) -> str | None:  # HF stores special tokens as strings or {"content": ...}
+                return v.get("content") if isinstance(v, dict) else v
 
-        special = {
-            "bos_token": name(cfg.get("bos_token")),
-            "eos_token": name(cfg.get("eos_token")),
-            "pad_token": name(cfg.get("pad_token")),
-            "add_bos_token": bool(cfg.get("add_bos_token", False)),
-        }
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # HF allows a list of named templates; take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+            special = {
+                "bos_token": name(cfg.get("bos_token")),
+                "eos_token": name(cfg.get("eos_token")),
+                "pad_token": name(cfg.get("pad_token")),
+                "add_bos_token": bool(cfg.get("add_bos_token", False)),
+            }
+            template = cfg.get("chat_template")
+            if isinstance(template, list):  # HF allows a list of named templates; take the default one
+                template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+            if template is not None and not isinstance(template, str):
+                raise TypeError(f"chat_template is a {type(template).__name__}, not a string")
+            for key in ("bos_token", "eos_token", "pad_token"):
+                if special[key] is not None and not isinstance(special[key], str):
+                    raise TypeError(f"{key} is not a string")
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # bad JSON or the wrong shapes
+            raise PippinError(f"{tc} is not a valid tokenizer config ({e}); re-create it with `pippin convert`.") from None
         return cls(backend, chat_template=template, special=special)
 
     def save(self, path: str | os.PathLike) -> None:
