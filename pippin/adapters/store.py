@@ -225,9 +225,14 @@ class AdapterStore:
             return slot
 
     def route(self, names: Sequence[str | None], *, keep: Sequence[str] = ()) -> list[int]:
-        """Point the model at one adapter per batch row (None = base only); returns the slots used."""
+        """Point the model at one adapter per batch row (None = base only); returns the slots used. Adapters not in memory
+        are read from disk first, outside the lock (`/v1/models` and `/metrics` take it from the event loop)."""
+        wanted = {n for n in names if n is not None} | set(keep)
+        if len(wanted) <= self.n_slots - 1:
+            for n in sorted(wanted):
+                if n not in self._slots and n not in self._memory:
+                    self.get(n)
         with self._lock:
-            wanted = {n for n in names if n is not None} | set(keep)
             if len(wanted) > self.n_slots - 1:
                 raise PippinError(f"A batch may use at most {self.n_slots - 1} different adapters, got {len(wanted)}.")
             slots = [0 if n is None else self.slot_for(n, keep=wanted) for n in names]

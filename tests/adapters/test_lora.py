@@ -222,6 +222,35 @@ def test_store_lru_budget_hits_misses_and_slot_swaps(tmp_path):
     assert store.stats.swaps == 3
 
 
+def test_routing_to_a_cold_adapter_reads_the_disk_outside_the_store_lock(tmp_path, monkeypatch):
+    """The worker routes every step; a cold adapter's disk read must not hold the lock that /v1/models and /metrics
+    take from the event loop."""
+    import threading
+
+    import pippin.adapters.store as st
+
+    model, _ = served(n_slots=3)
+    save_adapter(random_adapter(model, "cold", seed=3), tmp_path / "cold")
+    store = AdapterStore(tmp_path, model=model)
+    got = []
+    real = st.load_adapter
+
+    def try_lock() -> None:
+        got.append(store._lock.acquire(timeout=0.5))
+        if got[-1]:
+            store._lock.release()
+
+    def spy(path, **kw):  # noqa: ANN001, ANN202
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join()
+        return real(path, **kw)
+
+    monkeypatch.setattr(st, "load_adapter", spy)
+    store.route(["cold", None])
+    assert got == [True] and store.stats.misses == 1  # another thread took the lock during the read
+
+
 def test_store_refuses_bad_names_mismatches_and_corrupt_files(tmp_path):
     model, store = served()
     for bad in ["../x", "a/b", "", ".hidden", "x" * 65]:
