@@ -229,7 +229,7 @@ class AdapterStore:
         are read from disk first, outside the lock (`/v1/models` and `/metrics` take it from the event loop)."""
         wanted = {n for n in names if n is not None} | set(keep)
         if len(wanted) <= self.n_slots - 1:
-            for n in sorted(wanted):
+            for n in sorted({n for n in names if n is not None}):
                 if n not in self._slots and n not in self._memory:
                     self.get(n)
         with self._lock:

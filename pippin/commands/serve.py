@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a folder runtime-loaded adapters may come from, besides each model's adapters folder (repeatable)",
     )
     p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout_s,
+        help="seconds a request may take from arrival: waiting past it gets 503, running past it ends early (0: none)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("PIPPIN_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every /v1 request (default: $PIPPIN_API_KEY; none when unset)",
@@ -78,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         adapter_roots=args.adapter_root,
         raw_special_tokens=args.raw_special_tokens,
         api_key=args.api_key or None,
+        request_timeout_s=args.request_timeout or None,
         kernels=not args.no_kernels,
         threads=args.threads,
     )

@@ -44,6 +44,10 @@ class SchedulerFull(PippinError):
     """Too many requests are running or waiting; the caller should retry later (HTTP 429)."""
 
 
+class DeadlineExceeded(PippinError):
+    """A request's deadline passed before it got a row (HTTP 503: the server is too busy to start it in time)."""
+
+
 class Sink(Protocol):
     """Where a request's output goes. Called on the stepping thread; keep it quick."""
 
@@ -75,6 +79,9 @@ class Ticket:
     """Later requests admitted while this one waited (see BatchScheduler.max_overtakes)."""
     stop_ids: frozenset[int] | None = None
     """Token ids that end a sample (None: the scheduler's eos_ids)."""
+    deadline: float | None = None
+    """time.monotonic() past which the request ends: still waiting, it fails (DeadlineExceeded); running, its samples
+    end with what they have ('length')."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -182,9 +189,14 @@ class BatchScheduler:
         return self.submit_many([(list(prompt), params, adapter, n, sink)])[0]
 
     def submit_many(
-        self, requests: Sequence[tuple[list[int], SamplingParams, str | None, int, Sink]], *, stop_ids: Sequence[int] | None = None
+        self,
+        requests: Sequence[tuple[list[int], SamplingParams, str | None, int, Sink]],
+        *,
+        stop_ids: Sequence[int] | None = None,
+        deadline: float | None = None,
     ) -> list[Ticket]:
-        """Queue several requests all or none (one HTTP call with several prompts). stop_ids: instead of eos_ids."""
+        """Queue several requests all or none (one HTTP call with several prompts). stop_ids: instead of eos_ids;
+        deadline: a time.monotonic() by which they must be done (see Ticket.deadline)."""
         for prompt, params, _, n, _ in requests:
             self.check(len(prompt), params, n)
         if adapters := {a for _, _, a, _, _ in requests if a is not None}:
@@ -194,7 +206,9 @@ class BatchScheduler:
             for a in adapters - in_memory:
                 self.adapters.path_of(a)  # unknown names fail now, not inside the batch
         stops = frozenset(stop_ids) if stop_ids is not None else None
-        tickets = [Ticket(prompt=list(p), params=s, adapter=a, n=n, sink=k, stop_ids=stops) for p, s, a, n, k in requests]
+        tickets = [
+            Ticket(prompt=list(p), params=s, adapter=a, n=n, sink=k, stop_ids=stops, deadline=deadline) for p, s, a, n, k in requests
+        ]
         with self._lock:
             wanted = sum(t.n for t in tickets)
             if self._n_running() + self._n_waiting + wanted > self.max_batch + self.max_queue:
@@ -234,17 +248,25 @@ class BatchScheduler:
             self._decode()
 
     def _drop_cancelled(self) -> None:
+        """Free the rows of cancelled requests and of those past their deadline; fail waiting ones past it."""
+        now = time.monotonic()
+        late = lambda t: t.deadline is not None and now >= t.deadline  # noqa: E731
         for i, row in enumerate(self.rows):
             if row is not None and row.ticket.cancelled:
                 self._finish(i, "cancelled")
+            elif row is not None and late(row.ticket):
+                self._finish(i, "length")  # out of time: the sample ends with what it has
         with self._lock:
-            gone = [t for t in self._waiting if t.cancelled]
+            gone = [t for t in self._waiting if t.cancelled or late(t)]
             for t in gone:
                 self._waiting.remove(t)
                 self._n_waiting -= t.n
         for t in gone:
-            for k in range(t.n):
-                _call(t, t.sink.finish, k, "cancelled")
+            if t.cancelled:
+                for k in range(t.n):
+                    _call(t, t.sink.finish, k, "cancelled")
+            else:
+                _call(t, t.sink.fail, DeadlineExceeded("The request waited past its deadline for a free row; retry shortly."))
 
     def _running_adapters(self) -> set[str]:
         return {r.ticket.adapter for r in self.rows if r is not None and r.ticket.adapter is not None}

@@ -23,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pippin.engine.scheduler import SchedulerFull
+from pippin.engine.scheduler import DeadlineExceeded, SchedulerFull
 from pippin.errors import PippinError
 from pippin.serve.config import LOOPBACK_HOSTS
 from pippin.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -55,7 +55,7 @@ from pippin.serve.service import Service
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 API_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
-ERRORS = {r: {"model": ErrorResponse} for r in (400, 401, 404, 413, 429, 500)}
+ERRORS = {r: {"model": ErrorResponse} for r in (400, 401, 404, 413, 429, 500, 503)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -71,6 +71,8 @@ def _exception_response(e: Exception) -> JSONResponse:
         return error_response(e.status, str(e), code=e.code, param=e.param)
     if isinstance(e, SchedulerFull):
         return error_response(429, str(e), code="rate_limit_exceeded")
+    if isinstance(e, DeadlineExceeded):
+        return error_response(503, str(e), code="deadline_exceeded")
     if isinstance(e, PippinError):
         return error_response(400, str(e))
     log.error("Unexpected error in a request", exc_info=e)

@@ -33,6 +33,9 @@ class ServeConfig:
     """Largest max_tokens a request may ask for."""
     default_max_tokens: int = 256
     """max_tokens when a request does not say (capped by what is left of the context)."""
+    request_timeout_s: float | None = 600.0
+    """Each request's deadline from its arrival: one still waiting for a row then gets 503, a running one ends with the
+    text it has (finish_reason 'length'). None: no deadline."""
     max_body_bytes: int = 4 << 20
     """Largest request body; larger ones get 413."""
     adapter_slots: int = 9
@@ -66,6 +69,7 @@ class ServeConfig:
             (self.adapter_slots >= 2, "adapter_slots must be >= 2 (slot 0 is the base)"),
             (0 < self.port < 65536 or self.port == 0, "port must be in 0..65535"),
             (self.api_key is None or len(self.api_key) >= 8, "an API key needs at least 8 characters"),
+            (self.request_timeout_s is None or self.request_timeout_s > 0, "request_timeout_s must be > 0 (None: no deadline)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -156,8 +156,10 @@ class _PromptSink:
 class Worker:
     """The thread that runs every scheduler's steps, and control calls between them."""
 
-    def __init__(self, schedulers: Sequence[BatchScheduler]) -> None:
+    def __init__(self, schedulers: Sequence[BatchScheduler], *, request_timeout_s: float | None = None) -> None:
         self.schedulers = list(schedulers)
+        self.request_timeout_s = request_timeout_s
+        """Each submitted request's deadline from now (None: none)."""
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -190,7 +192,9 @@ class Worker:
         """Queue every prompt of a Generation (all or none; SchedulerFull past the limits)."""
         if not self.alive:
             raise ApiError("The server is shutting down; retry in a moment.", status=503)
-        tickets = scheduler.submit_many([(p, params, adapter, n, gen.sink(i)) for i, p in enumerate(prompts)])
+        timeout = self.request_timeout_s
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        tickets = scheduler.submit_many([(p, params, adapter, n, gen.sink(i)) for i, p in enumerate(prompts)], deadline=deadline)
         if self._stop:  # the loop stopped while this was queued: answer now rather than never
             scheduler.fail_all(ApiError("The server is shutting down; retry in a moment.", status=503))
 

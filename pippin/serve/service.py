@@ -110,7 +110,7 @@ class Service:
         self.bases = {b.name: b for b in bases}
         self.default = bases[0]
         self.metrics = Metrics(self.gauges)
-        self.worker = Worker([b.scheduler for b in bases])
+        self.worker = Worker([b.scheduler for b in bases], request_timeout_s=config.request_timeout_s)
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> Service:

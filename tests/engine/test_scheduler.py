@@ -288,3 +288,27 @@ def test_long_prompts_prefill_together_in_chunks_while_other_rows_decode(kv8):
     else:
         for p, rec in zip(prompts, longs):
             assert rec.tokens[0] == alone(Engine(model, max_len=128, kv8=True), p, params)
+
+
+def test_deadlines_fail_waiting_requests_and_end_running_ones():
+    """Past its deadline a request still waiting for a row fails (DeadlineExceeded); a running one ends with the
+    tokens it has ('length'), and its row serves the next request."""
+    import time
+
+    from pippin.engine.scheduler import DeadlineExceeded
+
+    sched = BatchScheduler(tiny_model(seed=2), max_batch=1, max_len=64, max_queue=2)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    running, waiting, later = Recorder(), Recorder(), Recorder()
+    [ticket] = sched.submit_many([([1, 2, 3], params, None, 1, running)], deadline=time.monotonic() + 60)
+    sched.step()
+    sched.submit_many([([4, 5], params, None, 1, waiting)], deadline=time.monotonic() - 1)  # already late, no free row
+    sched.step()
+    sched.step()
+    assert isinstance(waiting.error, DeadlineExceeded) and not waiting.tokens
+    n = len(running.tokens[0])
+    ticket.deadline = time.monotonic() - 1
+    sched.submit([6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True), sink=later)
+    run_until_idle(sched)
+    assert running.reasons == {0: "length"} and len(running.tokens[0]) == n < 30
+    assert later.reasons == {0: "length"} and len(later.tokens[0]) == 3

@@ -433,3 +433,25 @@ def test_an_api_key_guards_every_v1_route_and_the_official_client_sends_it(tiny_
             openai.OpenAI(base_url=srv.api, api_key="not-the-key", max_retries=0, timeout=30).models.list()
     finally:
         srv.stop()
+
+
+def test_a_request_past_its_deadline_gets_503_while_waiting(tiny_dir):
+    """--request-timeout: a request that cannot start before its deadline (the worker is held here) is answered 503
+    deadline_exceeded instead of waiting on."""
+    import threading
+    import time
+
+    srv = start_server(tiny_config(request_timeout_s=0.3), [str(tiny_dir)])
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            out = {}
+            with paused(srv.service):
+                body = {"model": "tiny", "messages": CHAT}
+                t = threading.Thread(target=lambda: out.update(r=http.post("/v1/chat/completions", json=body)))
+                t.start()
+                time.sleep(0.6)  # past the deadline while the worker is held
+            t.join(30)
+        r = out["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+    finally:
+        srv.stop()
