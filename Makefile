@@ -13,7 +13,7 @@ SHARED  ?= ../shared
 CALIB   ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
 QDIR    ?= $(HOME)/.cache/pippin/models
 
-.PHONY: setup run demo model compressed compressed-3.5 adapters test lint bench bench-setup bench-models bench-compression bench-adapters bench-serving clean
+.PHONY: setup run demo model compressed compressed-3.5 adapters test lint bench bench-setup bench-models bench-compression bench-adapters bench-serving bench-faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,6 +81,7 @@ bench: bench-models
 	$(MAKE) bench-compression
 	$(MAKE) bench-adapters
 	$(MAKE) bench-serving
+	$(MAKE) bench-faults
 
 # Compressed variants of the default model (calibrated on AlpacaEval outputs; scored on held-out XSum; each cached
 # once, about 5-8 min, plus its fidelity report). bench-compression measures each with and without 8-bit activations and an 8-bit KV cache
@@ -120,6 +121,12 @@ adapters: compressed-3.5
 
 bench-serving: bench-setup adapters
 	$(PY) benchmarks/serving.py --model $(BASE35) --clients 1,16 --seconds 60,240 --speculative --out docs/benchmarks/serving.json
+
+# Hardening, long form (~15 min): 32 misbehaving streaming clients for 5 minutes, then schemathesis with 500
+# generated requests per operation and mode (CI runs 10).
+bench-faults: bench-setup compressed
+	$(PY) benchmarks/faults.py --model $(SERVE_MODEL) --clients 32 --seconds 300 --out docs/benchmarks/faults.json
+	SCHEMATHESIS_EXAMPLES=500 $(PY) -m pytest -q tests/serve/test_schema.py
 
 bench-adapters: bench-setup adapters
 	$(PY) benchmarks/adapters.py --xsum $(SHARED)/data/xsum/test.jsonl --compressed 3.5bpw=$(BASE35) \
