@@ -111,3 +111,19 @@ def use_variant(name: str) -> Iterator[None]:
         yield
     finally:
         ops().set_kernel_variant(before)
+
+
+_BROWSER: dict[str, int] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count the web playground's browser tests by outcome (see pytest_terminal_summary)."""
+    if "test_browser.py" in report.nodeid and (report.when == "call" or report.skipped):
+        _BROWSER[report.outcome] = _BROWSER.get(report.outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's TerminalReporter
+    """Say in every run whether the browser tests ran in chromium, so CI output shows it (they skip without chromium)."""
+    if _BROWSER:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(_BROWSER.items()))
+        terminalreporter.write_line(f"web playground in headless chromium: {counts}")
