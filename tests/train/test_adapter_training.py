@@ -293,3 +293,55 @@ def test_teacher_chats_answers_each_prompt_once_resumes_after_a_kill_and_refuses
     assert teacher_chats(convs[3:] + convs[:1], teacher, cache=cache, key="t1") == chats[3:] + chats[:1] and asked == []
     with pytest.raises(PippinError, match="another teacher"):
         teacher_chats(convs, teacher, cache=cache, key="t2")
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+import pippin.train.checkpointing as ck
+from tests.conftest import tiny_model
+from tests.train.test_adapter_training import cfg, toy_examples
+from pippin.train.adapter import train_adapter
+
+real = ck.write_atomic
+def slow(path, data):
+    if Path(path).name == "state-8.safetensors":  # half the step-8 checkpoint, then hang until killed
+        (Path(path).parent / ".state-8.safetensors.partial.tmp").write_bytes(data[: len(data) // 2])
+        Path(sys.argv[1], "writing").touch()
+        time.sleep(120)
+    return real(path, data)
+ck.write_atomic = slow
+train_adapter(tiny_model(), toy_examples(), cfg(steps=12, save_every=4), out_dir=Path(sys.argv[1], "run"), name="x", progress=False)
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_from_the_one_before(tmp_path):
+    """A real SIGKILL while the step-8 checkpoint is half written: the run resumes from step 4 (at most one interval
+    lost) and ends with the adapter of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path)], cwd=root)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "writing").exists() and child.poll() is None:
+            time.sleep(0.05)
+        assert (tmp_path / "writing").exists(), "the child never reached the step-8 checkpoint"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    ex = toy_examples()
+    res = train_adapter(tiny_model(), ex, cfg(steps=12, save_every=4), out_dir=tmp_path / "run", name="x", progress=False)
+    assert res.resumed_from == 4
+    train_adapter(tiny_model(), ex, cfg(steps=12, save_every=4), out_dir=tmp_path / "full", name="x", progress=False)
+    a, b = load_adapter(tmp_path / "full"), load_adapter(tmp_path / "run")
+    for mod in a.weights:
+        torch.testing.assert_close(a.weights[mod][0], b.weights[mod][0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(a.weights[mod][1], b.weights[mod][1], atol=1e-3, rtol=0)
