@@ -6,7 +6,7 @@ row kernels in csrc/act8_rows.inc are built for AVX2 and for AVX-512 VNNI, and t
 where the kernels cannot be used:
 no AVX2/FMA on this CPU, no C++ compiler, or PIPPIN_KERNELS=0. Callers then use the plain PyTorch
 reference path, which every kernel is tested against. Built with torch.utils.cpp_extension (ninja, gcc);
-the build takes about a minute on 2 cores, once per machine, source and torch version, never at import time.
+the build takes about 20 s on 2 cores, once per machine, source and torch version, never at import time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from pippin.io import write_atomic
 
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
@@ -50,10 +52,18 @@ def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
+            # One translation unit that includes every source file (torch's headers are parsed once: 20 s instead of
+            # 50 s on 2 cores), built without semantic interposition: in a shared object the compiler may otherwise
+            # not inline a function with external linkage into its callers, and the decode step, split over files
+            # whose helpers have external linkage, ran about 10 % slower than when it was one file.
+            unity = d / "pippin_ops.cpp"
+            text = "".join(f'#include "{f}"\n' for f in sorted(_CSRC.glob("*.cpp")))
+            if not unity.is_file() or unity.read_text() != text:
+                write_atomic(unity, text.encode())  # atomic: a second process may be building at the same time
             cpp_extension.load(
                 name="pippin_ops",
-                sources=[str(f) for f in sorted(_CSRC.glob("*.cpp"))],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                sources=[str(unity)],
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-semantic-interposition"],
                 build_directory=str(d),
                 is_python_module=False,
                 verbose=verbose,
