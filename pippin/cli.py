@@ -22,6 +22,7 @@ COMMANDS = {
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
+    "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
     "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }
 
