@@ -1,6 +1,7 @@
-"""`pippin reward train`: a reward model (AFM §3.2) from preference pairs, with held-out pair accuracy.
+"""`pippin reward`: a reward model (AFM §3.2) from preference pairs, and pairs from verifiable instructions.
 
   pippin reward train --model M --data prefs.jsonl --out DIR [--steps N] [--batch-size B] [--lr LR]
+  pippin reward pairs --model M --data prompts.jsonl --out prefs.jsonl [--samples 4] [--temperature 1.0]
 
 The data is JSONL (see pippin.train.reward): prompt, chosen, rejected, a preference level and optional single-sided
 grades on four aspects. The run writes DIR/reward_config.json, resumes from DIR/checkpoint after a kill, and ends
@@ -31,9 +32,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = sub.add_parser("pairs", help="preference pairs from samples that verifiable instructions rank (IFEval's checkers)")
+    g.add_argument("--model", default=None, help="the policy that samples: a model folder, .gguf, or omit for the default")
+    g.add_argument("--adapter", default=None, help="an adapter of that model")
+    g.add_argument("--data", required=True, help="prompts with verifiable instructions, IFEval's JSONL format (not its test set)")
+    g.add_argument("--out", required=True, help="preference pairs, JSONL (what `pippin reward train --data` reads)")
+    g.add_argument("--samples", type=int, default=4, help="replies per prompt; the best and the worst make a pair")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--threads", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    return _pairs(args) if args.action == "pairs" else _train(args)
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from pippin.engine.sampling import SamplingParams
+    from pippin.eval.ifeval import load_ifeval
+    from pippin.eval.systems import PippinSystem
+    from pippin.train.reward import verified_pairs, write_preferences
+
+    items = load_ifeval(args.data)[: args.limit]
+    system = PippinSystem.load(args.model, adapter=args.adapter, batch_size=args.batch_size, threads=args.threads)
+
+    def generate(convs: list, k: int) -> list[str]:
+        print(f"sample {k + 1} of {args.samples} for {len(convs)} prompts", file=sys.stderr)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=k)
+        return system.generate(convs, params)
+
+    pairs = verified_pairs(generate, items, samples=args.samples)
+    write_preferences(args.out, pairs)
+    print(f"{len(pairs)} pairs from {len(items)} prompts (the rest: every sample scored the same) -> {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from pippin.api import load_any

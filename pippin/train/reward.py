@@ -13,7 +13,9 @@ left out). The base model stays plain: `RewardModel` holds it and reads `Transfo
 Preference data is JSONL, one pair per line:
     {"prompt": "..." or [messages], "chosen": "...", "rejected": "...", "level": "better",
      "chosen_grades": {"instruction_following": 2, ...}, "rejected_grades": {...}}
-`train_reward` is resumable (pippin.train.checkpointing) and reports held-out pair accuracy.
+`train_reward` is resumable (pippin.train.checkpointing) and reports held-out pair accuracy. `verified_pairs` makes
+pairs without a judge: several samples per prompt with verifiable instructions (IFEval's format), the checkers
+decide which is better (never from an evaluation set: that would train on the test).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,9 @@ from torch import nn
 
 from pippin.errors import PippinError
 from pippin.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from pippin.eval.ifeval import IFEvalItem
 
 LEVELS = {"significantly better": 0.95, "better": 0.85, "slightly better": 0.75, "negligibly better": 0.65}
 """Preference level -> the target probability that the chosen response wins (AFM's soft labels)."""
@@ -257,3 +263,66 @@ def train_reward(
     result = RewardResult(steps=config.steps, resumed_from=start, losses=losses, heldout_accuracy=acc, n_heldout=len(held))
     write_json_atomic(out_dir / "reward_result.json", {**run, **asdict(result), "losses": losses[-20:]})
     return result
+
+
+def level_for(gap: float) -> str:
+    """The preference level of a score gap in (0, 1] (the share of instructions one reply follows beyond the other)."""
+    return "significantly better" if gap >= 0.75 else "better" if gap >= 0.5 else "slightly better" if gap >= 0.25 else "negligibly better"
+
+
+def verified_pairs(
+    generate: Callable[[list[list[dict[str, str]]], int], list[str]], items: list[IFEvalItem], *, samples: int = 2
+) -> list[PreferencePair]:
+    """For each item, `samples` replies (`generate(conversations, k)` for k = 0..samples-1, e.g. seed k); IFEval's
+    strict checkers score each reply (the share of its instructions followed); the best and the worst reply form a
+    pair when they differ, with a level from the gap and each side's instruction-following grade (2: all followed,
+    0: none, else 1). Items whose replies all score the same give no pair."""
+    from pippin.eval.ifeval import check_response
+
+    if samples < 2:
+        raise PippinError(f"A pair needs at least 2 samples per prompt, got {samples}.")
+    convs = [[{"role": "user", "content": it.prompt}] for it in items]
+    replies = [generate(convs, k) for k in range(samples)]
+
+    def grade(s: float) -> int:
+        return 2 if s == 1.0 else 0 if s == 0.0 else 1
+
+    pairs = []
+    for i, it in enumerate(items):
+        scored = []
+        for k in range(samples):
+            ok = check_response(it, replies[k][i])
+            scored.append((sum(ok) / len(ok), replies[k][i]))
+        (lo, worst), (hi, best) = min(scored, key=lambda x: x[0]), max(scored, key=lambda x: x[0])
+        if hi > lo:
+            pairs.append(
+                PreferencePair(
+                    messages=convs[i],
+                    chosen=best,
+                    rejected=worst,
+                    level=level_for(hi - lo),
+                    chosen_grades={"instruction_following": grade(hi)},
+                    rejected_grades={"instruction_following": grade(lo)},
+                )  # fmt: skip
+            )
+    return pairs
+
+
+def write_preferences(path: str | Path, pairs: list[PreferencePair]) -> None:
+    """JSONL that read_preferences reads back, written atomically."""
+    from pippin.io import write_atomic
+
+    lines = [
+        json.dumps(
+            {
+                "prompt": p.messages,
+                "chosen": p.chosen,
+                "rejected": p.rejected,
+                "level": p.level,
+                "chosen_grades": p.chosen_grades,
+                "rejected_grades": p.rejected_grades,
+            }
+        )  # fmt: skip
+        for p in pairs
+    ]
+    write_atomic(path, ("\n".join(lines) + "\n").encode() if lines else b"")

@@ -161,3 +161,48 @@ def test_the_reward_command_trains_from_jsonl_and_reports_held_out_accuracy(tmp_
     assert json.loads((tmp_path / "rm" / "reward_result.json").read_text())["heldout_accuracy"] == out["heldout_accuracy"]
     bad = subprocess.run([*cmd[:-2], "--data", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def ifeval_items(n: int, ids: tuple = ("punctuation:no_comma", "change_case:english_lowercase"), kwargs: tuple = ({}, {})):
+    from pippin.eval.ifeval import IFEvalItem
+
+    return [IFEvalItem(key=i, prompt=f"say hi {i}", instruction_id_list=list(ids), kwargs=list(kwargs)) for i in range(n)]
+
+
+def test_verified_pairs_let_the_checkers_choose_and_round_trip(tmp_path):
+    from pippin.train.reward import verified_pairs, write_preferences
+
+    replies = {0: ["hello, world", "Hi, There"], 1: ["hello world", "Hi, There"]}  # sample k -> a reply per item
+    pairs = verified_pairs(lambda convs, k: replies[k], ifeval_items(2), samples=2)
+    assert len(pairs) == 1  # item 1: both samples break both rules, no pair
+    p = pairs[0]
+    assert (p.chosen, p.rejected, p.level) == ("hello world", "hello, world", "better")  # 2/2 against 1/2
+    assert p.chosen_grades == {"instruction_following": 2} and p.rejected_grades == {"instruction_following": 1}
+    write_preferences(tmp_path / "p.jsonl", pairs)
+    assert read_preferences(tmp_path / "p.jsonl") == pairs
+    with pytest.raises(PippinError, match="at least 2 samples"):
+        verified_pairs(lambda convs, k: [], ifeval_items(1), samples=1)
+
+
+def test_the_pairs_command_samples_a_model_and_keeps_what_the_checkers_rank(tmp_path):
+    import subprocess
+    import sys
+
+    from pippin.eval.ifeval import check_response
+    from tests.serve.conftest import make_tiny_folder
+
+    folder = make_tiny_folder(tmp_path / "tiny")
+    # The tiny model writes random letters: how many a's it writes varies from sample to sample.
+    items = ifeval_items(8, ("keywords:letter_frequency",), ({"letter": "a", "let_frequency": 4, "let_relation": "at least"},))
+    rows = [{"key": it.key, "prompt": it.prompt, "instruction_id_list": it.instruction_id_list, "kwargs": it.kwargs} for it in items]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "pippin", "reward", "pairs", "--model", str(folder), "--data", str(tmp_path / "items.jsonl")]
+    cmd += ["--out", str(tmp_path / "prefs.jsonl"), "--samples", "4", "--max-new-tokens", "24"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    pairs = read_preferences(tmp_path / "prefs.jsonl")
+    assert pairs, r.stdout
+    by_prompt = {it.prompt: it for it in items}
+    for p in pairs:
+        it = by_prompt[p.messages[0]["content"]]
+        assert sum(check_response(it, p.chosen)) > sum(check_response(it, p.rejected))
