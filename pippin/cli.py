@@ -23,6 +23,7 @@ COMMANDS = {
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
     "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
+    "rl": "Online RL (MDLOO or RLOO) of a model against a verifier or a trained reward model.",
     "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }
 

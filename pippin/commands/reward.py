@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
         max_len=args.max_len, holdout=args.holdout, save_every=args.save_every, seed=args.seed,
     )  # fmt: skip
     rows = encode_pairs(loaded.tokenizer, pairs, max_len=args.max_len)
-    res = train_reward(RewardModel(loaded.model), rows, config, out_dir=args.out)
+    res = train_reward(RewardModel(loaded.model), rows, config, out_dir=args.out, base=str(loaded.path))
     summary = {"steps": res.steps, "resumed_from": res.resumed_from, "heldout_accuracy": res.heldout_accuracy, "n_heldout": res.n_heldout}
     if args.json:
         print(json.dumps(summary))

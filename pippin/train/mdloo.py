@@ -13,10 +13,13 @@ are sums over the response tokens; the prompt is context only.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +83,8 @@ class RLConfig:
     lr: float = 1e-5
     max_new_tokens: int = 64
     temperature: float = 1.0
+    save_every: int = 5
+    """Iterations between checkpoints (with an out_dir): a killed run resumes from the last one."""
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -98,6 +103,7 @@ class RLStats:
 @dataclass(kw_only=True)
 class RLResult:
     history: list[RLStats] = field(default_factory=list)
+    resumed_from: int = 0
 
 
 def train_rl(
@@ -109,28 +115,46 @@ def train_rl(
     *,
     eos_ids: Sequence[int] = (),
     on_iteration: Callable[[RLStats], None] | None = None,
+    out_dir: str | Path | None = None,
 ) -> RLResult:
     """Train `policy` in place; `reference` stays frozen. reward(prompt ids, response ids) -> r, e.g. a verifier or a
-    reward model. Each iteration samples K responses for `prompts_per_iteration` prompts with the current policy."""
+    reward model. Each iteration samples K responses for `prompts_per_iteration` prompts with the current policy.
+    With `out_dir`, the policy and optimizer are checkpointed every `save_every` iterations and a killed run
+    resumes from the last checkpoint (the same config and prompts only)."""
+    from pippin.train.checkpointing import load_state, save_state
+
     if len(prompts) == 0:
         raise PippinError("RL needs at least one prompt.")
     algo = Algo(config.algo)
     reference.eval().requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
-    rng = random.Random(config.seed)
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     result = RLResult()
+    run = {"config": config.to_dict(), "prompts": hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]}
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    if ckpt is not None and (state := load_state(ckpt)) is not None:
+        meta, saved, opt_state = state
+        if meta.get("run") != run:
+            raise PippinError(f"{ckpt} belongs to a different run (config or prompts changed); use another --out.")
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)
+        opt.load_state_dict(opt_state)
+        result.history = [RLStats(**h) for h in meta["history"]]
+        result.resumed_from = meta["step"]
     max_len = max(map(len, prompts)) + config.max_new_tokens
-    for it in range(config.iterations):
+    for it in range(result.resumed_from, config.iterations):
+        rng = random.Random(config.seed * 1_000_003 + it)  # each iteration's prompts from its own seed: a resume is exact
         batch = [prompts[rng.randrange(len(prompts))] for _ in range(config.prompts_per_iteration)]
         policy.eval()
         engine = Engine(policy, max_batch=len(batch), max_len=max_len, kernels=False)
         engine.eos_ids = list(eos_ids)
         responses: list[list[list[int]]] = []  # [prompt][sample]
         for k in range(config.samples):
-            params = SamplingParams(
+            sampling = SamplingParams(
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed * 7919 + it * 131 + k
             )
-            responses.append(engine.generate_ids(batch, params))
+            responses.append(engine.generate_ids(batch, sampling))
         flat_p = [p for p in batch for _ in range(config.samples)]
         flat_r = [responses[k][i] for i in range(len(batch)) for k in range(config.samples)]
         r = torch.tensor([reward(p, y) for p, y in zip(flat_p, flat_r)], dtype=torch.float32)
@@ -152,5 +176,8 @@ def train_rl(
         result.history.append(stats)
         if on_iteration is not None:
             on_iteration(stats)
+        if ckpt is not None and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
+            history = [asdict(h) for h in result.history]
+            save_state(ckpt, step=it + 1, params=params, optimizer=opt, extra={"run": run, "history": history})
     policy.eval()
     return result

@@ -205,10 +205,17 @@ def pair_accuracy(model: RewardModel, rows: list[dict[str, Any]], *, batch_size:
 
 
 def train_reward(
-    model: RewardModel, rows: list[dict[str, Any]], config: RewardConfig, *, out_dir: str | Path, progress: bool = True
+    model: RewardModel,
+    rows: list[dict[str, Any]],
+    config: RewardConfig,
+    *,
+    out_dir: str | Path,
+    base: str | None = None,
+    progress: bool = True,
 ) -> RewardResult:
     """Train on encoded pairs (see encode_pairs); resumable from `out_dir/checkpoint`, the run's config in
-    `out_dir/reward_config.json`, the weights in `out_dir/reward_model.safetensors` when done."""
+    `out_dir/reward_config.json` (with `base`, the base model's path, so `load_reward_model` can rebuild it), the
+    weights in `out_dir/reward_model.safetensors` when done."""
     from safetensors.torch import save as st_save
     from tqdm import tqdm
 
@@ -226,7 +233,7 @@ def train_reward(
     base_params = [p for n, p in model.named_parameters() if n.startswith("base.")]
     opt = torch.optim.AdamW([{"params": base_params, "lr": config.lr}, {"params": head_params, "lr": config.head_lr}], weight_decay=0.0)
     params = dict(model.named_parameters())
-    run = {"config": config.to_dict(), "n_pairs": len(rows)}
+    run = {"config": config.to_dict(), "n_pairs": len(rows), "base": base}
     start, losses = 0, []
     state = load_state(out_dir / "checkpoint")
     if state is not None:
@@ -263,6 +270,31 @@ def train_reward(
     result = RewardResult(steps=config.steps, resumed_from=start, losses=losses, heldout_accuracy=acc, n_heldout=len(held))
     write_json_atomic(out_dir / "reward_result.json", {**run, **asdict(result), "losses": losses[-20:]})
     return result
+
+
+def reward_base(folder: str | Path) -> str:
+    """The base model a finished reward-model run was trained on (its path, from reward_config.json)."""
+    folder = Path(folder)
+    cfg, weights = folder / "reward_config.json", folder / "reward_model.safetensors"
+    if not cfg.is_file() or not weights.is_file():
+        raise PippinError(f"{folder} is not a finished reward-model run (it needs reward_config.json and reward_model.safetensors).")
+    base = json.loads(cfg.read_text()).get("base")
+    if not base:
+        raise PippinError(f"{cfg} does not name its base model; train it again with `pippin reward train`.")
+    return base
+
+
+def load_reward_model(folder: str | Path, base: Transformer) -> RewardModel:
+    """A trained reward model from its run folder over a fresh copy of its base (see reward_base): the saved weights
+    are safetensors, never a pickle."""
+    from safetensors.torch import load_file
+
+    model = RewardModel(base)
+    try:
+        model.load_state_dict(load_file(Path(folder) / "reward_model.safetensors"))
+    except (RuntimeError, OSError) as e:
+        raise PippinError(f"{folder}: the reward model's weights do not fit this base ({e}).") from None
+    return model.eval()
 
 
 def level_for(gap: float) -> str:
