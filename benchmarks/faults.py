@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import PROMPTS, cpu_name, free_port, kernel_variant, rss_mb  # noqa: E402 - the sibling benchmark
+from serving import PROMPTS, cpu_name, kernel_variant, rss_mb, start_server  # noqa: E402 - the sibling benchmark
 
 
 async def client(url: str, k: int, until: float, max_tokens: int, out: list) -> None:
@@ -122,18 +121,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "pippin", "serve", "--model", f"bench={os.path.expanduser(args.model)}"]
-    cmd += ["--port", str(port), "--threads", str(args.threads), "--max-batch", "16", "--max-queue", "64", "--max-len", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    url = f"http://127.0.0.1:{port}"
+    model = f"bench={os.path.expanduser(args.model)}"
+    proc, url = start_server(["--model", model, "--threads", str(args.threads), "--max-batch", "16", "--max-len", "1024"])
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         result = asyncio.run(run(url, args, proc.pid))
     finally:
         proc.terminate()

@@ -42,6 +42,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """`pippin serve FLAGS` on a free loopback port (queue 64), once /health answers: the process and its URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pippin", "serve", "--port", str(port), "--max-queue", "64", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return proc, url
+
+
 def kernel_variant() -> str:
     from pippin.kernels import variant
 
@@ -264,18 +279,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=0, help="rounds of one streamed request against `pippin generate` (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "pippin", "serve", "--model", f"bench={args.model}", "--port", str(port)]
-    cmd += ["--threads", str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", "64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(["--model", f"bench={args.model}", "--threads", str(args.threads), "--max-batch", str(args.max_batch)])
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"].startswith("bench")]
         print(f"models: {models}", file=sys.stderr)
         single = single_stream(url, args) if args.single else None

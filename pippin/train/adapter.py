@@ -33,7 +33,7 @@ from pippin.adapters.lora import LoraConfig, apply_lora, base_fingerprint, lora_
 from pippin.adapters.peft_format import adapter_from_model, check_compatible, load_adapter, save_adapter
 from pippin.errors import PippinError
 from pippin.io import write_atomic, write_json_atomic
-from pippin.train.checkpointing import STATE_JSON, load_state, save_state
+from pippin.train.checkpointing import STATE_JSON, resume, save_state
 from pippin.train.data import Example, collate
 from pippin.train.losses import masked_kl
 from pippin.train.recovery import residual_factors
@@ -190,17 +190,7 @@ def train_adapter(
         _enable_grad_checkpointing(model)
     run_hash = _run_hash(config, examples, fingerprint)
     start, losses = 0, []
-    resumed = load_state(ckpt)
-    if resumed is not None:
-        st_meta, saved, opt_state = resumed
-        if st_meta.get("run_hash") != run_hash:
-            raise PippinError(f"{ckpt} belongs to a different run (config, data or base changed); use a new --out or delete it.")
-        if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
-            raise PippinError(f"{ckpt} does not hold this run's adapter tensors; delete it to start over.")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(saved[k])
-        opt.load_state_dict(opt_state)
+    if (st_meta := resume(ckpt, run=run_hash, params=params, optimizer=opt, key="run_hash")) is not None:
         start, losses = int(st_meta["step"]), list(st_meta.get("losses", []))
     write_json_atomic(out / "train_config.json", {"name": name, "run_hash": run_hash, "n_examples": len(examples), **config.to_dict()})
     model.train()

@@ -71,3 +71,24 @@ def load_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     for pid, sc in meta.get("opt_scalars", {}).items():
         state.setdefault(int(pid), {}).update(sc)
     return meta, params, {"state": state, "param_groups": meta["param_groups"]}
+
+
+def resume(
+    folder: str | Path, *, run: Any, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, key: str = "run"
+) -> dict[str, Any] | None:
+    """Restore `params` and the optimizer in place from the last checkpoint in `folder`, saved with `extra={key: run,
+    ...}`; its meta (step and extras), or None when there is none. A checkpoint of another run (another config, data
+    or base: `run` differs) or with other tensors is refused."""
+    state = load_state(folder)
+    if state is None:
+        return None
+    meta, saved, opt_state = state
+    if meta.get(key) != run:
+        raise PippinError(f"{folder} belongs to a different run (config, data or base changed); use another output folder or delete it.")
+    if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
+        raise PippinError(f"{folder} does not hold this run's tensors; delete it to start over.")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+    optimizer.load_state_dict(opt_state)
+    return meta

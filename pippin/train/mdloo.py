@@ -121,7 +121,7 @@ def train_rl(
     reward model. Each iteration samples K responses for `prompts_per_iteration` prompts with the current policy.
     With `out_dir`, the policy and optimizer are checkpointed every `save_every` iterations and a killed run
     resumes from the last checkpoint (the same config and prompts only)."""
-    from pippin.train.checkpointing import load_state, save_state
+    from pippin.train.checkpointing import resume, save_state
 
     if len(prompts) == 0:
         raise PippinError("RL needs at least one prompt.")
@@ -132,14 +132,7 @@ def train_rl(
     result = RLResult()
     run = {"config": config.to_dict(), "prompts": hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]}
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
-    if ckpt is not None and (state := load_state(ckpt)) is not None:
-        meta, saved, opt_state = state
-        if meta.get("run") != run:
-            raise PippinError(f"{ckpt} belongs to a different run (config or prompts changed); use another --out.")
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
-        opt.load_state_dict(opt_state)
+    if ckpt is not None and (meta := resume(ckpt, run=run, params=params, optimizer=opt)) is not None:
         result.history = [RLStats(**h) for h in meta["history"]]
         result.resumed_from = meta["step"]
     max_len = max(map(len, prompts)) + config.max_new_tokens

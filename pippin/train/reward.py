@@ -220,7 +220,7 @@ def train_reward(
     from tqdm import tqdm
 
     from pippin.io import write_atomic, write_json_atomic
-    from pippin.train.checkpointing import load_state, save_state
+    from pippin.train.checkpointing import resume, save_state
 
     out_dir = Path(out_dir)
     order = list(range(len(rows)))
@@ -235,15 +235,7 @@ def train_reward(
     params = dict(model.named_parameters())
     run = {"config": config.to_dict(), "n_pairs": len(rows), "base": base}
     start, losses = 0, []
-    state = load_state(out_dir / "checkpoint")
-    if state is not None:
-        meta, saved, opt_state = state
-        if meta.get("run") != run:
-            raise PippinError(f"{out_dir / 'checkpoint'} belongs to a different run (config or data changed); use another --out.")
-        with torch.no_grad():
-            for k, v in saved.items():
-                params[k].copy_(v)
-        opt.load_state_dict(opt_state)
+    if (meta := resume(out_dir / "checkpoint", run=run, params=params, optimizer=opt)) is not None:
         start, losses = meta["step"], list(meta["losses"])
     write_json_atomic(out_dir / "reward_config.json", run)  # the run's settings, next to its checkpoint and weights
     model.train()
