@@ -21,13 +21,12 @@ import os
 import random
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import PROMPTS, cpu_name, kernel_variant, rss_mb, start_server  # noqa: E402 - the sibling benchmark
+from serving import PROMPTS, rss_mb, run_header, start_server  # noqa: E402 - the sibling benchmark
 
 
 async def client(url: str, k: int, until: float, max_tokens: int, out: list) -> None:
@@ -128,14 +127,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    report = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(sys.argv),
-        "cpu": cpu_name(),
-        "kernels": kernel_variant(),
-        "threads": args.threads,
-        **result,
-    }
+    report = {**run_header(args.threads), **result}
     print(json.dumps({k: v for k, v in report.items() if k != "rss_mb_samples"}, indent=2, default=str))
     if args.out:
         from pippin.io import write_json_atomic

@@ -57,6 +57,17 @@ def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def run_header(threads: int) -> dict:
+    """What every benchmark report starts with: when, the command, the CPU, the kernel variant and the threads."""
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(sys.argv),
+        "cpu": cpu_name(),
+        "kernels": kernel_variant(),
+        "threads": threads,
+    }
+
+
 def kernel_variant() -> str:
     from pippin.kernels import variant
 
@@ -296,11 +307,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     report = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(sys.argv),
-        "cpu": cpu_name(),
-        "kernels": kernel_variant(),
-        "threads": args.threads,
+        **run_header(args.threads),
         "models": models,
         "single_stream": single,
         "runs": runs,

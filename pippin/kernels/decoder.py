@@ -102,8 +102,7 @@ class FusedDecoder:
             attn.n_heads, attn.n_kv_heads, layers[0].input_layernorm.eps,
             [b and b[0] for b, _ in banks], [b and b[1] for b, _ in banks], [b and b[2] for b, _ in banks],
         )  # fmt: skip
-        wrappers = [m for b in layers for owner, name in _PROJ for m in [getattr(b, owner)._modules[name]] if _split_lora(m)[2]]
-        routing = wrappers[0].routing if wrappers else None
+        routing = next((m.routing for m in model.modules() if _split_lora(m)[2]), None)
         routes = plan.routes_adapters() and all(bank is not None for bank, is_lora in banks if is_lora)
         return cls(model, plan, routing=routing, routes=routes)
 

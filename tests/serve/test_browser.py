@@ -7,8 +7,10 @@ under CI (`CI` set), where `.ci/run` installs Debian's chromium and a missing br
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,6 +30,21 @@ COUNT_UPDATES = """() => {
 }"""
 
 
+@contextlib.contextmanager
+def playground(url: str) -> Iterator[tuple[object, list[str]]]:
+    """The page at `url` in headless chromium, and the page errors it raises (a test asserts there are none)."""
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            yield page, errors
+        finally:
+            browser.close()
+
+
 def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
     import time
 
@@ -39,29 +56,21 @@ def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
         step()
 
     monkeypatch.setattr(sched, "step", slow_step)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(live.url + "/")
-            page.wait_for_selector('#model option[value="tiny:polite"]', state="attached")
-            page.select_option("#model", "tiny:polite")
-            page.fill("#temperature", "0")
-            page.fill("#max_tokens", "40")
-            page.evaluate(COUNT_UPDATES)
-            page.fill("#input", "hello there")
-            page.click("#send")
-            page.wait_for_selector(".msg.user")
-            page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
-            reply = page.inner_text(".msg.assistant .body")
-            updates = page.evaluate("window.__updates")
-            ttft = page.inner_text("#ttft")
-            toks = page.inner_text("#toks")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with playground(live.url) as (page, errors):
+        page.wait_for_selector('#model option[value="tiny:polite"]', state="attached")
+        page.select_option("#model", "tiny:polite")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "40")
+        page.evaluate(COUNT_UPDATES)
+        page.fill("#input", "hello there")
+        page.click("#send")
+        page.wait_for_selector(".msg.user")
+        page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
+        reply = page.inner_text(".msg.assistant .body")
+        updates = page.evaluate("window.__updates")
+        ttft = page.inner_text("#ttft")
+        toks = page.inner_text("#toks")
+        assert not errors, errors
     want = httpx.post(
         live.api + "/chat/completions",
         json={"model": "tiny:polite", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 40, "temperature": 0},
@@ -79,24 +88,16 @@ def test_playground_asks_for_the_api_key_and_then_chats(tiny_dir):
 
     srv = start_server(tiny_config(api_key="playground-key"), [str(tiny_dir)])
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
-            try:
-                page = browser.new_page()
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(srv.url + "/")
-                page.wait_for_function("document.getElementById('status').textContent.includes('API key')")
-                page.fill("#api_key", "playground-key")
-                page.dispatch_event("#api_key", "change")
-                page.wait_for_selector('#model option[value="tiny"]', state="attached")
-                page.fill("#max_tokens", "8")
-                page.fill("#input", "hello")
-                page.click("#send")
-                page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
-                assert page.inner_text(".msg.assistant .body")
-                assert not errors, errors
-            finally:
-                browser.close()
+        with playground(srv.url) as (page, errors):
+            page.wait_for_function("document.getElementById('status').textContent.includes('API key')")
+            page.fill("#api_key", "playground-key")
+            page.dispatch_event("#api_key", "change")
+            page.wait_for_selector('#model option[value="tiny"]', state="attached")
+            page.fill("#max_tokens", "8")
+            page.fill("#input", "hello")
+            page.click("#send")
+            page.wait_for_function("document.getElementById('finish').textContent === 'length'", timeout=20000)
+            assert page.inner_text(".msg.assistant .body")
+            assert not errors, errors
     finally:
         srv.stop()
