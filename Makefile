@@ -44,10 +44,12 @@ SERVE_MODEL ?= $(QDIR)/smollm2-135m-instruct-6bit
 compressed: model
 	@test -f $(call done,$(SERVE_MODEL)) || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bits 6 --bpw 8 --act8 --out $(SERVE_MODEL)
 
-# AFM's budget: 3.5 bpw with a 4-bit LUT embedding (row-scaled), the base the adapters are trained on (~10 min once).
-BASE35      ?= $(QDIR)/smollm2-135m-instruct-3.5bpw
+# AFM's budget: 3.5 bpw with a 4-bit LUT embedding (row-scaled), Hadamard rotations folded into the weights and
+# GPTQ's sequential order: the base the adapters are trained on (~15 min once).
+BASE35      ?= $(QDIR)/smollm2-135m-instruct-3.5bpw-rot
 compressed-3.5: model
-	@test -f $(call done,$(BASE35)) || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --act8 --out $(BASE35)
+	@test -f $(call done,$(BASE35)) || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --bpw 3.5 --embed-bits 4 --rotate --sequential \
+	  --act8 --out $(BASE35)
 
 # The main job: serve the gate-passing compressed model (first, the default) and the full-precision one over an
 # OpenAI-compatible API with a web playground; the server prints each model's fidelity to full precision.

@@ -8,8 +8,12 @@ full precision's greedy reply, 128 tokens). No act8: the weights alone. docs/ben
 
   python benchmarks/fidelity_ablation.py emb8 emb6 emb4 emb4-ef emb4-rows emb4-rows-ef linears=plan.json uniform=4
 
-Variants: embN (int8 rows for N=8, an N-bit LUT otherwise; no error feedback, no row scales), emb4-ef, emb4-rows,
-emb4-rows-ef (the default now), linears=PLAN (a plan.json, e.g. the 3.5 bpw model's), uniform=B (every linear at B bits).
+Variants: bpw=X (the whole model at X bpw with a row-scaled 4-bit embedding, as `make compressed-3.5`), embN (int8
+rows for N=8, an N-bit LUT otherwise; no error feedback, no row scales), emb4-ef, emb4-rows, emb4-rows-ef (the default
+now), linears=PLAN (a plan.json, e.g. the 3.5 bpw model's), uniform=B (every linear at B bits). Options as suffixes:
++rot folds the rotations of `pippin.quant.rotate` into the weights first, +seq quantizes block by block on the
+quantized model's inputs, +gN gives each N rows one LUT (16 by default). llama=TYPE (Q4_0, Q3_K_M, F32...) scores
+llama.cpp's own quantization of the shipped model through llama-cpp-python (`make bench-setup`) on the same sample.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,16 +37,44 @@ from pippin.quant.compress import TARGETS, CompressConfig, compress_
 
 
 def variant_config(name: str, linears: list[str]) -> CompressConfig:
+    name, *options = name.split("+")
+    extra = {"rotate": "rot" in options}
+    for o in options:
+        if o.startswith("g"):
+            extra["group_size"] = int(o[1:])
+        elif o == "seq":
+            extra["sequential"] = True
     kind, _, arg = name.partition("=")
+    if kind == "bpw":  # the whole model under a budget, as `make compressed-3.5` builds it
+        return CompressConfig(bpw=float(arg), embed_bits=4, **extra)
     if kind == "linears":
-        return CompressConfig(plan=json.loads(Path(arg).read_text())["plan"], embed_bits=8)
+        return CompressConfig(plan=json.loads(Path(arg).read_text())["plan"], embed_bits=8, **extra)
     if kind == "uniform":
-        return CompressConfig(plan={n: int(arg) for n in linears}, embed_bits=8)
+        return CompressConfig(plan={n: int(arg) for n in linears}, embed_bits=8, **extra)
     bits = int(kind[3])  # embN...
     rows, ef = "rows" in kind, kind.endswith("-ef")
     # 32 calibration windows for the input statistics either way (error feedback's default), so that the k-means
     # importance is the same with and without it.
-    return CompressConfig(plan={}, embed_bits=bits, embed_row_scale=rows, error_feedback=ef, n_seqs=32)
+    return CompressConfig(plan={}, embed_bits=bits, embed_row_scale=rows, error_feedback=ef, n_seqs=32, **extra)
+
+
+def llama_forward(ftype: str, workdir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """llama.cpp's quantization of the shipped model (made by its own quantizer, as benchmarks/compression.py does) as
+    a forward(ids (1, T)) -> logits (1, T, V) through llama-cpp-python, and its bpw (file size over parameters)."""
+    import llama_cpp
+    import numpy as np
+    from compression import N_PARAMS, make_llama_variants
+
+    path = make_llama_variants([ftype], workdir)[ftype]
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1024, logits_all=True, n_threads=2, verbose=False)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        ids = x[0].tolist()
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32)).unsqueeze(0)
+
+    return forward, path.stat().st_size * 8 / N_PARAMS
 
 
 def main() -> None:
@@ -65,15 +99,19 @@ def main() -> None:
     with torch.no_grad():
         full = {d: perplexity(ref, w) for d, w in windows.items()}
     results = {"full": {"ppl": full}}
+    tmp = tempfile.TemporaryDirectory()
     print("full: " + " ".join(f"{d} {p:.2f}" for d, p in full.items()))
     for name in args.variants:
-        model = copy.deepcopy(ref)
         t = time.time()
-        report = compress_(model, calib, variant_config(name, linears))
+        if name.startswith("llama="):
+            model, bpw = llama_forward(name.removeprefix("llama="), Path(tmp.name))
+        else:
+            model = copy.deepcopy(ref)
+            bpw = compress_(model, calib, variant_config(name, linears)).bpw
         with torch.no_grad():
             ppl = {d: perplexity(model, w) for d, w in windows.items()}
             (a,) = agreement(ref, [model], transcripts)
-        results[name] = {"bpw": report.bpw, "ppl": ppl, "ratio": {d: ppl[d] / full[d] for d in DOMAINS}, "kl": a.kl, "top1": a.top1}
+        results[name] = {"bpw": bpw, "ppl": ppl, "ratio": {d: ppl[d] / full[d] for d in DOMAINS}, "kl": a.kl, "top1": a.top1}
         ratios = " ".join(f"{d} {ppl[d] / full[d]:.2f}x" for d in DOMAINS)
         print(f"{name}: {ratios}  KL {a.kl:.4f}  top-1 {a.top1:.1f} %  ({time.time() - t:.0f} s)", flush=True)
     if args.out:

@@ -34,7 +34,7 @@ from pippin.quant.compress import set_act8_
 from pippin.quant.linear import PalettizedLinear
 from pippin.quant.palettize import fit_palette
 
-MODEL = "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw"
+MODEL = "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw-rot"
 
 
 def median_ms(fn, n: int = 50) -> float:  # noqa: ANN001

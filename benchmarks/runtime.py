@@ -192,7 +192,7 @@ def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
     return run_prefill, run_decode, path.stat().st_size
 
 
-COMPRESSED = os.environ.get("PIPPIN_BENCH_COMPRESSED", "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw")
+COMPRESSED = os.environ.get("PIPPIN_BENCH_COMPRESSED", "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw-rot")
 """The 3.5 bpw checkpoint (`make compressed-3.5`); the 4-bit one is `make bench-models`' bench-4bit."""
 SERVED = os.environ.get("PIPPIN_BENCH_SERVED", "~/.cache/pippin/models/smollm2-135m-instruct-6bit")
 """What `make run` serves (`make compressed`): 6-bit LUTs on every linear, the int8 embedding (6.5 bpw)."""

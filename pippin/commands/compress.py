@@ -1,6 +1,8 @@
 """`pippin compress MODEL --bpw 3.5 --calib FILE`: palettize to a bit budget and save the compressed model.
 
-Indices are chosen with GPTQ-style error feedback on the calibration inputs unless `--no-error-feedback`.
+Indices are chosen with GPTQ-style error feedback on the calibration inputs unless `--no-error-feedback`;
+`--rotate` folds Hadamard rotations into the weights first, `--sequential` fits each block on the inputs of the
+model as already quantized.
 Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
 next to the checkpoint; `--plan plan.json` applies an edited plan instead of allocating.
 """
@@ -34,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="round each weight to its nearest LUT entry instead of GPTQ-style error feedback",
     )
+    p.add_argument("--rotate", action="store_true", help="fold randomized Hadamard rotations into the weights first (QuaRot)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotations' random signs")
+    p.add_argument(
+        "--sequential", action="store_true", help="quantize block by block on the inputs of the model as already quantized (GPTQ)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
     p.add_argument(
         "--no-fidelity",
@@ -61,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         n_seqs=args.calib_seqs,
         hessian_seqs=args.hessian_seqs,
         error_feedback=args.error_feedback,
+        rotate=args.rotate,
+        rotate_seed=args.rotate_seed,
+        sequential=args.sequential,
         act8=args.act8,
         kv8=args.kv8,
     )

@@ -7,13 +7,15 @@
 - `fisher_diagonal`: the mean squared gradient of the LM loss per weight (SqueezeLLM, HAWQ). Summed
   against a layer's squared quantization error it estimates how much that layer alone, at those bits,
   raises the loss (second-order Taylor), which is what the bit allocator minimises.
-Both run on any nn.Module whose linears are nn.Linear; the model is called as model(tokens).
+- `sequential_second_moments`: the same E[x x^T], block by block on the model as the caller quantizes it (GPTQ).
+The first three run on any nn.Module whose linears are nn.Linear; the model is called as model(tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -150,3 +152,62 @@ def input_second_moments(
     for h in sums.values():
         h /= sum(seq.numel() for seq in sequences)
     return {n: sums[leader_of[n]] for n in names}  # followers share their leader's tensor
+
+
+BLOCK_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+"""The linears of a block in the order they run, grouped by the tensor they read."""
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has its input: the rest of the block need not run."""
+
+
+@torch.no_grad()
+def sequential_second_moments(
+    model: nn.Module, sequences: torch.Tensor, *, head: str | None = None, chunk: int = 4, progress: bool = False
+) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
+    """Yield (names, H = E[x x^T]) for each group of linears that read one tensor, block by block in model order, then
+    for the module named `head` (the head's input). Each H is measured on the model as it is when it is asked for:
+    the caller quantizes the named modules before taking the next group, so later layers see the error of earlier
+    ones and their quantization corrects it (GPTQ's sequential order). sequences: (n, T) calibration tokens.
+
+    Needs the Llama layout (`embed_tokens`, `layers[i]` called as block(x, cos, sin, cache, mask), `head`); the
+    block's hidden states are kept (n * T * dim floats) instead of rerunning the prefix."""
+    T = sequences.shape[1]
+    cos, sin = model.rope_cos[:T][None, None], model.rope_sin[:T][None, None]
+    xs = [model.embed_tokens(sequences[i : i + chunk]) for i in range(0, len(sequences), chunk)]
+    n_tokens = sequences.numel()
+
+    def moment(module: nn.Module, run) -> torch.Tensor:  # noqa: ANN001 - run(x) drives the forward to the module
+        acc: list[torch.Tensor] = []
+
+        def hook(mod, inp, out) -> None:  # noqa: ANN001
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            xx = (x.T @ x).double()
+            if acc:
+                acc[0] += xx
+            else:
+                acc.append(xx)
+            raise _Stop
+
+        handle = module.register_forward_hook(hook)
+        try:
+            for x in xs:
+                with contextlib.suppress(_Stop):
+                    run(x)
+        finally:
+            handle.remove()
+        return acc[0] / n_tokens
+
+    for i, block in enumerate(tqdm(model.layers, desc="sequential", disable=not progress)):
+        for group in BLOCK_GROUPS:
+            H = moment(block.get_submodule(group[0]), lambda x, b=block: b(x, cos, sin, None, None))
+            yield tuple(f"layers.{i}.{g}" for g in group), H
+        xs = [block(x, cos, sin, None, None) for x in xs]
+    if head is not None:
+        yield (head,), moment(model.get_submodule(head), model.head)

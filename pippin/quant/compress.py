@@ -1,8 +1,9 @@
 """Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits (or a LUT).
 
-`compress_(model, tokenizer, calib_text, config)` measures calibration statistics, fits LUTs for every
-candidate bit width (k-means, then GPTQ-style error feedback choosing the indices), allocates bits to hit
-the budget at least estimated loss (or takes a given plan), and swaps the modules in place.
+`compress_(model, calib_tokens, config)` optionally folds rotations into the weights (`pippin.quant.rotate`),
+measures calibration statistics, fits LUTs for every candidate bit width (k-means, then GPTQ-style error feedback
+choosing the indices), allocates bits to hit the budget at least estimated loss (or takes a given plan), and swaps
+the modules in place, optionally block by block on the quantized model's own inputs (GPTQ's sequential order).
 `apply_structure_` rebuilds the same module layout empty (on the meta device) so a compressed checkpoint
 loads without any k-means. Every stored byte counts in the bpw.
 Acts on module names and nn.Linear / nn.Embedding only; never imports the model.
@@ -21,10 +22,17 @@ from tqdm import tqdm
 
 from pippin.errors import PippinError
 from pippin.quant.allocate import LayerChoice, allocate
-from pippin.quant.calibrate import calibration_batches, fisher_diagonal, input_moments, input_second_moments
+from pippin.quant.calibrate import (
+    calibration_batches,
+    fisher_diagonal,
+    input_moments,
+    input_second_moments,
+    sequential_second_moments,
+)
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
 from pippin.quant.pack import SUPPORTED_BITS, pack
 from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
+from pippin.quant.rotate import RotatedHead, rotate_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,6 +63,15 @@ class CompressConfig:
     k-means ones); off = nearest LUT entry. Also makes the allocator's cost the layer's output error."""
     hessian_seqs: int = 32
     """Calibration windows for the input second moments that error feedback uses (forward only, so cheap)."""
+    rotate: bool = False
+    """Fold randomized Hadamard rotations of the residual stream and of each value head into the weights first
+    (`pippin.quant.rotate`): the same function, with outliers spread over all channels."""
+    rotate_seed: int = 0
+    """Seed of the rotations' random signs."""
+    sequential: bool = False
+    """Quantize block by block, each layer's LUTs and indices fitted to its inputs on the model as already quantized
+    (GPTQ's order; needs error_feedback): later layers correct the error of earlier ones. The bit plan is still
+    allocated on full-precision statistics."""
 
 
 @dataclass(kw_only=True)
@@ -124,20 +141,27 @@ def compress_(
     if config.embed_bits not in (4, 6, 8):
         raise PippinError(f"embed_bits must be 4, 6 or 8, got {config.embed_bits}.")
     plan = validate_plan(model, config.plan) if config.plan is not None else None
+    if config.sequential and not config.error_feedback:
+        raise PippinError("Sequential quantization is GPTQ's: it needs error_feedback.")
+    if config.rotate:
+        rotate_(model, seed=config.rotate_seed)
+        modules = dict(model.named_modules())
     n_seqs = max(config.n_seqs, config.hessian_seqs if config.error_feedback else 0)
     batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=n_seqs)
     fisher_batches = batches[: config.n_seqs]
     embed = getattr(model, "embed_tokens", None)
-    lut_embed = isinstance(embed, nn.Embedding) and config.embed_bits < 8 and getattr(model.lm_head, "_embedding", None) is embed
+    head_name = "lm_head.head" if isinstance(model.lm_head, RotatedHead) else "lm_head"
+    lut_embed = isinstance(embed, nn.Embedding) and config.embed_bits < 8 and _tied_embedding(model) is embed
     if isinstance(embed, nn.Embedding) and config.embed_bits < 8 and not lut_embed:
         raise PippinError("A palettized embedding needs a tied model (the embedding doubles as the head); use embed_bits=8.")
     # The head's input statistics weight the embedding's LUT fit (its rows are the head's output channels).
-    stat_names = names + (["lm_head"] if lut_embed else [])
+    stat_names = names + ([head_name] if lut_embed else [])
     hessians: dict[str, torch.Tensor] = {}
-    if config.error_feedback:
+    moments: dict[str, torch.Tensor] = {}
+    if config.error_feedback and not (config.sequential and plan is not None):
         hessians = input_second_moments(model, list(batches), stat_names, progress=progress)
         moments = {n: h.diagonal().float() for n, h in hessians.items()}
-    else:
+    elif not config.error_feedback:
         moments = input_moments(model, batches, stat_names, progress=progress)
     palettes: dict[tuple[str, int], Palette] = {}
 
@@ -147,6 +171,19 @@ def compress_(
             p = fit_palette(w, bits=bits, group_size=config.group_size, importance=moments[name])
             palettes[name, bits] = error_feedback(w, p, hessians[name]) if config.error_feedback else p
         return palettes[name, bits]
+
+    def palettize(name: str) -> None:
+        """Swap in the palettized layer of the plan's width, and report its errors."""
+        w = modules[name].weight.detach()
+        p = palette(name, plan[name])
+        row = {"name": name, "bits": plan[name], "rel_error": float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())}
+        if config.error_feedback:
+            H = hessians[name]
+            row["rel_output_error"] = float(output_error(w, p, H).sum() / ((w.double() @ H.double()) * w.double()).sum())
+        new = PalettizedLinear.from_palette(p)
+        new.act8 = config.act8
+        _set_module(model, name, new)
+        layers.append(row)
 
     def cost(name: str, bits: int, fisher: torch.Tensor) -> float:
         """Estimated loss increase: the Fisher-weighted squared weight error, or with error feedback each row's output
@@ -177,24 +214,25 @@ def compress_(
         embed_params = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
         fixed = embed_bits + (n_params - linear_params - embed_params) * 32  # norms (and anything else) stay fp32
         plan = allocate(choices, budget_bits=config.bpw * n_params, fixed_bits=fixed)
-    layers = []
-    for name in tqdm(names, desc="palettize", disable=not progress):
-        if name not in plan:
-            continue  # a partial plan leaves the rest dense
-        w = modules[name].weight.detach()
-        p = palette(name, plan[name])
-        row = {"name": name, "bits": plan[name], "rel_error": float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())}
-        if config.error_feedback:
-            H = hessians[name]
-            row["rel_output_error"] = float(output_error(w, p, H).sum() / ((w.double() @ H.double()) * w.double()).sum())
-        new = PalettizedLinear.from_palette(p)
-        new.act8 = config.act8
-        _set_module(model, name, new)
-        layers.append(row)
+    layers: list[dict[str, Any]] = []
+    if config.sequential:
+        # Re-measure each group's inputs on the model quantized so far; the palettes fitted for allocation are stale.
+        palettes.clear()
+        stats = sequential_second_moments(model, batches, head=head_name if lut_embed else None, progress=progress)
+        for group, H in stats:
+            for name in group:
+                hessians[name], moments[name] = H, H.diagonal().float()
+                if name in plan:
+                    palettize(name)
+    else:
+        for name in tqdm(names, desc="palettize", disable=not progress):
+            if name in plan:  # a partial plan leaves the rest dense
+                palettize(name)
     if lut_embed:
-        model.embed_tokens, model.lm_head = _palettize_embedding(
-            embed.weight.detach(), config, moments["lm_head"], hessians.get("lm_head") if config.error_feedback else None
+        model.embed_tokens, head = _palettize_embedding(
+            embed.weight.detach(), config, moments[head_name], hessians.get(head_name) if config.error_feedback else None
         )
+        _set_head(model, head)
     elif isinstance(embed, nn.Embedding):
         _quantize_embedding_(model, act8=config.act8)
     linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
@@ -246,13 +284,27 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _tied_embedding(model: nn.Module) -> nn.Module | None:
+    """The embedding the head reads, if the model is tied (looking through a `RotatedHead`)."""
+    head = model.lm_head.head if isinstance(model.lm_head, RotatedHead) else model.lm_head
+    return getattr(head, "_embedding", None)
+
+
+def _set_head(model: nn.Module, head: nn.Module) -> None:
+    """Replace the tied head, keeping a `RotatedHead` in front of it."""
+    if isinstance(model.lm_head, RotatedHead):
+        model.lm_head.head = head
+    else:
+        model.lm_head = head
+
+
 def _quantize_embedding_(model: nn.Module, *, act8: bool = False) -> None:
     """Tied embedding -> int8 rows + scales, used both for lookup and (through Int8TiedHead) as the head."""
-    tied = getattr(model.lm_head, "_embedding", None) is model.embed_tokens
+    tied = _tied_embedding(model) is model.embed_tokens
     q = Int8Embedding.from_float(model.embed_tokens.weight.detach())
     model.embed_tokens = q
     if tied:
-        model.lm_head = Int8TiedHead(q, act8=act8)
+        _set_head(model, Int8TiedHead(q, act8=act8))
 
 
 def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[str, Any]:
@@ -266,6 +318,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "act8": config.act8,
         "kv8": config.kv8,
         "error_feedback": config.error_feedback,
+        "rotation": {"method": "hadamard", "seed": config.rotate_seed} if config.rotate else None,
         "bpw": report.bpw,
     }
 
@@ -275,6 +328,9 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
     if meta.get("method") != "palettize":
         raise PippinError(f"Unknown quantization method {meta.get('method')!r} in this checkpoint.")
     plan = validate_plan(model, meta["plan"])
+    rot = meta.get("rotation")
+    if rot is not None and (not isinstance(rot, dict) or rot.get("method") != "hadamard"):
+        raise PippinError(f"Unknown rotation {rot!r} in this checkpoint's quantization record.")
     modules = dict(model.named_modules())
     for name, bits in plan.items():
         lin = modules[name]
@@ -299,3 +355,5 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
         model.embed_tokens = q
         if tied:
             model.lm_head = Int8TiedHead(q, act8=bool(meta.get("act8")))
+    if rot is not None:
+        model.lm_head = RotatedHead(model.config.dim, model.lm_head)

@@ -1,0 +1,141 @@
+"""Incoherence processing: orthogonal rotations folded into the weights before quantization (QuaRot, SpinQuant R1/R2).
+
+Every RMSNorm's weight is first folded into the linears that read it; the norm then commutes with any orthogonal map,
+so the residual stream can live in a rotated basis (R1: the embedding's rows and every linear that reads or writes the
+stream are rotated), and each value head in another (R2: v_proj's rows and o_proj's columns). The model computes the
+same function, but outlier channels are spread over all channels, which is what a LUT per group of rows and 8-bit
+activations need. The rotations are randomized Hadamard matrices (QuaRot): exact ±1 entries, so the same seed gives the
+same weights on any machine. The tied head is the one place that pays at run time: the final norm's weight cannot be
+folded into an embedding that is also the input, so `RotatedHead` maps the head's input back through
+M = R^T diag(gamma) R, one dim x dim matmul per token (0.3 % of this model's decode work).
+Acts on Hugging Face module names (`layers.{i}.self_attn.q_proj`, ...); never imports the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pippin.errors import PippinError
+
+
+def _paley(q: int) -> torch.Tensor:
+    """A Hadamard matrix of order q + 1 for a prime q = 3 mod 4 (Paley's first construction), float64 of ±1."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in residues else -1.0 for i in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    jac = chi[(idx[None, :] - idx[:, None]) % q]  # Jacobsthal matrix Q[i, j] = chi(j - i)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, jac
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """An n x n matrix of ±1 (float64) with H H^T = n I, for n = 2^a * 12^b (Sylvester and Paley blocks)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    m = n
+    while m % 12 == 0:
+        h, m = torch.kron(h, _paley(11)), m // 12
+    while m > 1 and m % 2 == 0:
+        h, m = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)), m // 2
+    if m != 1:
+        raise PippinError(f"No Hadamard matrix of order {n} is built in (orders 2^a * 12^b are); this width cannot be rotated.")
+    return h
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """n random ±1 (int8), the same for the same seed everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int8) * 2 - 1).to(torch.int8)
+
+
+def rotation(signs: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R = diag(signs) H / sqrt(n) (float64); a row vector x goes to x R."""
+    n = signs.numel()
+    return signs.double()[:, None] * hadamard(n) / math.sqrt(n)
+
+
+class RotatedHead(nn.Module):
+    """The head of a model whose residual stream is rotated: maps the (weightless) final norm's output back through
+    M = R^T diag(gamma) R, then runs the tied head (which reads the rotated embedding) on it. Stores gamma and the
+    signs that define R; M is rebuilt from them."""
+
+    def __init__(self, dim: int, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("gamma", torch.ones(dim))
+        self.register_buffer("signs", torch.ones(dim, dtype=torch.int8))
+        self.register_buffer("mix", torch.eye(dim), persistent=False)
+
+    def rebuild(self) -> None:
+        """Recompute M from gamma and signs (after they are set or loaded)."""
+        r = rotation(self.signs)
+        self.mix = (r.T @ (self.gamma.double()[:, None] * r)).float()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module's hook signature
+        super()._load_from_state_dict(*args, **kwargs)
+        self.rebuild()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x @ self.mix)  # M is symmetric
+
+
+def _fold_norm_(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """W <- W diag(gamma) for each linear that reads the norm's output; the norm's weight becomes 1."""
+    g = norm.weight.detach().double()
+    for lin in readers:
+        lin.weight.data = (lin.weight.detach().double() * g).to(lin.weight.dtype)
+    norm.weight.data.fill_(1.0)
+
+
+def _rotate_input_(lin: nn.Linear, r: torch.Tensor) -> None:
+    """A linear that reads the rotated stream x R: W <- W R, so that (x R)(W R)^T = x W^T."""
+    lin.weight.data = (lin.weight.detach().double() @ r).to(lin.weight.dtype)
+
+
+def _rotate_output_(lin: nn.Linear, r: torch.Tensor) -> None:
+    """A linear that writes into the rotated stream: W <- R^T W, so its output comes out as y R."""
+    lin.weight.data = (r.T @ lin.weight.detach().double()).to(lin.weight.dtype)
+
+
+@torch.no_grad()
+def rotate_(model: nn.Module, *, seed: int = 0) -> RotatedHead:
+    """Fold the norms and the rotations R1 (residual stream) and R2 (per value head) into `model`'s weights in place.
+
+    The model must be unquantized, tied, without QK-norm, and its lm_head becomes a `RotatedHead`, which is returned.
+    The function is unchanged up to float rounding (the folding runs in float64)."""
+    cfg = model.config
+    if not cfg.tie_embeddings or cfg.qk_norm:
+        raise PippinError("Rotation needs a tied model without QK-norm (the head must read the embedding, and q/k are not rotated).")
+    if not isinstance(model.embed_tokens, nn.Embedding):
+        raise PippinError("Rotate before quantizing: the embedding is already compressed.")
+    r1 = rotation(random_signs(cfg.dim, seed))
+    emb = model.embed_tokens.weight
+    emb.data = (emb.detach().double() @ r1).to(emb.dtype)
+    for i, block in enumerate(model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(type(lin) is nn.Linear for lin in linears):
+            raise PippinError(f"Rotate before quantizing or adding adapters: layer {i} has wrapped linears.")
+        _fold_norm_(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fold_norm_(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _rotate_input_(lin, r1)
+        for lin in (attn.o_proj, mlp.down_proj):
+            _rotate_output_(lin, r1)
+        # R2: each value head's output v -> v R2, and o_proj's columns for every query head of that group undo it.
+        r2 = rotation(random_signs(cfg.head_dim, seed + 1 + i))
+        d = cfg.head_dim
+        wv = attn.v_proj.weight.detach().double().view(cfg.n_kv_heads, d, -1)
+        attn.v_proj.weight.data = torch.einsum("ed,hek->hdk", r2, wv).reshape_as(attn.v_proj.weight).to(attn.v_proj.weight.dtype)
+        wo = attn.o_proj.weight.detach().double().view(-1, cfg.n_heads, d)
+        attn.o_proj.weight.data = (wo @ r2).reshape_as(attn.o_proj.weight).to(attn.o_proj.weight.dtype)
+    head = RotatedHead(cfg.dim, model.lm_head)
+    head.gamma.copy_(model.norm.weight.detach())
+    head.signs.copy_(random_signs(cfg.dim, seed))
+    head.rebuild()
+    model.norm.weight.data.fill_(1.0)
+    model.lm_head = head
+    return head
