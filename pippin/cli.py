@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
     "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
     "rl": "Online RL (MDLOO or RLOO) of a model against a verifier or a trained reward model.",
+    "itec": "iTeC: a teacher committee samples, a scorer keeps each prompt's best reply, an adapter learns them; in rounds.",
     "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }
 

@@ -133,4 +133,22 @@ Criteria:
 {criteria}""",
 )
 
-TEMPLATES = {t.name: t for t in (SUMMARIZE_DIALOGUE, SUMMARIZE_NEWS, SUMMARY_GRADER, SAFETY_CLASSIFIER, WRITING_RUBRIC)}
+RESPONSE_RATER = PromptTemplate(
+    name="response-rater",
+    version=1,
+    system="You are a helpful and precise assistant for checking the quality of an answer.",
+    user="""Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the \
+user request below. Consider helpfulness, relevance, accuracy, depth, and whether it follows every instruction in the \
+request. Be as objective as possible. Explain briefly, then rate the response on a scale of 1 to 10 by strictly \
+following this format: "Rating: [[5]]".
+
+[Request]
+{question}
+
+[The Start of Assistant's Answer]
+{answer}
+[The End of Assistant's Answer]""",
+)
+"""One reply rated 1-10 (FastChat's single-answer grading, without a reference): the iTeC judge scorer."""
+
+TEMPLATES = {t.name: t for t in (SUMMARIZE_DIALOGUE, SUMMARIZE_NEWS, SUMMARY_GRADER, SAFETY_CLASSIFIER, WRITING_RUBRIC, RESPONSE_RATER)}
