@@ -1,4 +1,4 @@
-"""Dependencies point one way (DESIGN.md): model <- kernels, quant, adapters <- engine <- serve, eval <- train; api
+"""Dependencies point one way (DESIGN.md): model <- kernels, quant, adapters <- engine <- serve, eval <- data, train; api
 composes them and cli/commands sit on top. Checked by reading imports."""
 
 import ast
@@ -18,7 +18,9 @@ FORBIDDEN = {
     "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli"},
     "train": {"commands", "api", "cli", "serve"},
     "serve": {"commands", "cli", "train", "eval"},
-    "eval": {"commands", "cli", "train", "serve"},
+    "eval": {"commands", "cli", "train", "serve", "data"},
+    # data builds training sets with eval's checkers; train reads them.
+    "data": {"commands", "api", "cli", "train", "serve", "engine"},
 }
 
 
