@@ -59,14 +59,16 @@ def rotation(signs: torch.Tensor) -> torch.Tensor:
 
 class RotatedHead(nn.Module):
     """The head of a model whose residual stream is rotated: maps the (weightless) final norm's output back through
-    M = R^T diag(gamma) R, then runs the tied head (which reads the rotated embedding) on it. Stores gamma and the
-    signs that define R; M is rebuilt from them."""
+    M = R^T diag(gamma) R, then runs the tied head (which reads the rotated embedding) on it. Stores gamma, the signs
+    that define R (M is rebuilt from them) and the seed of every rotation, so that another copy of the model (a
+    full-precision teacher) can be rotated the same way (`rotate_like_`)."""
 
     def __init__(self, dim: int, head: nn.Module) -> None:
         super().__init__()
         self.head = head
         self.register_buffer("gamma", torch.ones(dim))
         self.register_buffer("signs", torch.ones(dim, dtype=torch.int8))
+        self.register_buffer("seed", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("mix", torch.eye(dim), persistent=False)
 
     def rebuild(self) -> None:
@@ -135,7 +137,20 @@ def rotate_(model: nn.Module, *, seed: int = 0) -> RotatedHead:
     head = RotatedHead(cfg.dim, model.lm_head)
     head.gamma.copy_(model.norm.weight.detach())
     head.signs.copy_(random_signs(cfg.dim, seed))
+    head.seed.fill_(seed)
     head.rebuild()
     model.norm.weight.data.fill_(1.0)
     model.lm_head = head
     return head
+
+
+def rotate_like_(model: nn.Module, rotated: nn.Module) -> nn.Module:
+    """Rotate the unquantized `model` in place as `rotated` was (its head records the seed), and return it: e.g. a
+    full-precision teacher whose weights a recovery adapter on a rotated base is compared with, layer by layer."""
+    head = rotated.lm_head
+    if not isinstance(head, RotatedHead):
+        raise PippinError("The reference model is not rotated; there is nothing to rotate like.")
+    rotate_(model, seed=int(head.seed))
+    if not torch.equal(model.lm_head.signs, head.signs):
+        raise PippinError("Rotating with the recorded seed did not reproduce the model's rotation; was it rotated by another pippin?")
+    return model

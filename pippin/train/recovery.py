@@ -15,6 +15,7 @@ text never excites do not blow up through H^-1/2.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from pippin.adapters.lora import LoraConfig
 from pippin.errors import PippinError
 from pippin.quant.calibrate import input_second_moments
+from pippin.quant.rotate import RotatedHead, rotate_like_
 
 
 @torch.no_grad()
@@ -47,7 +49,10 @@ def residual_factors(
     base compressed without error feedback, which leaves more of the error for it to correct).
 
     teacher and student must have the same module names (the student is the compressed copy); every student
-    target exposes `.weight` (dense) or `.dequantize()` (palettized)."""
+    target exposes `.weight` (dense) or `.dequantize()` (palettized). A student compressed with rotations
+    (`pippin.quant.rotate`) is compared with a copy of the teacher rotated the same way: same function, same basis."""
+    if isinstance(student.lm_head, RotatedHead) and not isinstance(teacher.lm_head, RotatedHead):
+        teacher = rotate_like_(copy.deepcopy(teacher), student)
     t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
     names = [n for n in s_mods if n.rpartition(".")[2] in config.target_modules]
     if not names:

@@ -205,13 +205,19 @@ def test_self_generated_text_needs_no_outside_data():
         read_text_source("/no/such/file.txt", lm.model, lm.tokenizer)
 
 
-def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_path):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_path, rotate):
+    """With rotate, the student is compressed in a rotated basis and the teacher is not: the residual is taken against
+    a copy of the teacher rotated the same way (against the teacher's own weights it would be noise)."""
     from pippin.quant.calibrate import input_second_moments
     from pippin.quant.compress import CompressConfig, compress_
+    from pippin.quant.rotate import rotate_like_
     from pippin.train.recovery import regularised, residual_factors
 
+    comp = CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2, rotate=rotate, rotate_seed=5)
     teacher, student = tiny_model(), tiny_model()
-    compress_(student, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
+    compress_(student, list(range(3, 250)) * 4, comp)
+    basis = rotate_like_(tiny_model(), student) if rotate else teacher  # the teacher's weights in the student's basis
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 250, (48,), generator=g) for _ in range(6)]
     mods = dict(student.named_modules())
@@ -228,13 +234,13 @@ def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_pat
     full = LoraConfig(rank=128, alpha=128.0)
     for name, (A, B) in residual_factors(teacher, student, seqs, full).items():
         restored = mods[name].dequantize() + full.scaling * B @ A
-        torch.testing.assert_close(restored, dict(teacher.named_modules())[name].weight, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(restored, dict(basis.named_modules())[name].weight, atol=1e-4, rtol=1e-4)
 
     # Low rank: under the (regularised) input moments it weights by, it beats the plain truncated SVD of the same
     # residual, with the full H and with its diagonal.
     low = LoraConfig(rank=4, alpha=8.0)
     name = "layers.1.mlp.down_proj"
-    R = (dict(teacher.named_modules())[name].weight - mods[name].dequantize()).detach().double()
+    R = (dict(basis.named_modules())[name].weight - mods[name].dequantize()).detach().double()
     U, S, Vh = torch.linalg.svd(R)
     plain = (U[:, :4] * S[:4]) @ Vh[:4]
     for shrinkage in (0.0, 1.0):
@@ -253,7 +259,7 @@ def test_residual_init_is_the_weighted_optimum_and_starts_recovery_ahead(tmp_pat
 
     def first_loss(**kw) -> float:
         s = tiny_model()
-        compress_(s, list(range(3, 250)) * 4, CompressConfig(candidate_bits=(2,), bpw=16, seq_len=128, n_seqs=2))
+        compress_(s, list(range(3, 250)) * 4, comp)
         run = cfg(objective=Objective.DISTILL, steps=1, batch_size=8, lr=1e-9, lora=LoraConfig(rank=8, alpha=16.0), **kw)
         return train_adapter(s, ex, run, out_dir=tmp_path / str(kw), name="r", teacher=teacher, progress=False).losses[0]
 
