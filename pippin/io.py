@@ -74,3 +74,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, row) for each non-blank line of a JSONL file; a line that is not JSON is a PippinError naming
+    it (the caller checks each row's shape)."""
+    from pippin.errors import PippinError
+
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PippinError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+        yield n, row

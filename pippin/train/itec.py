@@ -34,7 +34,7 @@ from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 from pippin.eval.ifeval import IFEvalItem, check_response
 from pippin.eval.systems import Message, System, load_system, parse_spec
-from pippin.io import write_atomic, write_json_atomic
+from pippin.io import jsonl_rows, write_atomic, write_json_atomic
 from pippin.train.adapter import TrainConfig
 
 if TYPE_CHECKING:
@@ -118,14 +118,8 @@ def read_prompts(path: str | Path) -> list[ItecPrompt]:
     if not path.is_file():
         raise PippinError(f"Prompt file {path} does not exist.")
     out: list[ItecPrompt] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in jsonl_rows(path):
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PippinError(f"{where}: not valid JSON ({e.msg}).") from None
         if not isinstance(row, dict):
             raise PippinError(f"{where}: expected a JSON object.")
         pid = str(row.get("id", row.get("key", n)))

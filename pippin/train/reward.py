@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pippin.errors import PippinError
+from pippin.io import jsonl_rows
 from pippin.model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -60,14 +61,8 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
     """Preference pairs from JSONL, checked line by line (a clear error names the line)."""
     path = Path(path)
     pairs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PippinError(f"{where}: not JSON ({e}).") from None
+    for n, row in jsonl_rows(path):
+        where = f"{path}:{n}"
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
             raise PippinError(f"{where}: needs string 'chosen' and 'rejected' fields.")
         prompt = row.get("prompt")
