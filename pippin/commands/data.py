@@ -1,11 +1,16 @@
 """`pippin data`: build training data sets.
 
   pippin data ifprompts --out DIR [--n 5000] [--seed 0] [--val-fraction 0.1] [--ifeval PATH]
+  pippin data safety --out DIR [--val-fraction 0.1] [--data DIR]
 
 `ifprompts` generates prompts with verifiable instructions (IFEval's 25 types over many requests, kept clear of IFEval's
 test prompts by 13-gram decontamination; see pippin.data.ifprompts) and writes DIR/train.jsonl, DIR/validation.jsonl
 in IFEval's row shape (what `pippin rl --data`, `pippin reward pairs --data` and `pippin itec --prompts` read) and
 DIR/manifest.json.
+
+`safety` writes the harmlessness reward's prompts: the train split of AdvBench (expect a refusal) and XSTest (safe
+look-alikes expect an answer, unsafe contrast prompts a refusal), never the split the safety suite evaluates (see
+pippin.data.safety), as DIR/train.jsonl, DIR/validation.jsonl and DIR/manifest.json.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ifeval", default=None, help="IFEval's input_data.jsonl, the prompts to stay clear of (default: ../shared/data/ifeval)"
     )
     g.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    s = sub.add_parser("safety", help="the harmlessness reward's prompts (AdvBench and XSTest train split, not the test split)")
+    s.add_argument("--out", required=True, help="folder for train.jsonl, validation.jsonl and manifest.json")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="share of the train split held out for validation")
+    s.add_argument("--data", default=None, help="folder with advbench/ and xstest/ (default: $PIPPIN_EVAL_DATA or ../shared/data)")
+    s.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "safety":
+        return _safety(args)
     from pippin.commands.eval import default_data_dir
     from pippin.data.ifprompts import IFPromptsConfig, build_ifprompts, write_ifprompts
     from pippin.eval.ifeval import load_ifeval
@@ -47,6 +59,26 @@ def run(args: argparse.Namespace) -> int:
     print(f"instructions per prompt: {per_prompt}")
     d = m["decontamination"]
     print(f"dropped for a {d['ngram']}-gram shared with IFEval's {d['reference_prompts']} prompts: {d['dropped']}")
+    print(f"train: {m['n_train']} -> {paths['train']}")
+    print(f"validation: {m['n_validation']} -> {paths['validation']}")
+    return 0
+
+
+def _safety(args: argparse.Namespace) -> int:
+    from pippin.commands.eval import default_data_dir
+    from pippin.data.safety import build_safety_prompts, write_safety_prompts
+
+    prompt_set = build_safety_prompts(args.data or default_data_dir(), val_fraction=args.val_fraction)
+    paths = write_safety_prompts(args.out, prompt_set)
+    m = prompt_set.manifest
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(f"{'set':<52}{'prompts':>8}")
+    for part, counts in m["counts"].items():
+        for key, n in counts.items():
+            print(f"{part + ': ' + key:<52}{n:>8}")
+    print(f"split: {m['split_rule']}")
     print(f"train: {m['n_train']} -> {paths['train']}")
     print(f"validation: {m['n_validation']} -> {paths['validation']}")
     return 0

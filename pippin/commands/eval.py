@@ -6,6 +6,7 @@
   pippin eval judge-agreement --judge pippin:default --limit 100
   pippin eval fidelity --system pippin:~/q35 --system pippin:~/q35:recovery      # against full precision
   pippin eval gate --system pippin:~/q35                                         # exit status 1 if it fails
+  pippin eval safety --system pippin:default --judge SPEC                        # the held-out test split (--split)
   pippin eval report --results a/results.json --results b/results.json --out compare/
 
 Replies and judgments are cached in OUT/cache.jsonl (or --cache): rerunning, or resuming after a kill, only
@@ -44,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--judge", default=None, metavar="SPEC", help="the judge (any system spec)")
     p.add_argument("--limit", type=int, default=None, help="at most N items per data set")
+    p.add_argument(
+        "--split",
+        choices=("test", "train", "all"),
+        default="test",
+        help="safety: which part of AdvBench and XSTest to evaluate (train feeds the harmlessness reward; default: the held-out test)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: eval-runs/SUITE)")
     p.add_argument("--cache", default=None, help="JSONL cache of replies and judgments (default: OUT/cache.jsonl)")
     p.add_argument("--data", default=None, help="folder with the data sets (default: $PIPPIN_EVAL_DATA or ../shared/data)")
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from pippin.eval.judges import JudgeConfig
     from pippin.eval.report import load_result, merge_results, write_report
     from pippin.eval.runner import GenerationCache
-    from pippin.eval.suite import EvalContext
+    from pippin.eval.suite import EvalContext, Split
     from pippin.eval.systems import load_system, parse_spec
     from pippin.eval.tasks import suite_module
 
@@ -144,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         judge=loaded[args.judge] if args.judge else None,
         data_dir=data,
         limit=args.limit,
+        split=Split(args.split),
         cache=cache,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,

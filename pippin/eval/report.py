@@ -57,7 +57,7 @@ def table(result: SuiteResult) -> str:
 def markdown(result: SuiteResult, *, plot: str | None = None) -> str:
     s = result.settings
     out = [f"# pippin eval: {result.suite}", ""]
-    for key in ("systems", "against", "judge", "limit"):
+    for key in ("systems", "against", "judge", "limit", "split"):
         if s.get(key) not in (None, []):
             value = ", ".join(f"`{x}`" for x in s[key]) if isinstance(s[key], list) else f"`{s[key]}`"
             out.append(f"- **{key}**: {value}")

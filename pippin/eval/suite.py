@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +59,16 @@ class SuiteResult:
         return {**asdict(self), "error_counts": self.error_counts()}
 
 
+class Split(Enum):
+    """Which part of a data set that also feeds training (safety's AdvBench and XSTest) a suite evaluates."""
+
+    TEST = "test"
+    """The held-out part, never trained on: the default."""
+    TRAIN = "train"
+    """The part the training data is built from (to compare with TEST, never as a result)."""
+    ALL = "all"
+
+
 @dataclass(kw_only=True)
 class EvalContext:
     """The systems, judge, data and run settings a suite works with."""
@@ -68,6 +79,8 @@ class EvalContext:
     judge: System | None = None
     limit: int | None = None
     """At most this many items per dataset (None: all)."""
+    split: Split = Split.TEST
+    """Suites whose data also feeds training (safety): the part to evaluate."""
     cache: GenerationCache | None = None
     batch_size: int = 8
     max_new_tokens: int | None = None

@@ -47,6 +47,20 @@ def test_eval_summarization_against_an_endpoint_then_from_the_cache(tmp_path, ca
     assert (tmp_path / "merged" / "report.md").is_file()
 
 
+def test_eval_safety_split_flag(tmp_path):
+    with ChatServer(lambda body, headers: (200, completion("I'm sorry, I can't help with that."))) as server:
+        spec = f"openai:{server.url}#tiny"
+        for split in ("test", "train"):
+            out = tmp_path / split
+            argv = ["safety", "--system", spec, "--limit", 1, "--out", out, "--data", SHARED_DATA, "--no-progress", "--no-plots"]
+            assert pippin_eval(*argv, *(["--split", split] if split != "test" else []), "--json") == 0
+            data = json.loads((out / "results.json").read_text())
+            assert data["settings"]["split"] == split and {it["split"] for it in data["items"]} == {split}
+            assert data["metrics"][spec]["advbench n"] == data["metrics"][spec]["xstest safe n"] == 1
+    with pytest.raises(SystemExit):
+        pippin_eval("safety", "--system", spec, "--split", "dev")
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

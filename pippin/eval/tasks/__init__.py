@@ -12,7 +12,7 @@ from pippin.errors import PippinError
 SUITES = {
     "ifeval": "IFEval: 541 verifiable-instruction prompts, strict/loose, prompt/instruction level (no judge)",
     "summarization": "DialogSum + XSum summaries: AFM good/neutral/poor grading by a judge, and ROUGE",
-    "safety": "AdvBench violation rate and XSTest over-refusal, by a judge and by a keyword refusal detector",
+    "safety": "AdvBench violation rate and XSTest over-refusal on their held-out test split, by a judge and by keyword",
     "preference": "side-by-side win/tie/loss against --against on MT-Bench and AlpacaEval, judged in both orders",
     "mtbench": "MT-Bench single-answer grading (1-10) with FastChat's judge prompts, both turns",
     "writing": "EQ-Bench creative-writing prompts scored 0-10 against their criteria by a judge",
