@@ -267,7 +267,8 @@ class Int8TiedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self._embedding
         k = ops()
-        fast = k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS
+        # The kernels have no backward: a pass that needs the gradient to x (an adapter below) takes the reference.
+        fast = k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS and not (x.requires_grad and torch.is_grad_enabled())
         if self.act8 and e.qweight.shape[1] % 32 == 0:
             if fast:
                 return k.gemv_i8_act8(x, e.qweight, e.scale)

@@ -117,7 +117,7 @@ def _enable_grad_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _set_act8(model: nn.Module, value: bool | dict[str, bool]) -> dict[str, bool]:
+def set_act8(model: nn.Module, value: bool | dict[str, bool]) -> dict[str, bool]:
     """Training sees the weights without 8-bit activation rounding (its gradient is zero almost everywhere)."""
     before = {n: m.act8 for n, m in model.named_modules() if hasattr(m, "act8")}
     for n, m in model.named_modules():
@@ -196,7 +196,7 @@ def train_adapter(
     model.train()
     if teacher is not None:
         teacher.eval()
-    act8 = _set_act8(model, False)
+    act8 = set_act8(model, False)
     t0 = time.perf_counter()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {name}", disable=not progress, unit="step")
     try:
@@ -231,7 +231,7 @@ def train_adapter(
             if done % config.save_every == 0 or done == config.steps:
                 save_state(ckpt, step=done, params=params, optimizer=opt, extra={"run_hash": run_hash, "losses": losses})
     finally:
-        _set_act8(model, act8)
+        set_act8(model, act8)
         for block in getattr(model, "layers", []):
             block.__dict__.pop("forward", None)  # drop the gradient-checkpointing wrappers
         model.eval()

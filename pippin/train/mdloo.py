@@ -8,26 +8,40 @@ and the leave-one-out advantage A_i = R_i - mean_{j != i} R_j ("how much better 
       -mean(rho * A) + alpha * mean(rho * log rho),   rho = pi_theta(y|x) / pi_k(y|x),
   whose second term estimates KL(pi_theta || pi_k) from the samples of pi_k, the policy that sampled them.
 The report does not give K, alpha, beta or the KL direction; these are settings here (`RLConfig`). Log-probabilities
-are sums over the response tokens; the prompt is context only.
+are sums over the response tokens, its end-of-turn token included (so stopping is learned too); the prompt is context.
+
+The policy is a LoRA adapter by default (on a full-precision or a compressed base: the on-device setting), or the full
+weights of a full-precision model. Samples come from the batched engine on the CPU kernels: for LoRA, from a second
+view of the model that shares every base tensor and holds the adapter as an fp16 serving slot, refreshed each
+iteration; the reference policy is the base itself (the adapter switched off).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from pippin.adapters.lora import LoraConfig, apply_lora, base_fingerprint, lora_modules, routing_of
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams
 from pippin.errors import PippinError
 from pippin.model.transformer import Transformer
+from pippin.train.adapter import set_act8
+
+SAMPLE_ROWS = 16
+"""Rows per engine batch: up to this many the decode steps run on the CPU kernels."""
 
 
 class Algo(StrEnum):
@@ -43,17 +57,30 @@ def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (K - 1)
 
 
-def sequence_logprobs(model: Transformer, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B,) sum of log pi(response token | everything before) for each prompt + response (right-padded batch)."""
+def sequence_logprobs(
+    model: Transformer, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B,) sum of log pi(response token | everything before) for each prompt + response (right-padded batch); with
+    `entropy`, also (B,) the mean entropy of pi over each response's positions. The head runs on response positions
+    only (it is the largest matmul)."""
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     T = max(map(len, seqs))
     tokens = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T - 1)
+    mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)
     for i, (p, s) in enumerate(zip(prompts, seqs)):
         tokens[i, : len(s)] = torch.tensor(s)
-        mask[i, len(p) - 1 : len(s) - 1] = 1.0  # logits at t predict token t + 1: the response tokens
-    logp = F.log_softmax(model(tokens[:, :-1]).float(), dim=-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+        mask[i, len(p) - 1 : len(s) - 1] = True  # logits at t predict token t + 1: the response tokens
+    h = model.features(tokens[:, :-1])[mask]
+    logp_all = F.log_softmax(model.head(h).float(), dim=-1)
+    per_token = logp_all.gather(-1, tokens[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
+    row = torch.arange(len(seqs)).unsqueeze(1).expand_as(mask)[mask]
+    logp = torch.zeros(len(seqs), dtype=per_token.dtype).index_add(0, row, per_token)
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        n = mask.sum(-1).clamp(min=1)
+        return logp, torch.zeros(len(seqs)).index_add(0, row, ent) / n
 
 
 def mdpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -83,21 +110,51 @@ class RLConfig:
     lr: float = 1e-5
     max_new_tokens: int = 64
     temperature: float = 1.0
+    lora: LoraConfig | None = field(default_factory=LoraConfig)
+    """The policy is this LoRA adapter on the frozen base; None trains the full weights (full-precision models only)."""
+    minibatch: int = 8
+    """Sequences per forward/backward pass (memory only: each step's gradient is over all the iteration's samples)."""
+    bf16: bool = False
+    """Run the policy's forward and backward passes under bf16 autocast (sampling is unchanged)."""
+    val_every: int = 0
+    """Iterations between greedy passes over the validation prompts (0: none)."""
     save_every: int = 5
     """Iterations between checkpoints (with an out_dir): a killed run resumes from the last one."""
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.algo = Algo(self.algo)
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        if self.samples < 2:
+            raise PippinError(f"RL needs at least 2 samples per prompt for the leave-one-out baseline, got {self.samples}.")
+        if min(self.iterations, self.prompts_per_iteration, self.minibatch, self.inner_steps, self.save_every) < 1:
+            raise PippinError("iterations, prompts_per_iteration, minibatch, inner_steps and save_every must be >= 1.")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.lora is not None:
+            d["lora"]["target_modules"] = list(self.lora.target_modules)
+        return d
 
 
 @dataclass(kw_only=True)
 class RLStats:
     iteration: int
+    samples: int
+    """Responses sampled so far (the x axis of a learning curve)."""
     mean_reward: float
     """Mean r over the iteration's samples (before the KL term)."""
     mean_kl: float
     """Mean log(pi / pi_ref) of the samples: how far the policy has moved."""
+    mean_length: float
+    """Mean response length in tokens."""
+    entropy: float
+    """Mean per-token entropy of the sampling policy over the responses (nats)."""
+    seconds: float
+    """Wall time of the iteration (sampling, scoring and the policy steps)."""
+    val_reward: float | None = None
+    """Mean reward of greedy replies to the validation prompts, after this iteration's step."""
 
 
 @dataclass(kw_only=True)
@@ -106,71 +163,165 @@ class RLResult:
     resumed_from: int = 0
 
 
+class _Sampler:
+    """The policy as the engine runs it: for LoRA, a second view of the model sharing every base tensor, whose slot 1
+    holds the adapter in fp16 (refreshed from the trainable weights before each iteration's samples)."""
+
+    def __init__(self, model: Transformer, lora: LoraConfig | None) -> None:
+        self.policy, self.model = model, model
+        if lora is not None:
+            shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+            self.model = copy.deepcopy(model, shared)
+            apply_lora(self.model, lora, n_slots=2)
+            routing_of(self.model).set(1)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if self.model is self.policy:
+            return
+        trained = lora_modules(self.policy)
+        for name, m in lora_modules(self.model).items():
+            t = trained[name]
+            m.load_slot(1, t.lora_A[0].half(), t.lora_B[0].half(), float(t.lora_scale[0]))
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], params: SamplingParams, eos_ids: Sequence[int]) -> list[list[int]]:
+        """Each prompt's generated ids, its stop token kept (the policy's log-probability covers stopping)."""
+        engine = Engine(self.model, max_batch=min(len(prompts), SAMPLE_ROWS), max_len=max(map(len, prompts)) + params.max_new_tokens)
+        engine.eos_ids = list(eos_ids)
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), SAMPLE_ROWS):
+            chunk = prompts[i : i + SAMPLE_ROWS]
+            rows: list[list[int]] = [[] for _ in chunk]
+            for st in engine.generate(chunk, params):
+                for j in st.active.nonzero().flatten().tolist():
+                    rows[j].append(int(st.tokens[j]))
+            out += rows
+        return out
+
+
 def train_rl(
     policy: Transformer,
-    reference: Transformer,
     prompts: Sequence[Sequence[int]],
     reward: Callable[[Sequence[int], Sequence[int]], float],
     config: RLConfig,
     *,
+    reference: Transformer | None = None,
+    val_prompts: Sequence[Sequence[int]] = (),
     eos_ids: Sequence[int] = (),
     on_iteration: Callable[[RLStats], None] | None = None,
     out_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> RLResult:
-    """Train `policy` in place; `reference` stays frozen. reward(prompt ids, response ids) -> r, e.g. a verifier or a
-    reward model. Each iteration samples K responses for `prompts_per_iteration` prompts with the current policy.
-    With `out_dir`, the policy and optimizer are checkpointed every `save_every` iterations and a killed run
-    resumes from the last checkpoint (the same config and prompts only)."""
+    """Train `policy` in place: with `config.lora`, a trainable adapter is applied to it (the base stays frozen and is
+    the reference); else its full weights train against `reference` (a frozen copy by default). reward(prompt ids,
+    response ids without the stop token) -> r, e.g. a verifier or a reward model. With `out_dir`, the trainable weights
+    and the optimizer are checkpointed every `save_every` iterations and a killed run resumes from the last checkpoint
+    (the same config, prompts and base only)."""
+    from pippin.quant.linear import PalettizedLinear
     from pippin.train.checkpointing import resume, save_state
 
     if len(prompts) == 0:
         raise PippinError("RL needs at least one prompt.")
-    algo = Algo(config.algo)
-    reference.eval().requires_grad_(False)
+    stop = set(eos_ids)
+    if config.lora is None:
+        if any(isinstance(m, PalettizedLinear) for m in policy.modules()):
+            raise PippinError("A compressed model's weights cannot be trained; train a LoRA adapter on it (the default).")
+        reference = reference if reference is not None else copy.deepcopy(policy)
+        reference.eval().requires_grad_(False)
+    elif reference is not None:
+        raise PippinError("A LoRA policy's reference is its own base; do not pass one.")
+    fingerprint = base_fingerprint(policy)
+    sampler = _Sampler(policy, config.lora)
+    if config.lora is not None:
+        with torch.random.fork_rng(devices=[]):  # the adapter's random init follows the run's seed, not the caller's RNG
+            torch.manual_seed(config.seed)
+            apply_lora(policy, config.lora, trainable=True)
+        routing = routing_of(policy)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     result = RLResult()
-    run = {"config": config.to_dict(), "prompts": hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()[:16]}
+    digest = hashlib.sha256(json.dumps([[list(p) for p in prompts], [list(p) for p in val_prompts]]).encode()).hexdigest()[:16]
+    run = {"config": config.to_dict(), "prompts": digest, "base": fingerprint}
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if ckpt is not None and (meta := resume(ckpt, run=run, params=params, optimizer=opt)) is not None:
         result.history = [RLStats(**h) for h in meta["history"]]
         result.resumed_from = meta["step"]
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config.bf16 else nullcontext
+    act8 = set_act8(policy, False)  # the policy's passes see the weights without activation rounding
+
+    def logprobs(model: Transformer, p: list, y: list, *, entropy: bool = False):  # noqa: ANN202
+        mb = config.minibatch
+        parts = [sequence_logprobs(model, p[i : i + mb], y[i : i + mb], entropy=entropy) for i in range(0, len(p), mb)]
+        return (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])) if entropy else torch.cat(parts)
+
+    def step_on(flat_p: list, flat_r: list, logp_old: torch.Tensor, adv: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        n = len(flat_p)
+        for i in range(0, n, config.minibatch):
+            sl = slice(i, i + config.minibatch)
+            with autocast():
+                logp = sequence_logprobs(policy, flat_p[sl], flat_r[sl])
+            part = mdpo_loss(logp, logp_old[sl], adv[sl], config.alpha) if config.algo is Algo.MDLOO else rloo_loss(logp, adv[sl])
+            (part * logp.shape[0] / n).backward()  # the mean over all n samples, a minibatch at a time
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+
+    def validate() -> float:
+        sampler.refresh()
+        greedy = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0)
+        replies = sampler.sample([list(p) for p in val_prompts], greedy, eos_ids)
+        return sum(reward(p, [t for t in y if t not in stop]) for p, y in zip(val_prompts, replies)) / len(val_prompts)
+
     max_len = max(map(len, prompts)) + config.max_new_tokens
-    for it in range(result.resumed_from, config.iterations):
-        rng = random.Random(config.seed * 1_000_003 + it)  # each iteration's prompts from its own seed: a resume is exact
-        batch = [prompts[rng.randrange(len(prompts))] for _ in range(config.prompts_per_iteration)]
+    if max_len > policy.config.max_seq_len:
+        raise PippinError(f"The longest prompt plus {config.max_new_tokens} new tokens exceeds the model's {policy.config.max_seq_len}.")
+    start = result.resumed_from
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc=f"rl {config.algo}", disable=not progress)
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            rng = random.Random(config.seed * 1_000_003 + it)  # each iteration's prompts from its own seed: a resume is exact
+            batch = [list(prompts[rng.randrange(len(prompts))]) for _ in range(config.prompts_per_iteration)]
+            policy.eval()
+            sampler.refresh()
+            responses: list[list[list[int]]] = []  # [sample][prompt]
+            for k in range(config.samples):
+                seed = config.seed * 7919 + it * 131 + k
+                params_k = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=seed)
+                responses.append(sampler.sample(batch, params_k, eos_ids))
+            flat_p = [p for p in batch for _ in range(config.samples)]
+            flat_r = [responses[k][i] for i in range(len(batch)) for k in range(config.samples)]
+            r = torch.tensor([reward(p, [t for t in y if t not in stop]) for p, y in zip(flat_p, flat_r)], dtype=torch.float32)
+            with torch.no_grad(), autocast():
+                logp_old, ent = logprobs(policy, flat_p, flat_r, entropy=True)
+                if config.lora is not None:
+                    routing.slot = None  # the base alone is the reference policy
+                    logp_ref = logprobs(policy, flat_p, flat_r)
+                    routing.slot = 0
+                else:
+                    logp_ref = logprobs(reference, flat_p, flat_r)
+            kl = logp_old - logp_ref
+            adv = leave_one_out((r - config.beta * kl).view(len(batch), config.samples)).flatten()
+            policy.train()
+            for _ in range(config.inner_steps if config.algo is Algo.MDLOO else 1):
+                step_on(flat_p, flat_r, logp_old, adv)
+            policy.eval()
+            lengths = [len(y) for y in flat_r]
+            stats = RLStats(
+                iteration=it, samples=(it + 1) * len(flat_r), mean_reward=float(r.mean()), mean_kl=float(kl.mean()),
+                mean_length=sum(lengths) / len(lengths), entropy=float(ent.mean()), seconds=time.perf_counter() - t0,
+            )  # fmt: skip
+            if val_prompts and config.val_every and ((it + 1) % config.val_every == 0 or it + 1 == config.iterations):
+                stats.val_reward = validate()
+            result.history.append(stats)
+            bar.set_postfix(reward=f"{stats.mean_reward:.3f}", kl=f"{stats.mean_kl:.3f}")
+            if on_iteration is not None:
+                on_iteration(stats)
+            if ckpt is not None and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
+                history = [asdict(h) for h in result.history]
+                save_state(ckpt, step=it + 1, params=params, optimizer=opt, extra={"run": run, "history": history})
+    finally:
+        set_act8(policy, act8)
         policy.eval()
-        engine = Engine(policy, max_batch=len(batch), max_len=max_len, kernels=False)
-        engine.eos_ids = list(eos_ids)
-        responses: list[list[list[int]]] = []  # [prompt][sample]
-        for k in range(config.samples):
-            sampling = SamplingParams(
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed * 7919 + it * 131 + k
-            )
-            responses.append(engine.generate_ids(batch, sampling))
-        flat_p = [p for p in batch for _ in range(config.samples)]
-        flat_r = [responses[k][i] for i in range(len(batch)) for k in range(config.samples)]
-        r = torch.tensor([reward(p, y) for p, y in zip(flat_p, flat_r)], dtype=torch.float32)
-        with torch.no_grad():
-            logp_old = sequence_logprobs(policy, flat_p, flat_r)
-            logp_ref = sequence_logprobs(reference, flat_p, flat_r)
-        kl = logp_old - logp_ref
-        R = (r - config.beta * kl).view(len(batch), config.samples)
-        adv = leave_one_out(R).flatten()
-        policy.train()
-        for _ in range(config.inner_steps if algo is Algo.MDLOO else 1):
-            logp = sequence_logprobs(policy, flat_p, flat_r)
-            loss = mdpo_loss(logp, logp_old, adv, config.alpha) if algo is Algo.MDLOO else rloo_loss(logp, adv)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
-        stats = RLStats(iteration=it, mean_reward=float(r.mean()), mean_kl=float(kl.mean()))
-        result.history.append(stats)
-        if on_iteration is not None:
-            on_iteration(stats)
-        if ckpt is not None and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
-            history = [asdict(h) for h in result.history]
-            save_state(ckpt, step=it + 1, params=params, optimizer=opt, extra={"run": run, "history": history})
-    policy.eval()
     return result
