@@ -21,6 +21,7 @@ COMMANDS = {
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
+    "sft": "Full fine-tuning of every weight on chats (assistant-only loss), with sequence packing; resumes after a kill.",
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
     "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
     "rl": "Online RL (MDLOO or RLOO) of a model against a verifier or a trained reward model.",

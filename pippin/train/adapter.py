@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from pippin.train.checkpointing import STATE_JSON, resume, save_state
 from pippin.train.data import Example, collate
 from pippin.train.losses import masked_kl
 from pippin.train.recovery import residual_factors
+
+if TYPE_CHECKING:
+    from pippin.train.sft import SFTConfig
 
 
 class Objective(StrEnum):
@@ -103,8 +106,8 @@ class TrainResult:
     """Examples with no loss token left after truncation (skipped)."""
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at the last step."""
+def lr_at(step: int, cfg: TrainConfig | SFTConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine to cfg.lr * min_lr_ratio at the last step (adapters and full SFT alike)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(cfg.steps - cfg.warmup_steps, 1)
@@ -112,9 +115,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
 
 
-def _enable_grad_checkpointing(model: nn.Module) -> None:
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward pass (an instance attribute over the class's forward)."""
     for block in getattr(model, "layers", []):
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def disable_grad_checkpointing(model: nn.Module) -> None:
+    """Drop the wrappers `enable_grad_checkpointing` set: the model is plain again."""
+    for block in getattr(model, "layers", []):
+        block.__dict__.pop("forward", None)
 
 
 def set_act8(model: nn.Module, value: bool | dict[str, bool]) -> dict[str, bool]:
@@ -187,7 +197,7 @@ def train_adapter(
     params = {f"{mod}.{ab}": getattr(m, f"lora_{ab}") for mod, m in mods.items() for ab in ("A", "B")}
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     if config.grad_checkpointing:
-        _enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model)
     run_hash = _run_hash(config, examples, fingerprint)
     start, losses = 0, []
     if (st_meta := resume(ckpt, run=run_hash, params=params, optimizer=opt, key="run_hash")) is not None:
@@ -232,8 +242,7 @@ def train_adapter(
                 save_state(ckpt, step=done, params=params, optimizer=opt, extra={"run_hash": run_hash, "losses": losses})
     finally:
         set_act8(model, act8)
-        for block in getattr(model, "layers", []):
-            block.__dict__.pop("forward", None)  # drop the gradient-checkpointing wrappers
+        disable_grad_checkpointing(model)
         model.eval()
     log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses))
     write_atomic(out / "train_log.jsonl", log.encode())

@@ -10,14 +10,19 @@ line (or array index). Each chat is rendered with the model's own template turn 
 the assistant replies (and their end-of-turn token), as TRL's `assistant_only_loss` does. `teacher_chats` replaces
 the data's replies by a teacher's own (recovery adapters distil the full-precision model's answers, cached next to
 the adapter), and `all_positions` puts every token under the loss (distillation matches the teacher on the prompt too).
+`collate` pads one example per row; `pack` fills fixed-length rows with several examples, each attending only to
+itself (a block-diagonal causal mask) at positions restarting from 0, so a packed row computes what the examples
+would alone (full fine-tuning, pippin.train.sft). The mask does the separating; RoPE being relative, the restart only
+keeps each example's positions (and rounding) as they are alone, and within the model's max_seq_len.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -105,8 +110,9 @@ def read_conversations(
     return out
 
 
-def tokenize_chat(tokenizer, messages: list[dict[str, str]], *, max_len: int) -> Example:  # noqa: ANN001 - pippin Tokenizer
-    """Ids and assistant-only mask; each turn is rendered with the template, so the pieces concatenate exactly."""
+def tokenize_chat(tokenizer, messages: list[dict[str, str]], *, max_len: int | None = None) -> Example:  # noqa: ANN001 - pippin Tokenizer
+    """Ids and assistant-only mask, cut to max_len tokens (None: whole); each turn is rendered with the template, so the
+    pieces concatenate exactly."""
     ids: list[int] = []
     mask: list[bool] = []
     rendered = ""
@@ -189,3 +195,111 @@ def text_examples(tokens: list[int], *, seq_len: int) -> list[Example]:
     if len(tokens) < seq_len + 1:
         raise PippinError(f"Need at least {seq_len + 1} tokens of text for one training window, got {len(tokens)}.")
     return [Example(ids=tokens[i : i + seq_len + 1], mask=[True] * (seq_len + 1)) for i in range(0, len(tokens) - seq_len, seq_len)]
+
+
+@dataclass(kw_only=True)
+class PackStats:
+    n_examples: int
+    """Examples packed."""
+    n_truncated: int
+    """Examples longer than seq_len + 1 tokens, cut to that (their tail is not trained on)."""
+    n_dropped: int
+    """Examples with no loss token left (after the cut), left out."""
+    n_rows: int
+    n_tokens: int
+    """Slots holding a real token (the rest is padding)."""
+    n_slots: int
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / slots: the share of the compute that trains on data."""
+        return self.n_tokens / max(self.n_slots, 1)
+
+    def to_dict(self) -> dict[str, int | float]:
+        return {**asdict(self), "efficiency": self.efficiency}
+
+
+@dataclass(kw_only=True)
+class Packed:
+    """Examples packed into fixed-length rows for next-token prediction; every tensor is (N rows, T = seq_len)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    """The token after each input within its example (0 where there is none: padding)."""
+    loss_mask: torch.Tensor
+    """True where the target is trained on (the example's own mask, shifted like the targets)."""
+    positions: torch.Tensor
+    """RoPE positions, restarting from 0 at each example."""
+    segments: torch.Tensor
+    """Which example of its row a slot holds (0, 1, ...); the padding after the last one is a segment of its own."""
+    sources: list[list[int]]
+    """For each row, the indices (into `pack`'s input) of its examples, in segment order."""
+    stats: PackStats
+
+
+def pack(examples: list[Example], *, seq_len: int, pad_id: int = 0) -> Packed:
+    """Best-fit decreasing packing: longest example first, each into the fullest row it still fits, else a new row.
+
+    An example of n tokens takes n - 1 slots (input token -> next token), so one of up to seq_len + 1 tokens fits a
+    row; a longer one is cut to that. Examples with no loss token after the cut are dropped (they teach nothing)."""
+    if seq_len < 1:
+        raise PippinError(f"seq_len must be >= 1, got {seq_len}.")
+    units: dict[int, Example] = {}
+    n_truncated = 0
+    for i, e in enumerate(examples):
+        if len(e.ids) > seq_len + 1:
+            n_truncated += 1
+            e = Example(ids=e.ids[: seq_len + 1], mask=e.mask[: seq_len + 1])
+        if any(e.mask[1:]):
+            units[i] = e
+    if not units:
+        raise PippinError(f"None of the {len(examples)} examples has a loss token within {seq_len + 1} tokens; raise seq_len (--seq-len).")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the first entry with room >= n is the fullest fit
+    for i in sorted(units, key=lambda i: -len(units[i].ids)):  # stable: equal lengths keep the data's order
+        n = len(units[i].ids) - 1
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            room, row = seq_len - n, len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            room -= n
+        if room:
+            bisect.insort(free, (room, row))
+    N = len(rows)
+    inputs = torch.full((N, seq_len), pad_id, dtype=torch.long)
+    targets = torch.zeros_like(inputs)
+    loss_mask = torch.zeros_like(inputs, dtype=torch.bool)
+    positions = torch.zeros_like(inputs)
+    segments = torch.zeros_like(inputs)
+    for r, members in enumerate(rows):
+        t = 0
+        for s, i in enumerate(members):
+            e, n = units[i], len(units[i].ids) - 1
+            inputs[r, t : t + n] = torch.tensor(e.ids[:-1])
+            targets[r, t : t + n] = torch.tensor(e.ids[1:])
+            loss_mask[r, t : t + n] = torch.tensor(e.mask[1:])
+            positions[r, t : t + n] = torch.arange(n)
+            segments[r, t : t + n] = s
+            t += n
+        positions[r, t:] = torch.arange(seq_len - t)
+        segments[r, t:] = len(members)
+    n_tokens = sum(len(e.ids) - 1 for e in units.values())
+    stats = PackStats(
+        n_examples=len(units),
+        n_truncated=n_truncated,
+        n_dropped=len(examples) - len(units),
+        n_rows=N,
+        n_tokens=n_tokens,
+        n_slots=N * seq_len,
+    )
+    return Packed(inputs=inputs, targets=targets, loss_mask=loss_mask, positions=positions, segments=segments, sources=rows, stats=stats)
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> bool (B, 1, T, T), True where a query may attend: earlier slots of its own segment."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
