@@ -10,7 +10,8 @@ safe look-alikes); several --data files mix. `--reward verifier` (the default) s
 reward-model run folder (`pippin reward train --out`) adds its scalar score of prompt + reply times --rm-weight. The
 policy is a LoRA adapter on M (a full-precision or a compressed model, the on-device setting) unless --full. The run
 checkpoints every --save-every iterations and resumes after a kill; it ends with DIR/adapter (or DIR/model with
---full) and DIR/rl_history.json (reward, KL, length, entropy and validation reward per iteration).
+--full), DIR/rl_history.json (reward, KL, length, entropy and validation reward per iteration) and
+DIR/samples/iteration-N.jsonl (every prompt and reply with its reward, KL and advantage: where reward hacking shows).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the policy trains, e.g. cuda (there it samples without the engine's kernels)")
     p.add_argument("--json", action="store_true", help="print the history as JSON")
 
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from pippin.api import load_any
     from pippin.errors import PippinError
     from pippin.eval.ifeval import IFEvalItem, check_response
-    from pippin.io import write_json_atomic
+    from pippin.io import write_atomic, write_json_atomic
     from pippin.model.checkpoint import LoadedModel, save_pippin
     from pippin.train.harmless import harmlessness_reward
     from pippin.train.mdloo import RLConfig, train_rl
@@ -146,9 +148,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    policy = loaded.model
+    def keep(it: int, rows: list[dict]) -> None:
+        text = [{**r, "prompt": by_prompt[tuple(r["prompt"])].prompt, "response": tok.decode(r["response"])} for r in rows]
+        write_atomic(out / "samples" / f"iteration-{it + 1:04d}.jsonl", "".join(json.dumps(t) + "\n" for t in text).encode())
+
+    policy = loaded.model.to(args.device)
     eos = policy.config.eos_token_ids
-    res = train_rl(policy, prompts, reward, config, val_prompts=val_prompts, eos_ids=eos, on_iteration=show, out_dir=out, progress=False)
+    res = train_rl(policy, prompts, reward, config, val_prompts=val_prompts, eos_ids=eos, on_iteration=show, on_samples=keep, out_dir=out)
     name = f"{loaded.meta.get('name') or loaded.path.name}-{args.algo}"
     info = {"rl": {**record, **config.to_dict()}, "final_reward": res.history[-1].mean_reward if res.history else None}
     if config.lora is not None:
@@ -159,11 +165,12 @@ def run(args: argparse.Namespace) -> int:
         result_path = save_adapter(adapter, out / "adapter", base_model=loaded.meta.get("name", str(loaded.path)))
     else:
         result_path = out / "model"
-        save_pippin(LoadedModel(model=policy, tokenizer=tok, path=result_path, meta={"name": name, **info}), result_path)
+        save_pippin(LoadedModel(model=policy.cpu(), tokenizer=tok, path=result_path, meta={"name": name, **info}), result_path)
     history = [asdict(h) for h in res.history]
-    write_json_atomic(out / "rl_history.json", {"resumed_from": res.resumed_from, "history": history, "result": str(result_path)})
+    summary = {"resumed_from": res.resumed_from, "start_val_reward": res.start_val_reward, "history": history, "result": str(result_path)}
+    write_json_atomic(out / "rl_history.json", summary)
     if args.json:
-        print(json.dumps({"resumed_from": res.resumed_from, "history": history, "result": str(result_path)}))
+        print(json.dumps(summary))
     else:
         print(f"policy: {result_path} (reward {history[0]['mean_reward']:.3f} -> {history[-1]['mean_reward']:.3f})")
     return 0

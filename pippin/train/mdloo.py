@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pippin.adapters.lora import LoraConfig, apply_lora, base_fingerprint, lora_modules, routing_of
 from pippin.engine.engine import Engine
-from pippin.engine.sampling import SamplingParams
+from pippin.engine.sampling import SamplingParams, sample
 from pippin.errors import PippinError
 from pippin.model.transformer import Transformer
 from pippin.train.adapter import set_act8
@@ -70,17 +70,19 @@ def sequence_logprobs(
     for i, (p, s) in enumerate(zip(prompts, seqs)):
         tokens[i, : len(s)] = torch.tensor(s)
         mask[i, len(p) - 1 : len(s) - 1] = True  # logits at t predict token t + 1: the response tokens
+    device = next(model.parameters()).device
+    tokens, mask = tokens.to(device), mask.to(device)
     h = model.features(tokens[:, :-1])[mask]
     logp_all = F.log_softmax(model.head(h).float(), dim=-1)
     per_token = logp_all.gather(-1, tokens[:, 1:][mask].unsqueeze(-1)).squeeze(-1)
-    row = torch.arange(len(seqs)).unsqueeze(1).expand_as(mask)[mask]
-    logp = torch.zeros(len(seqs), dtype=per_token.dtype).index_add(0, row, per_token)
+    row = torch.arange(len(seqs), device=device).unsqueeze(1).expand_as(mask)[mask]
+    logp = torch.zeros(len(seqs), device=device).index_add(0, row, per_token)
     if not entropy:
         return logp
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)
         n = mask.sum(-1).clamp(min=1)
-        return logp, torch.zeros(len(seqs)).index_add(0, row, ent) / n
+        return logp, torch.zeros(len(seqs), device=device).index_add(0, row, ent) / n
 
 
 def mdpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,6 +155,8 @@ class RLStats:
     """Mean per-token entropy of the sampling policy over the responses (nats)."""
     seconds: float
     """Wall time of the iteration (sampling, scoring and the policy steps)."""
+    sample_seconds: float = 0.0
+    """The part of `seconds` spent sampling."""
     val_reward: float | None = None
     """Mean reward of greedy replies to the validation prompts, after this iteration's step."""
 
@@ -161,15 +165,20 @@ class RLStats:
 class RLResult:
     history: list[RLStats] = field(default_factory=list)
     resumed_from: int = 0
+    start_val_reward: float | None = None
+    """The greedy validation reward of the starting policy (with validation prompts and val_every)."""
 
 
 class _Sampler:
-    """The policy as the engine runs it: for LoRA, a second view of the model sharing every base tensor, whose slot 1
-    holds the adapter in fp16 (refreshed from the trainable weights before each iteration's samples)."""
+    """The policy as it samples. On the CPU, the batched engine on the kernels: for LoRA, through a second view of the
+    model sharing every base tensor, whose slot 1 holds the adapter in fp16 (refreshed from the trainable weights
+    before each iteration's samples). Elsewhere (a GPU), the policy itself, recomputing each row's prefix per token
+    (no KV cache: the engine is CPU-only; for short replies of a small model this costs little on a GPU)."""
 
     def __init__(self, model: Transformer, lora: LoraConfig | None) -> None:
         self.policy, self.model = model, model
-        if lora is not None:
+        self.engine = next(model.parameters()).device.type == "cpu"
+        if lora is not None and self.engine:
             shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
             self.model = copy.deepcopy(model, shared)
             apply_lora(self.model, lora, n_slots=2)
@@ -187,6 +196,8 @@ class _Sampler:
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], params: SamplingParams, eos_ids: Sequence[int]) -> list[list[int]]:
         """Each prompt's generated ids, its stop token kept (the policy's log-probability covers stopping)."""
+        if not self.engine:
+            return _sample_uncached(self.model, prompts, params, eos_ids)
         engine = Engine(self.model, max_batch=min(len(prompts), SAMPLE_ROWS), max_len=max(map(len, prompts)) + params.max_new_tokens)
         engine.eos_ids = list(eos_ids)
         out: list[list[int]] = []
@@ -200,6 +211,38 @@ class _Sampler:
         return out
 
 
+def _sample_uncached(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Sampling without a KV cache, on the model's device, with the engine's per-row seeds (each row's generator
+    seeded with params.seed, sampling on the CPU), so on the CPU it draws what the engine draws."""
+    device = next(model.parameters()).device
+    B, n_new = len(prompts), params.max_new_tokens
+    lengths = torch.tensor([len(p) for p in prompts])
+    buf = torch.zeros(B, int(lengths.max()) + n_new, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        buf[i, : len(p)] = torch.tensor(p)
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    live = list(range(B))
+    for _ in range(n_new):
+        if not live:
+            break
+        idx = torch.tensor(live)
+        width = int(lengths[idx].max())
+        # Right padding is invisible to each row's last real position under the causal mask.
+        logits = model(buf[idx, :width].to(device), logits_at=(lengths[idx] - 1).to(device)).float().cpu()
+        still = []
+        for j, i in enumerate(live):
+            tok = int(sample(logits[j : j + 1], params, generator=gens[i])[0])
+            out[i].append(tok)
+            buf[i, lengths[i]] = tok
+            lengths[i] += 1
+            if tok not in eos_ids:
+                still.append(i)
+        live = still
+    return out
+
+
 def train_rl(
     policy: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -210,12 +253,14 @@ def train_rl(
     val_prompts: Sequence[Sequence[int]] = (),
     eos_ids: Sequence[int] = (),
     on_iteration: Callable[[RLStats], None] | None = None,
+    on_samples: Callable[[int, list[dict]], None] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = False,
 ) -> RLResult:
     """Train `policy` in place: with `config.lora`, a trainable adapter is applied to it (the base stays frozen and is
     the reference); else its full weights train against `reference` (a frozen copy by default). reward(prompt ids,
-    response ids without the stop token) -> r, e.g. a verifier or a reward model. With `out_dir`, the trainable weights
+    response ids without the stop token) -> r, e.g. a verifier or a reward model. `on_samples(iteration, rows)` sees
+    every sample with its reward, KL and advantage (to look for reward hacking). With `out_dir`, the trainable weights
     and the optimizer are checkpointed every `save_every` iterations and a killed run resumes from the last checkpoint
     (the same config, prompts and base only)."""
     from pippin.quant.linear import PalettizedLinear
@@ -247,7 +292,9 @@ def train_rl(
     if ckpt is not None and (meta := resume(ckpt, run=run, params=params, optimizer=opt)) is not None:
         result.history = [RLStats(**h) for h in meta["history"]]
         result.resumed_from = meta["step"]
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if config.bf16 else nullcontext
+        result.start_val_reward = meta.get("start_val_reward")
+    device = next(policy.parameters()).device
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else nullcontext
     act8 = set_act8(policy, False)  # the policy's passes see the weights without activation rounding
 
     def logprobs(model: Transformer, p: list, y: list, *, entropy: bool = False):  # noqa: ANN202
@@ -277,6 +324,8 @@ def train_rl(
     if max_len > policy.config.max_seq_len:
         raise PippinError(f"The longest prompt plus {config.max_new_tokens} new tokens exceeds the model's {policy.config.max_seq_len}.")
     start = result.resumed_from
+    if val_prompts and config.val_every and start == 0:
+        result.start_val_reward = validate()
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, desc=f"rl {config.algo}", disable=not progress)
     try:
         for it in bar:
@@ -286,13 +335,15 @@ def train_rl(
             policy.eval()
             sampler.refresh()
             responses: list[list[list[int]]] = []  # [sample][prompt]
+            t_sample = time.perf_counter()
             for k in range(config.samples):
                 seed = config.seed * 7919 + it * 131 + k
                 params_k = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=seed)
                 responses.append(sampler.sample(batch, params_k, eos_ids))
+            t_sample = time.perf_counter() - t_sample
             flat_p = [p for p in batch for _ in range(config.samples)]
             flat_r = [responses[k][i] for i in range(len(batch)) for k in range(config.samples)]
-            r = torch.tensor([reward(p, [t for t in y if t not in stop]) for p, y in zip(flat_p, flat_r)], dtype=torch.float32)
+            r = torch.tensor([reward(p, [t for t in y if t not in stop]) for p, y in zip(flat_p, flat_r)], device=device)
             with torch.no_grad(), autocast():
                 logp_old, ent = logprobs(policy, flat_p, flat_r, entropy=True)
                 if config.lora is not None:
@@ -311,6 +362,7 @@ def train_rl(
             stats = RLStats(
                 iteration=it, samples=(it + 1) * len(flat_r), mean_reward=float(r.mean()), mean_kl=float(kl.mean()),
                 mean_length=sum(lengths) / len(lengths), entropy=float(ent.mean()), seconds=time.perf_counter() - t0,
+                sample_seconds=t_sample,
             )  # fmt: skip
             if val_prompts and config.val_every and ((it + 1) % config.val_every == 0 or it + 1 == config.iterations):
                 stats.val_reward = validate()
@@ -318,9 +370,15 @@ def train_rl(
             bar.set_postfix(reward=f"{stats.mean_reward:.3f}", kl=f"{stats.mean_kl:.3f}")
             if on_iteration is not None:
                 on_iteration(stats)
+            if on_samples is not None:
+                on_samples(it, [
+                    {"prompt": p, "response": y, "reward": float(ri), "kl": float(ki), "advantage": float(ai)}
+                    for p, y, ri, ki, ai in zip(flat_p, flat_r, r, kl, adv)
+                ])  # fmt: skip
             if ckpt is not None and (it + 1) % config.save_every == 0 and it + 1 < config.iterations:
                 history = [asdict(h) for h in result.history]
-                save_state(ckpt, step=it + 1, params=params, optimizer=opt, extra={"run": run, "history": history})
+                extra = {"run": run, "history": history, "start_val_reward": result.start_val_reward}
+                save_state(ckpt, step=it + 1, params=params, optimizer=opt, extra=extra)
     finally:
         set_act8(policy, act8)
         policy.eval()

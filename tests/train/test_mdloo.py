@@ -122,11 +122,26 @@ def test_the_sampler_shares_the_base_and_runs_the_trained_adapter():
     assert sampler.sample([[5, 6, 7]], SamplingParams(max_new_tokens=6, temperature=0.0), eos_ids=[gen[k]]) == [gen[: k + 1]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampling_without_the_engine_draws_what_the_engine_draws(temperature):
+    """The uncached sampler (what a GPU runs) against the engine on the kernels, with the same per-row seeds."""
+    from pippin.engine.sampling import SamplingParams
+    from pippin.train.mdloo import _sample_uncached
+
+    model = tiny_model(seed=3)
+    prompts = [[5, 6, 7], [20, 21], [100, 101, 102, 103]]
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=11)
+    want = _Sampler(model, None).sample(prompts, params, eos_ids=[9, 10])
+    assert _sample_uncached(model, prompts, params, eos_ids=[9, 10]) == want
+    assert len({tuple(w) for w in want}) == 3
+
+
 def test_validation_reward_and_refusals():
     cfg = RLConfig(iterations=4, prompts_per_iteration=2, samples=2, lr=1e-2, max_new_tokens=6, inner_steps=1, val_every=2, bf16=True)
     seen = []
     res = train_rl(tiny_model(seed=3), PROMPTS, lambda p, y: seen.append(y) or EVEN(p, y), cfg, val_prompts=PROMPTS[:2], eos_ids=[2])
     assert [s.val_reward is not None for s in res.history] == [False, True, False, True]
+    assert res.start_val_reward is not None and 0.0 <= res.start_val_reward <= 1.0
     assert all(2 not in y for y in seen)  # the reward never sees the stop token
     with pytest.raises(PippinError, match="compressed"):
         train_rl(_compressed(), PROMPTS, EVEN, RLConfig(lora=None))
@@ -193,6 +208,9 @@ def test_the_rl_command_trains_an_adapter_on_mixed_verifiers_and_full_weights(tm
     out = _rl(tmp_path, *data, *val, "--out", str(tmp_path / "rl"), "--lr", "1e-2")
     assert len(out["history"]) == 3 and abs(out["history"][0]["mean_kl"]) < 1e-4
     assert all(0.0 <= h["mean_reward"] <= 1.0 for h in out["history"]) and out["history"][-1]["val_reward"] is not None
+    samples = [json.loads(line) for line in (tmp_path / "rl" / "samples" / "iteration-0003.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(isinstance(s["response"], str) and s["prompt"] for s in samples)
+    assert sum(s["advantage"] for s in samples) == pytest.approx(0.0, abs=1e-5)  # leave-one-out: zero mean per prompt
     adapter = load_adapter(tmp_path / "rl" / "adapter")
     base = load_any(folder).model
     assert adapter.meta["base_fingerprint"] == base_fingerprint(base) and adapter.meta["rl"]["algo"] == "mdloo"
