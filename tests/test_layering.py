@@ -1,5 +1,6 @@
 """Dependencies point one way (DESIGN.md): model <- kernels, quant, adapters <- engine <- serve, eval <- data, train; api
-composes them and cli/commands sit on top. Checked by reading imports."""
+composes them and cli/commands sit on top. talaria (the cost model) reads model, quant, adapters and kernels, and only
+commands and api read it. Checked by reading imports."""
 
 import ast
 from pathlib import Path
@@ -9,18 +10,20 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "pippin"
 # For each package, the pippin packages it must not import.
 FORBIDDEN = {
-    "model": {"engine", "kernels", "commands", "api", "cli"},
-    "kernels": {"engine", "commands", "api", "cli"},
-    "engine": {"commands", "api", "cli", "quant", "train", "serve", "eval"},
+    "model": {"engine", "kernels", "commands", "api", "cli", "talaria"},
+    "kernels": {"engine", "commands", "api", "cli", "talaria"},
+    "engine": {"commands", "api", "cli", "quant", "train", "serve", "eval", "talaria"},
     # quant acts on linear-like modules by name and never imports the model (DESIGN.md).
-    "quant": {"model", "engine", "commands", "api", "cli"},
+    "quant": {"model", "engine", "commands", "api", "cli", "talaria"},
     # adapters wrap linear-like modules by name, like quant.
-    "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli"},
-    "train": {"commands", "api", "cli", "serve"},
-    "serve": {"commands", "cli", "train", "eval"},
-    "eval": {"commands", "cli", "train", "serve", "data"},
+    "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli", "talaria"},
+    "train": {"commands", "api", "cli", "serve", "talaria"},
+    "serve": {"commands", "cli", "train", "eval", "talaria"},
+    "eval": {"commands", "cli", "train", "serve", "data", "talaria"},
     # data builds training sets with eval's checkers; train reads them.
-    "data": {"commands", "api", "cli", "train", "serve", "engine"},
+    "data": {"commands", "api", "cli", "train", "serve", "engine", "talaria"},
+    # talaria prices a model from its config and modules; measuring the real kernels is allowed, running the engine not.
+    "talaria": {"engine", "serve", "train", "eval", "data", "commands", "api", "cli"},
 }
 
 

@@ -4,7 +4,8 @@ Indices are chosen with GPTQ-style error feedback on the calibration inputs unle
 `--rotate` folds Hadamard rotations into the weights first, `--sequential` fits each block on the inputs of the
 model as already quantized.
 Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
-next to the checkpoint; `--plan plan.json` applies an edited plan instead of allocating.
+next to the checkpoint, and the allocator's per-layer estimates as sensitivity.json (`pippin talaria` reads them);
+`--plan plan.json` applies an edited plan instead of allocating.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pippin.api import load_any, read_text_source
-    from pippin.io import write_json_atomic
+    from pippin.io import remove, write_json_atomic
     from pippin.model.checkpoint import pippin_home, save_pippin
-    from pippin.quant.compress import CompressConfig, compress_, load_plan, quantization_meta
+    from pippin.quant.compress import SENSITIVITY_FILE, CompressConfig, compress_, load_plan, quantization_meta, sensitivity_record
 
     loaded = load_any(args.model, progress=True)
     text = read_text_source(args.calib, loaded.model, loaded.tokenizer)
@@ -90,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: the adapters in {out / 'adapters'} were trained on the model this one replaces; retrain them", file=sys.stderr)
     save_pippin(loaded, out, extra_meta={"quantization": quantization_meta(report, cfg), "name": f"{name}-{args.bpw:g}bpw"})
     write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
+    if report.costs:  # the allocator's per-layer estimates, for `pippin talaria`; a given plan has none
+        write_json_atomic(out / SENSITIVITY_FILE, sensitivity_record(report, cfg))
+    else:
+        remove(out / SENSITIVITY_FILE)  # estimates for the model this one replaces
     print(f"wrote {out}")
     if args.fidelity:
         report_fidelity(out, args.model, args.data)

@@ -35,6 +35,8 @@ from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_
 from pippin.quant.rotate import RotatedHead, rotate_
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SENSITIVITY_FILE = "sensitivity.json"
+"""Written next to a compressed model: the allocator's cost of every layer at every candidate width (Talaria reads it)."""
 
 
 @dataclass(kw_only=True)
@@ -82,6 +84,8 @@ class CompressReport:
     linear_bpw: float
     """Average over the palettized linears alone (indices + LUTs)."""
     layers: list[dict[str, Any]] = field(default_factory=list)
+    costs: dict[str, dict[int, float]] = field(default_factory=dict)
+    """The allocator's estimated loss increase of each layer at each candidate width (empty when a plan was given)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +205,7 @@ def compress_(
         embed_bits += embed.weight.shape[0] * 16 if config.embed_row_scale else 0  # fp16 row scales
     elif isinstance(embed, nn.Embedding):
         embed_bits = embed.weight.numel() * 8 + embed.weight.shape[0] * 32
+    all_costs: dict[str, dict[int, float]] = {}
     if plan is None:
         fisher = fisher_diagonal(model, fisher_batches, names, progress=progress)
         choices = []
@@ -208,6 +213,7 @@ def compress_(
             w = modules[name].weight.detach()
             n, k = w.shape
             costs = {b: cost(name, b, fisher[name]) for b in config.candidate_bits}
+            all_costs[name] = costs
             sizes = {b: _palette_bits(n, k, b, config.group_size) for b in config.candidate_bits}
             choices.append(LayerChoice(name=name, n_weights=n * k, sizes=sizes, costs=costs))
         linear_params = sum(modules[n].weight.numel() for n in names)
@@ -237,7 +243,9 @@ def compress_(
         _quantize_embedding_(model, act8=config.act8)
     linear_bits = sum(modules_bits(model, [entry["name"] for entry in layers]))
     linear_w = sum(m.in_features * m.out_features for m in model.modules() if type(m) is PalettizedLinear)
-    return CompressReport(plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers)
+    return CompressReport(
+        plan=plan, bpw=stored_bits(model) / n_params, linear_bpw=linear_bits / max(linear_w, 1), layers=layers, costs=all_costs
+    )
 
 
 def _palettize_embedding(
@@ -320,6 +328,18 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "error_feedback": config.error_feedback,
         "rotation": {"method": "hadamard", "seed": config.rotate_seed} if config.rotate else None,
         "bpw": report.bpw,
+    }
+
+
+def sensitivity_record(report: CompressReport, config: CompressConfig) -> dict[str, Any]:
+    """What `SENSITIVITY_FILE` holds: each layer's estimated loss increase at each candidate width, and how it was
+    estimated (the allocator's cost; Talaria's quality predictor reads it)."""
+    metric = "Fisher-scaled output error (error feedback)" if config.error_feedback else "Fisher-weighted squared weight error"
+    return {
+        "metric": metric,
+        "rotation": config.rotate,
+        "candidate_bits": list(config.candidate_bits),
+        "costs": {name: {str(b): c for b, c in row.items()} for name, row in report.costs.items()},
     }
 
 

@@ -1,0 +1,216 @@
+"""`pippin talaria --model M`: each op's cost (size, FLOPs, bytes, estimated latency and energy on a device, predicted
+ΔKL) and the totals; what-if rules, an auto plan for a latency, size or energy target, and the plan written for
+`pippin compress --plan`.
+
+Estimates come from a roofline model of a device profile (pippin/talaria/devices/*.json; `this-machine` is measured
+once and cached) and a quality predictor (stored allocator estimates, else a prior; `--calibrate` fits it to models
+whose KL `pippin eval fidelity` measured). Nothing here loads weights or runs the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections import Counter
+
+SORTS = {
+    "order": None,
+    "params": lambda r: r["params"],
+    "bits": lambda r: r["bits"] or 0,
+    "stored": lambda r: r["stored_bytes"],
+    "flops": lambda r: r["decode_flops"],
+    "bytes": lambda r: r["decode_bytes"],
+    "decode": lambda r: r["decode_s"],
+    "prefill": lambda r: r["prefill_s"],
+    "energy": lambda r: r["decode_j"],
+    "kl": lambda r: r["kl"],
+}
+GROUPS = ("op", "type", "kind", "layer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pippin.talaria.devices import THIS_MACHINE, list_profiles
+
+    p.add_argument("--model", default=None, help="preset (tiny, smollm2-135m, afm-on-device) or model folder (default: the default model)")
+    p.add_argument(
+        "--plan", default=None, help="compress plan JSON {layer: bits} for the linears (the embedding, act8 and KV stay as the model's)"
+    )
+    p.add_argument(
+        "--device-profile",
+        default=THIS_MACHINE,
+        help=f"device profile: {', '.join(list_profiles())} (this-machine is measured once, a few seconds), or a JSON file",
+    )
+    p.add_argument("--measure", action="store_true", help="measure this machine again (refresh the cached this-machine profile)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads this machine is measured (and cached) with")
+    p.add_argument("--context", type=int, default=512, help="tokens attended to by a decode step")
+    p.add_argument("--prefill", type=int, default=512, help="tokens of a prefill chunk")
+    p.add_argument("--kv-bits", type=int, choices=[8, 16, 32], default=None, help="KV-cache width (default: as the model runs, 32 or 8)")
+    p.add_argument("--act8", action=argparse.BooleanOptionalAction, default=None, help="8-bit activations (default: as the model)")
+    p.add_argument("--rule", action="append", default=[], metavar="PATTERN=BITS", help="store matching ops at BITS, e.g. '*.down_proj=3'")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-decode-ms", type=float, default=None, help="auto: decode latency per token at most this")
+    target.add_argument("--target-size-mb", type=float, default=None, help="auto: stored size at most this (MB)")
+    target.add_argument("--target-energy-mj", type=float, default=None, help="auto: energy per decoded token at most this")
+    p.add_argument("--bits", default="2,3,4", help="auto: widths a linear may take")
+    p.add_argument(
+        "--calibrate",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="compressed model folders with a fidelity report: fit the quality predictor",
+    )
+    p.add_argument("--write-plan", default=None, metavar="OUT", help="write the plan (with its predictions) for `pippin compress --plan`")
+    p.add_argument("--sort", choices=list(SORTS), default="order", help="sort the table by this column (largest first)")
+    p.add_argument("--group", choices=GROUPS, default="op", help="one row per op, per op type (q_proj, attention...), kind or layer")
+    p.add_argument("--limit", type=int, default=None, help="show at most this many rows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _measured_kl(folder) -> float:  # noqa: ANN001 - a Path
+    """The KL to full precision that `pippin eval fidelity` (or `pippin compress`) stored in FOLDER/fidelity/."""
+    from pippin.errors import PippinError
+    from pippin.eval.report import load_result
+
+    path = folder / "fidelity" / "results.json"
+    if not path.is_file():
+        raise PippinError(f"{folder} has no fidelity report ({path}); run `pippin eval fidelity` on it first.")
+    systems = list(load_result(path).metrics.values())
+    if len(systems) < 2 or "KL" not in systems[1]:
+        raise PippinError(f"{path} has no KL for the compressed model.")
+    return float(systems[1]["KL"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from pippin.errors import PippinError
+    from pippin.quant.compress import load_plan
+    from pippin.talaria.devices import load_profile, this_machine_profile
+    from pippin.talaria.ops import ops_table
+    from pippin.talaria.quality import load_sensitivity, prior_sensitivity
+    from pippin.talaria.source import open_model
+    from pippin.talaria.whatif import Rule, Target, TargetKind, apply_rules, auto, simulate, write_plan
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    src = open_model(args.model)
+    cfg, plan = src.config, src.plan
+    tied = cfg.tie_embeddings
+    if args.plan:
+        plan = plan.with_bits(load_plan(args.plan), tied=tied)
+    overrides = {"act8": args.act8, "kv_bits": args.kv_bits}
+    plan = dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    plan = apply_rules(plan, [Rule.parse(r) for r in args.rule], tied=tied)
+    params = {r.name: r.params for r in ops_table(cfg, plan, context=1, prefill=1)}
+    sens = (load_sensitivity(src.folder, plan=plan, params=params) if src.folder else None) or prior_sensitivity(plan, params)
+    if args.calibrate:
+        points = []
+        for d in args.calibrate:
+            other = open_model(d)
+            if other.config.param_counts() != cfg.param_counts() or other.folder is None:
+                raise PippinError(f"{d} is not a compressed model of {src.name}'s architecture; calibrate on models of the same shape.")
+            points.append((other.plan, _measured_kl(other.folder)))
+        sens = sens.calibrated(points)
+
+    targets = {TargetKind.DECODE_MS: args.target_decode_ms, TargetKind.SIZE_MB: args.target_size_mb}
+    targets[TargetKind.ENERGY_MJ] = args.target_energy_mj
+    target = next((Target(kind=k, value=v) for k, v in targets.items() if v is not None), None)
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        raise PippinError(f"--bits takes widths separated by commas (e.g. 2,3,4), not {args.bits!r}.") from None
+    if args.measure:
+        this_machine_profile(refresh=True)
+    profile = load_profile(args.device_profile)
+    kw = {"sensitivity": sens, "context": args.context, "prefill": args.prefill}
+    if target is not None:
+        result = auto(cfg, plan, profile, target, bits=bits, **kw)
+    else:
+        result = simulate(cfg, plan, profile, **kw)
+    if args.write_plan:
+        write_plan(args.write_plan, result, profile=profile, model=src.name, target=target)
+
+    rows = _table(result, group=args.group)
+    if args.sort != "order":
+        rows.sort(key=SORTS[args.sort], reverse=True)
+    rows = rows[: args.limit] if args.limit else rows
+    out = {
+        "model": src.name,
+        "plan": {"describe": result.plan.describe(), **dataclasses.asdict(result.plan)},
+        "device": profile.to_dict(),
+        "target": None if target is None else {"kind": target.kind.value, "value": target.value},
+        "totals": result.summary(),
+        "calibration": None if sens.calibration is None else dataclasses.asdict(sens.calibration),
+        "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print(out, result, profile, target, args)
+    return 0
+
+
+def _table(result, *, group: str) -> list[dict]:  # noqa: ANN001 - a WhatIf
+    """Rows as dicts (the op's counts, its estimate and its predicted ΔKL), summed per group unless group == 'op'."""
+    rows = []
+    for r, e in zip(result.rows, result.estimate.ops, strict=True):
+        d = r.to_dict() | {k: v for k, v in dataclasses.asdict(e).items() if k != "name"}
+        rows.append(d | {"kl": result.op_kl.get(r.name, 0.0)})
+    if group == "op":
+        return rows
+    key = {
+        "type": lambda d: d["name"].rsplit(".", 1)[-1] if d["layer"] is not None else d["name"],
+        "kind": lambda d: d["kind"],
+        "layer": lambda d: f"layers.{d['layer']}" if d["layer"] is not None else d["name"],
+    }[group]
+    merged: dict[str, dict] = {}
+    numeric = ("params", "stored_bytes", "decode_flops", "decode_bytes", "prefill_flops", "prefill_bytes", "decode_s", "decode_j")
+    numeric += ("prefill_s", "prefill_j", "kl")
+    for d in rows:
+        k = key(d)
+        first = {"name": k, "kind": d["kind"], "layer": d["layer"], "bits": Counter(), "n": 0, "bounds": Counter()}
+        m = merged.setdefault(k, first | dict.fromkeys(numeric, 0))
+        m["n"] += 1
+        m["kind"] = m["kind"] if m["kind"] == d["kind"] else "mixed"
+        for f in numeric:
+            m[f] += d[f]
+        if d["bits"] is not None:
+            m["bits"][d["bits"]] += 1
+        m["bounds"][d["decode_bound"]] += 1
+    for m in merged.values():  # the most common width and bound of the group
+        m["bits"] = m["bits"].most_common(1)[0][0] if m["bits"] else None
+        m["decode_bound"] = m.pop("bounds").most_common(1)[0][0]
+    return list(merged.values())
+
+
+def _print(out: dict, result, profile, target, args: argparse.Namespace) -> None:  # noqa: ANN001
+    t = out["totals"]
+    print(f"talaria: {out['model']} | {result.plan.describe()}")
+    print(f"device: {profile.name} ({profile.description})")
+    print(f"decode at context {args.context}, prefill of {args.prefill} tokens" + (f" | auto: {target.describe()}" if target else ""))
+    print(
+        f"{'op':<36} {'kind':<10} {'params':>10} {'bits':>4} {'stored KB':>10} {'MFLOP':>8} {'KB moved':>9} "
+        f"{'decode µs':>9} {'bound':<8} {'µJ':>8} {'ΔKL':>8}"
+    )
+    for r in out["rows"]:
+        bits = "-" if r["bits"] is None else str(r["bits"])
+        print(
+            f"{r['name'][:36]:<36} {r['kind']:<10} {r['params']:>10,} {bits:>4} {r['stored_bytes'] / 1e3:>10.1f} "
+            f"{r['decode_flops'] / 1e6:>8.2f} {r['decode_bytes'] / 1e3:>9.1f} {r['decode_s'] * 1e6:>9.2f} {r['decode_bound']:<8} "
+            f"{r['decode_j'] * 1e6:>8.2f} {r['kl']:>8.4f}"
+        )
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in t["decode_time_by_bound"].items() if v >= 0.005)
+    print(f"size: {t['size_bytes'] / 1e6:.2f} MB, {t['n_params'] / 1e6:.1f}M parameters, {t['bpw']:.3f} bits per weight")
+    print(f"decode: {t['decode_s'] * 1e3:.3f} ms/token = {t['decode_tok_s']:.1f} tok/s ({shares}); {t['decode_j'] * 1e3:.3f} mJ/token")
+    prefill = f"{t['prefill_s'] * 1e3:.1f} ms for {args.prefill} tokens = {t['prefill_tok_s']:.0f} tok/s"
+    print(f"prefill: {prefill}; {t['prefill_j_per_token'] * 1e3:.3f} mJ/token")
+    cal = out["calibration"]
+    fit = ""
+    if cal:
+        loo = "" if cal["loo_mean_rel_error"] is None else f", leave-one-out {cal['loo_mean_rel_error']:.0%}"
+        fit = f"; calibrated on {cal['n_plans']} measured plans: mean error {cal['mean_rel_error']:.0%}{loo}"
+    print(f"predicted ΔKL: {t['predicted_kl']:.4f} nats/token ({t['quality_source']}{fit})")
+    print("estimates: a roofline model of the device profile, not measurements")
+    if args.write_plan:
+        print(f"wrote {args.write_plan}")
