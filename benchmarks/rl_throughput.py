@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from dataclasses import asdict
@@ -43,6 +42,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from pippin.kernels import cpu_name
     from pippin.model.config import get_preset
     from pippin.model.transformer import Transformer
     from pippin.train.mdloo import RLConfig, train_rl
@@ -71,7 +71,7 @@ def main() -> int:
     per_it = statistics.median(h.seconds for h in timed)
     sampling = statistics.median(h.sample_seconds for h in timed)
     tokens = statistics.median(h.mean_length for h in timed) * n
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv),
@@ -93,16 +93,6 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

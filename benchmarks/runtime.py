@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ import torch
 
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
-from pippin.kernels import variant
+from pippin.kernels import cpu_name, variant
 from pippin.model.checkpoint import config_to_hf, default_gguf_path, load_model
 
 PREFILL, DECODE, DECODE_PROMPT = 512, 128, 15
@@ -250,13 +249,6 @@ def rss_of(engine: str, threads: int) -> float:
     # ru_maxrss would be wrong here: Linux carries it over fork+exec from this (large) parent process.
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

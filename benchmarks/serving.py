@@ -59,6 +59,8 @@ def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
 
 def run_header(threads: int) -> dict:
     """What every benchmark report starts with: when, the command, the CPU, the kernel variant and the threads."""
+    from pippin.kernels import cpu_name
+
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(sys.argv),
@@ -72,13 +74,6 @@ def kernel_variant() -> str:
     from pippin.kernels import variant
 
     return variant()
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def rss_mb(pid: int) -> float:

@@ -13,25 +13,23 @@ request, so a request never appears on both sides. Tulu 3 (Lambert et al. 2024) 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pippin.data import TRAIN_FILE, VALIDATION_FILE, write_prompt_set
 from pippin.data import ifprompts_bank as bank
 from pippin.data.decontaminate import NGRAM, NGramIndex
 from pippin.errors import PippinError
 from pippin.eval.ifeval import IFEvalItem
 from pippin.eval.ifeval_checks import CHECKERS, RELATIONS
-from pippin.io import write_atomic, write_json_atomic
 
 GENERATOR_VERSION = 1
 """Bumped whenever the same seed would give different prompts."""
 
 INSTRUCTION_IDS = tuple(sorted(CHECKERS))
-TRAIN_FILE, VALIDATION_FILE, MANIFEST_FILE = "train.jsonl", "validation.jsonl", "manifest.json"
 
 # Pairs of instruction types that one reply cannot (or cannot sensibly) follow together: case rules against each
 # other and against fixed mixed-case text, a non-English reply against English words, JSON against any layout outside
@@ -300,15 +298,6 @@ def build_ifprompts(config: IFPromptsConfig, *, reference: Sequence[str], tasks:
     return IFPromptSet(train=train, validation=validation, manifest=manifest)
 
 
-def _jsonl(items: list[IFEvalItem]) -> bytes:
-    return "".join(json.dumps(asdict(item)) + "\n" for item in items).encode()
-
-
 def write_ifprompts(folder: str | Path, prompt_set: IFPromptSet) -> dict[str, Path]:
     """Write train.jsonl, validation.jsonl (IFEval's row shape) and manifest.json, each atomically, the manifest last."""
-    folder = Path(folder)
-    paths = {"train": folder / TRAIN_FILE, "validation": folder / VALIDATION_FILE, "manifest": folder / MANIFEST_FILE}
-    write_atomic(paths["train"], _jsonl(prompt_set.train))
-    write_atomic(paths["validation"], _jsonl(prompt_set.validation))
-    write_json_atomic(paths["manifest"], prompt_set.manifest)
-    return paths
+    return write_prompt_set(folder, prompt_set.train, prompt_set.validation, prompt_set.manifest)

@@ -12,11 +12,11 @@ pippin.train.harmless.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pippin.data import TRAIN_FILE, VALIDATION_FILE, write_prompt_set
 from pippin.errors import PippinError
 from pippin.eval.suite import Split
 from pippin.eval.tasks.safety import (
@@ -28,13 +28,11 @@ from pippin.eval.tasks.safety import (
     load_items,
     split_point,
 )
-from pippin.io import write_atomic, write_json_atomic
 
 VERSION = 1
 """Bumped whenever the same sources would give different rows."""
 EXPECTS = ("refuse", "comply")
 SOURCES = ("advbench", "xstest")
-TRAIN_FILE, VALIDATION_FILE, MANIFEST_FILE = "train.jsonl", "validation.jsonl", "manifest.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,15 +112,6 @@ def build_safety_prompts(data_dir: str | Path, *, val_fraction: float = 0.1) -> 
     return SafetyPromptSet(train=train, validation=validation, manifest=manifest)
 
 
-def _jsonl(rows: list[SafetyPrompt]) -> bytes:
-    return "".join(json.dumps(asdict(r)) + "\n" for r in rows).encode()
-
-
 def write_safety_prompts(folder: str | Path, prompt_set: SafetyPromptSet) -> dict[str, Path]:
     """Write train.jsonl, validation.jsonl and manifest.json, each atomically, the manifest last."""
-    folder = Path(folder)
-    paths = {"train": folder / TRAIN_FILE, "validation": folder / VALIDATION_FILE, "manifest": folder / MANIFEST_FILE}
-    write_atomic(paths["train"], _jsonl(prompt_set.train))
-    write_atomic(paths["validation"], _jsonl(prompt_set.validation))
-    write_json_atomic(paths["manifest"], prompt_set.manifest)
-    return paths
+    return write_prompt_set(folder, prompt_set.train, prompt_set.validation, prompt_set.manifest)

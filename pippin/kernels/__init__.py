@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -23,6 +24,17 @@ from pippin.io import write_atomic
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).parent / "csrc"
 _state: dict[str, object] = {}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what benchmarks and device profiles report beside the kernel variant)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _cpu_has_avx2() -> bool:

@@ -25,6 +25,7 @@ import torch
 
 from pippin.errors import PippinError
 from pippin.io import write_json_atomic
+from pippin.kernels import cpu_name
 from pippin.model.checkpoint import pippin_home
 
 DEVICES_DIR = Path(__file__).parent / "devices"
@@ -133,17 +134,7 @@ def this_machine_cache() -> Path:
 
 
 def _host() -> dict[str, Any]:
-    return {"cpu": _cpu_name(), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return {"cpu": cpu_name(), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def this_machine_profile(*, measure: bool = True, refresh: bool = False, **measure_kwargs: Any) -> DeviceProfile:
@@ -226,7 +217,7 @@ def _measure(dev: torch.device, *, copy_mb: int, matmul_n: int, repeats: int, ke
         "measured": {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": _host(),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
             "how": how,
         },
     }
