@@ -154,7 +154,18 @@ def run(args: argparse.Namespace) -> int:
 
     policy = loaded.model.to(args.device)
     eos = policy.config.eos_token_ids
-    res = train_rl(policy, prompts, reward, config, val_prompts=val_prompts, eos_ids=eos, on_iteration=show, on_samples=keep, out_dir=out)
+    res = train_rl(
+        policy,
+        prompts,
+        reward,
+        config,
+        val_prompts=val_prompts,
+        eos_ids=eos,
+        on_iteration=show,
+        on_samples=keep,
+        out_dir=out,
+        reward_spec={"reward": rewards, "rm_weight": args.rm_weight if rm is not None else None},
+    )
     name = f"{loaded.meta.get('name') or loaded.path.name}-{args.algo}"
     info = {"rl": {**record, **config.to_dict()}, "final_reward": res.history[-1].mean_reward if res.history else None}
     if config.lora is not None:

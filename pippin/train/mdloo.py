@@ -255,6 +255,7 @@ def train_rl(
     on_iteration: Callable[[RLStats], None] | None = None,
     on_samples: Callable[[int, list[dict]], None] | None = None,
     out_dir: str | Path | None = None,
+    reward_spec: object = None,
     progress: bool = False,
 ) -> RLResult:
     """Train `policy` in place: with `config.lora`, a trainable adapter is applied to it (the base stays frozen and is
@@ -262,7 +263,7 @@ def train_rl(
     response ids without the stop token) -> r, e.g. a verifier or a reward model. `on_samples(iteration, rows)` sees
     every sample with its reward, KL and advantage (to look for reward hacking). With `out_dir`, the trainable weights
     and the optimizer are checkpointed every `save_every` iterations and a killed run resumes from the last checkpoint
-    (the same config, prompts and base only)."""
+    (the same config, prompts, base and `reward_spec`, a JSON-able description of the reward, only)."""
     from pippin.quant.linear import PalettizedLinear
     from pippin.train.checkpointing import resume, save_state
 
@@ -287,7 +288,7 @@ def train_rl(
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     result = RLResult()
     digest = hashlib.sha256(json.dumps([[list(p) for p in prompts], [list(p) for p in val_prompts]]).encode()).hexdigest()[:16]
-    run = {"config": config.to_dict(), "prompts": digest, "base": fingerprint}
+    run = {"config": config.to_dict(), "prompts": digest, "base": fingerprint, "reward": reward_spec}
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if ckpt is not None and (meta := resume(ckpt, run=run, params=params, optimizer=opt)) is not None:
         result.history = [RLStats(**h) for h in meta["history"]]

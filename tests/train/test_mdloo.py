@@ -177,6 +177,8 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
         train_rl(tiny_model(seed=3), prompts[:1], EVEN, cfg, out_dir=tmp_path / "run")
     with pytest.raises(PippinError, match="different run"):  # another base under the same run folder
         train_rl(tiny_model(seed=4), prompts, EVEN, cfg, out_dir=tmp_path / "run")
+    with pytest.raises(PippinError, match="different run"):  # another reward
+        train_rl(tiny_model(seed=3), prompts, EVEN, cfg, out_dir=tmp_path / "run", reward_spec="odd")
 
 
 def _rl(tmp_path, *extra: str) -> dict:
