@@ -11,6 +11,7 @@ the build takes about 20 s on 2 cores, once per machine, source and torch versio
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -72,14 +73,20 @@ def ops(*, verbose: bool = False):  # noqa: ANN201 - returns torch.ops.pippin or
             text = "".join(f'#include "{f}"\n' for f in sorted(_CSRC.glob("*.cpp")))
             if not unity.is_file() or unity.read_text() != text:
                 write_atomic(unity, text.encode())  # atomic: a second process may be building at the same time
-            cpp_extension.load(
-                name="pippin_ops",
-                sources=[str(unity)],
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-semantic-interposition"],
-                build_directory=str(d),
-                is_python_module=False,
-                verbose=verbose,
-            )
+            # torch guards a build with a `lock` file that a killed build leaves behind, and the next load then waits
+            # on it forever. An flock, which the OS drops when its holder dies, serializes pippin's builds instead:
+            # whoever holds it is the only builder, so a `lock` file found then is stale and goes.
+            with open(d / "build.flock", "a") as flock:
+                fcntl.flock(flock, fcntl.LOCK_EX)
+                (d / "lock").unlink(missing_ok=True)
+                cpp_extension.load(
+                    name="pippin_ops",
+                    sources=[str(unity)],
+                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fno-semantic-interposition"],
+                    build_directory=str(d),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
             result = torch.ops.pippin
         except Exception as e:  # no compiler, no ninja, ...: fall back, but say why once
             log.warning("pippin kernels unavailable, using the PyTorch reference path: %s", e)

@@ -170,3 +170,23 @@ def test_decode_plan_runs_the_first_rows_of_a_bigger_cache(kv8):
     assert True not in block_by_block  # no decode step left the one-call plan
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_stale_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    """torch's `lock` file outlives a build killed mid-way; loading must remove it rather than wait forever."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pippin.kernels import build_dir
+
+    home = tmp_path / "home"
+    built = build_dir()
+    shutil.copytree(built, home / "kernels" / built.name)  # copy2 keeps mtimes: ninja has nothing to rebuild
+    (home / "kernels" / built.name / "lock").write_text("")  # what a build killed by SIGKILL leaves
+    code = "from pippin.kernels import ops; import sys; sys.exit(0 if ops() is not None else 1)"
+    env = {**os.environ, "PIPPIN_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (home / "kernels" / built.name / "lock").exists()
