@@ -81,11 +81,13 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     it (the caller checks each row's shape)."""
     from pippin.errors import PippinError
 
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PippinError(f"{path}:{n}: not UTF-8 text (byte {e.start}); save the file as UTF-8.") from None
         except json.JSONDecodeError as e:
             raise PippinError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
         yield n, row

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pippin.errors import PippinError
-from pippin.io import write_json_atomic
+from pippin.io import jsonl_rows, write_json_atomic
 
 SUMMARIZE_DIALOGUE = "Summarize the following dialogue in a few sentences.\n\n{dialogue}"
 SUMMARIZE_ARTICLE = "Summarize the following news article in one sentence.\n\n{document}"
@@ -89,21 +89,14 @@ def read_conversations(
     if not path.is_file():
         raise PippinError(f"Training data {path} does not exist.")
     out = []
-    text = path.read_text(errors="replace")
-    if text.lstrip().startswith("["):  # one JSON array of rows
+    if path.read_bytes().lstrip().startswith(b"["):  # one JSON array of rows
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PippinError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PippinError(f"{path}: not valid UTF-8 JSON ({e}).") from None
         out = [_row_to_messages(row, fmt, f"{path}[{i}]") for i, row in enumerate(rows)]
-    for i, line in enumerate([] if out else text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PippinError(f"{path}:{i}: not valid JSON ({e.msg}).") from None
-        out.append(_row_to_messages(row, fmt, f"{path}:{i}"))
+    else:
+        out = [_row_to_messages(row, fmt, f"{path}:{n}") for n, row in jsonl_rows(path)]
     out = out[skip : None if limit is None else skip + limit]
     if not out:
         raise PippinError(f"{path} has no rows in the requested range.")

@@ -153,6 +153,9 @@ def test_data_readers_and_bad_rows(tmp_path):
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n{oops\n")
     with pytest.raises(PippinError, match=r"d.jsonl:2: not valid JSON"):
         read_conversations(p)
+    p.write_bytes(b'{"messages": "caf\xe9"}\n')  # Latin-1, not UTF-8: named, not silently replaced
+    with pytest.raises(PippinError, match=r"d.jsonl:1: not UTF-8"):
+        read_conversations(p)
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n")
     with pytest.raises(PippinError, match="no assistant"):
         read_conversations(p)
