@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=5)
     p.add_argument("--reward", action="append", default=None, help="'verifier' and/or a reward-model run folder (default: verifier)")
     p.add_argument("--rm-weight", type=float, default=1.0, help="weight of the reward model's score when given")
+    p.add_argument(
+        "--guard", action=argparse.BooleanOptionalAction, default=True,
+        help="pay no IFEval-verifier reward for a degenerate reply: template spans without content, or a loop (default on)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--algo", choices=["mdloo", "rloo"], default="mdloo")
     p.add_argument("--full", action="store_true", help="train all weights (full-precision models) instead of a LoRA adapter")
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from pippin.eval.ifeval import IFEvalItem, check_response
     from pippin.io import write_atomic, write_json_atomic
     from pippin.model.checkpoint import LoadedModel, save_pippin
+    from pippin.train.guard import DegenerateGuard
     from pippin.train.harmless import harmlessness_reward
     from pippin.train.mdloo import RLConfig, train_rl
     from pippin.train.reward import load_reward_model, reward_base
@@ -114,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
             raise PippinError("Give at most one reward-model run folder.")
         rm = load_reward_model(rm_dirs[0], load_any(reward_base(rm_dirs[0])).model)
 
+    guard = DegenerateGuard() if args.guard else None
+
     def verify(row: object, reply: str) -> float:
         if isinstance(row, IFEvalItem):
             ok = check_response(row, reply)
-            return sum(ok) / len(ok)
+            return guard(sum(ok) / len(ok), reply) if guard else sum(ok) / len(ok)
         return harmlessness_reward(row.expect, reply)
 
     @torch.no_grad()
@@ -137,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     out = Path(args.out)
     record = {"model": str(loaded.path), "data": args.data, "val_data": args.val_data, "val_limit": args.val_limit}
-    record |= {"reward": rewards, "rm_weight": args.rm_weight}
+    record |= {"reward": rewards, "rm_weight": args.rm_weight, "guard": asdict(guard) if guard else None}
     write_json_atomic(out / "rl_config.json", {**record, **config.to_dict()})
+    reward_spec = {"reward": rewards, "rm_weight": args.rm_weight if rm is not None else None}
+    if guard:  # a run from before the guard (none recorded) resumes with --no-guard
+        reward_spec["guard"] = asdict(guard)
 
     def show(s) -> None:  # noqa: ANN001 - RLStats
         val = f", validation {s.val_reward:.3f}" if s.val_reward is not None else ""
@@ -164,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         on_iteration=show,
         on_samples=keep,
         out_dir=out,
-        reward_spec={"reward": rewards, "rm_weight": args.rm_weight if rm is not None else None},
+        reward_spec=reward_spec,
     )
     name = f"{loaded.meta.get('name') or loaded.path.name}-{args.algo}"
     info = {"rl": {**record, **config.to_dict()}, "final_reward": res.history[-1].mean_reward if res.history else None}

@@ -216,8 +216,9 @@ def test_the_rl_command_trains_an_adapter_on_mixed_verifiers_and_full_weights(tm
     adapter = load_adapter(tmp_path / "rl" / "adapter")
     base = load_any(folder).model
     assert adapter.meta["base_fingerprint"] == base_fingerprint(base) and adapter.meta["rl"]["algo"] == "mdloo"
+    assert adapter.meta["rl"]["guard"] == {"min_words": 5, "min_distinct": 0.35}  # on by default, recorded
     assert any(bool(B.abs().sum()) for _, B in adapter.weights.values())  # the adapter moved off its zero start
-    out = _rl(tmp_path, *data[:4], "--out", str(tmp_path / "full"), "--full", "--lr", "1e-3")
+    out = _rl(tmp_path, *data[:4], "--out", str(tmp_path / "full"), "--full", "--lr", "1e-3", "--no-guard")
     trained = load_any(tmp_path / "full" / "model")
-    assert trained.meta["rl"]["lora"] is None and trained.tokenizer is not None
+    assert trained.meta["rl"]["lora"] is None and trained.meta["rl"]["guard"] is None and trained.tokenizer is not None
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in trained.model.state_dict().items())  # the policy moved
