@@ -1,6 +1,7 @@
 """Talaria's web view in headless Chromium (Debian's `chromium`, driven by playwright): load the tiny model's table,
 sort it, filter it, select rows in the table and the block graph, set their bits and see the totals the Python API
-computes for the same plan, apply a rule, run auto, and write a plan `pippin compress --plan` accepts.
+computes for the same plan, apply a rule, undo, run auto, write a plan `pippin compress --plan` accepts, load a plan from
+the Pareto plot and price it on another device.
 
 Skipped when playwright or a chromium binary is missing (playwright's own browser download cannot work here), except
 under CI (`CI` set), where `.ci/run` installs Debian's chromium and a missing browser is a failure.
@@ -167,12 +168,21 @@ def test_view_sorts_filters_selects_simulates_and_writes_a_plan(tmp_path):
                 page.click("#download")
             assert dl.value.suggested_filename == "browser-plan.json"
 
+            # A reference point of the Pareto plot loads its plan; another device prices the same plan there.
+            page.click('#pareto-size .pt.ref[data-label="linears at 2 bits"]')
+            seq = settle(page, seq)
+            two = base.with_bits({n: 2 for n in base.bits if n.endswith("_proj")})
+            assert_totals(page, simulate(cfg, two, dev, **kw))
+            page.select_option("#device", "phone-npu")
+            seq = settle(page, seq)
+            assert_totals(page, simulate(cfg, two, load_profile("phone-npu"), **kw))
+
             # A width the selection cannot take is refused with a message, and nothing changes.
             page.click('#graph rect.node[data-name="norm"]')
             page.select_option("#bits", "3")
             page.click("#apply-bits")
             assert "None of the 1 selected ops can take 3 bits" in page.inner_text("#status.error")
-            assert_totals(page, solved)
+            assert_totals(page, simulate(cfg, two, load_profile("phone-npu"), **kw))
             assert not errors, errors
             assert all(u.startswith((url, "blob:", "data:")) for u in requested), requested  # nothing from a CDN
         finally:
