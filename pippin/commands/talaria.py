@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         this_machine_profile(refresh=True)
     profile = load_profile(args.device_profile)
     if args.serve:
+        if target is not None or args.write_plan:
+            raise PippinError("--serve starts the web view: run auto and write plans from the page (drop --target-* and --write-plan).")
         return _serve(args, src, plan, sens)
     kw = {"sensitivity": sens, "context": args.context, "prefill": args.prefill}
     if target is not None:

@@ -200,3 +200,5 @@ def test_pippin_talaria_serve_builds_the_view_and_refuses_other_hosts(tmp_path, 
     assert client.post("/api/plan", json={"name": "p"}).json()["record"]["plan"] == {f"layers.{i}.mlp.up_proj": 4 for i in (0, 1)}
     assert (tmp_path / "out" / "p.json").is_file()
     assert TestClient(served["app"], base_url="http://evil.example").get("/api/model").status_code == 400
+    capsys.readouterr()
+    assert main([*args, "--target-size-mb", "1"]) == 2 and "--serve starts the web view" in capsys.readouterr().err
