@@ -20,7 +20,7 @@ COMMANDS = {
     "convert": "Convert a GGUF file or Hugging Face folder to pippin's format.",
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
-    "talaria": "Per-op size, FLOPs, bytes, estimated latency/energy on a device and predicted ΔKL; what-if rules, auto plans.",
+    "talaria": "Per-op size, FLOPs, bytes, estimated latency/energy and predicted ΔKL; what-if rules, auto plans, a web view.",
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
     "sft": "Full fine-tuning of every weight on chats (assistant-only loss), with sequence packing; resumes after a kill.",
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",

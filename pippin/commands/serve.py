@@ -1,4 +1,4 @@
-"""`pippin serve`: an OpenAI-compatible server with per-request LoRA adapters and a web playground at /.
+"""`pippin serve`: an OpenAI-compatible server with per-request LoRA adapters, a web playground at / and Talaria at /talaria/.
 
 Loads the models, prints the URL, and runs uvicorn until Ctrl-C. Flags map one to one onto
 pippin.serve.config.ServeConfig, so `run(args)` and `serve(config)` are the same thing.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pippin.serve.config import LOOPBACK_HOSTS, ServeConfig
 
@@ -99,6 +100,7 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
 
     from pippin.errors import PippinError
     from pippin.eval.fidelity import summary
+    from pippin.model.checkpoint import pippin_home
     from pippin.serve.app import create_app
     from pippin.serve.service import Service
 
@@ -117,10 +119,14 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
     service.warm_up()
     print(f"  warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     app = create_app(service)
+    # Plans are written server-side only for a loopback server; elsewhere the page offers them as downloads.
+    plans_dir = pippin_home() / "talaria" / "plans" if config.loopback else None
+    talaria = mount_talaria(app, service.default.loaded.path, plans_dir=plans_dir)
     host = f"[{config.host}]" if ":" in config.host else config.host
     url = f"http://{host}:{sock.getsockname()[1]}/"
     print(f"pippin serve: {url}  (playground at /, OpenAI API at {url}v1, metrics at /metrics)", flush=True)
     print(f"  models: {', '.join(c.id for c in service.models())}", file=sys.stderr, flush=True)
+    print(f"  talaria: {url}talaria/" if talaria is None else f"  talaria: not mounted ({talaria})", file=sys.stderr, flush=True)
     if config.api_key is not None:
         print("  /v1 requires the API key (Authorization: Bearer ...); the playground asks for it", file=sys.stderr, flush=True)
     elif not config.loopback:
@@ -130,6 +136,30 @@ def serve(config: ServeConfig, *, log_level: str = "warning") -> int:
             print(f"  {base.name} against full precision: {line}", file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     return 0
+
+
+def mount_talaria(app, model_path: Path, *, plans_dir: Path | None) -> str | None:  # noqa: ANN001 - a FastAPI app
+    """Mount Talaria's view of a served model folder at /talaria (priced on this machine where it is measured, else
+    on the laptop-cpu profile; plans written into plans_dir, or only offered as downloads when it is None). Returns
+    why not, or None once mounted."""
+    from pippin.errors import PippinError
+    from pippin.talaria.devices import THIS_MACHINE, load_profile
+    from pippin.talaria.web import TalariaView
+    from pippin.talaria.web import create_app as talaria_app
+
+    if not (model_path / "config.json").is_file():
+        return f"{model_path} is not a model folder with a config.json"
+    try:
+        load_profile(THIS_MACHINE, measure=False)
+        device = THIS_MACHINE
+    except PippinError:
+        device = "laptop-cpu"
+    try:
+        view = TalariaView.open(str(model_path), device=device, plans_dir=plans_dir)
+    except PippinError as e:
+        return str(e)
+    app.mount("/talaria", talaria_app(view))
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`pippin talaria --model M`: each op's cost (size, FLOPs, bytes, estimated latency and energy on a device, predicted
 ΔKL) and the totals; what-if rules, an auto plan for a latency, size or energy target, and the plan written for
-`pippin compress --plan`.
+`pippin compress --plan`. `--serve` serves the same model and plan as an interactive web view instead (sortable table,
+block graph, Pareto plot of the plans tried; pippin.talaria.web).
 
 Estimates come from a roofline model of a device profile (pippin/talaria/devices/*.json; `this-machine` is measured
 once and cached) and a quality predictor (stored allocator estimates, else a prior; `--calibrate` fits it to models
@@ -65,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", choices=GROUPS, default="op", help="one row per op, per op type (q_proj, attention...), kind or layer")
     p.add_argument("--limit", type=int, default=None, help="show at most this many rows")
     p.add_argument("--json", action="store_true", help="print JSON")
+    web = p.add_argument_group("web view")
+    web.add_argument("--serve", action="store_true", help="serve the interactive view (table, block graph, Pareto plot, what-if)")
+    web.add_argument("--host", default="127.0.0.1", help="address the view listens on (default: this machine only)")
+    web.add_argument("--port", type=int, default=8765, help="port of the view (0: any free port)")
+    web.add_argument("--plans-dir", default=None, help="folder the view writes plans into (default: $PIPPIN_HOME/talaria/plans)")
 
 
 def _measured_kl(folder) -> float:  # noqa: ANN001 - a Path
@@ -85,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from pippin.errors import PippinError
     from pippin.quant.compress import load_plan
     from pippin.talaria.devices import load_profile, this_machine_profile
-    from pippin.talaria.ops import ops_table
-    from pippin.talaria.quality import load_sensitivity, prior_sensitivity
+    from pippin.talaria.quality import sensitivity_for
     from pippin.talaria.source import open_model
     from pippin.talaria.whatif import Rule, Target, TargetKind, apply_rules, auto, simulate, write_plan
 
@@ -102,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"act8": args.act8, "kv_bits": args.kv_bits}
     plan = dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     plan = apply_rules(plan, [Rule.parse(r) for r in args.rule], tied=tied)
-    params = {r.name: r.params for r in ops_table(cfg, plan, context=1, prefill=1)}
-    sens = (load_sensitivity(src.folder, plan=plan, params=params) if src.folder else None) or prior_sensitivity(plan, params)
+    sens = sensitivity_for(cfg, plan, folder=src.folder)
     if args.calibrate:
         points = []
         for d in args.calibrate:
@@ -123,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         this_machine_profile(refresh=True)
     profile = load_profile(args.device_profile)
+    if args.serve:
+        if target is not None or args.write_plan:
+            raise PippinError("--serve starts the web view: run auto and write plans from the page (drop --target-* and --write-plan).")
+        return _serve(args, src, plan, sens)
     kw = {"sensitivity": sens, "context": args.context, "prefill": args.prefill}
     if target is not None:
         result = auto(cfg, plan, profile, target, bits=bits, **kw)
@@ -151,12 +159,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, src, plan, sens) -> int:  # noqa: ANN001 - a ModelSource, Plan, Sensitivity
+    """Serve the web view of this model and plan until Ctrl-C."""
+    import socket
+
+    import uvicorn
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    from pippin.errors import PippinError
+    from pippin.model.checkpoint import pippin_home
+    from pippin.talaria.web import TalariaView, create_app
+
+    plans_dir = args.plans_dir or pippin_home() / "talaria" / "plans"
+    kw = {"context": args.context, "prefill": args.prefill, "plans_dir": plans_dir}
+    view = TalariaView(src, plan=plan, sensitivity=sens, device=args.device_profile, **kw)
+    app = create_app(view)
+    if args.host in ("127.0.0.1", "localhost", "::1"):  # a page on another site resolving to 127.0.0.1 (DNS rebinding) gets 400
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "[::1]", "::1"])
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise PippinError(f"Cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port.") from None
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"pippin talaria: http://{host}:{sock.getsockname()[1]}/  ({src.name}; plans go to {plans_dir})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
 def _table(result, *, group: str) -> list[dict]:  # noqa: ANN001 - a WhatIf
     """Rows as dicts (the op's counts, its estimate and its predicted ΔKL), summed per group unless group == 'op'."""
-    rows = []
-    for r, e in zip(result.rows, result.estimate.ops, strict=True):
-        d = r.to_dict() | {k: v for k, v in dataclasses.asdict(e).items() if k != "name"}
-        rows.append(d | {"kl": result.op_kl.get(r.name, 0.0)})
+    rows = result.table()
     if group == "op":
         return rows
     key = {

@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from pippin.errors import PippinError
+from pippin.model.config import ModelConfig
 from pippin.quant.compress import SENSITIVITY_FILE, TARGETS
 from pippin.quant.pack import SUPPORTED_BITS
 from pippin.quant.palettize import fit_palette
+from pippin.talaria.ops import ops_table
 from pippin.talaria.plan import DENSE_BITS, Plan, is_linear
 
 GAUSSIAN_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497, 5: 0.002499}
@@ -130,6 +132,13 @@ def load_sensitivity(folder: str | Path, *, plan: Plan, params: dict[str, int]) 
     merged = {n: {b: c * ratio for b, c in row.items()} for n, row in prior.costs.items() if n not in costs} | costs
     source = f"stored: {path} (scale carried over from the prior)"
     return Sensitivity(costs=merged, source=source, scale=PRIOR_KL_SCALE / ratio, act8_kl=PRIOR_ACT8_KL)
+
+
+def sensitivity_for(cfg: ModelConfig, plan: Plan, *, folder: str | Path | None) -> Sensitivity:
+    """The quality predictor for a model: the allocator's stored estimates in its folder, else the prior."""
+    params = {r.name: r.params for r in ops_table(cfg, plan, context=1, prefill=1)}
+    stored = load_sensitivity(folder, plan=plan, params=params) if folder else None
+    return stored or prior_sensitivity(plan, params)
 
 
 @torch.no_grad()

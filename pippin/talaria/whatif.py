@@ -10,6 +10,7 @@ target's resource in place of bits. Follows Talaria's simulate-then-apply loop (
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -70,6 +71,14 @@ class WhatIf:
 
     def summary(self) -> dict[str, Any]:
         return {**self.estimate.summary(), "predicted_kl": self.predicted_kl, "quality_source": self.quality_source}
+
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per op: its counts (OpRow), its estimate (OpEstimate) and its predicted ΔKL ('kl')."""
+        rows = []
+        for r, e in zip(self.rows, self.estimate.ops, strict=True):
+            d = r.to_dict() | {k: v for k, v in dataclasses.asdict(e).items() if k != "name"}
+            rows.append(d | {"kl": self.op_kl.get(r.name, 0.0)})
+        return rows
 
 
 def simulate(
@@ -174,8 +183,15 @@ def auto(
 
 
 def write_plan(path: str | Path, result: WhatIf, *, profile: DeviceProfile, model: str, target: Target | None = None) -> dict[str, Any]:
-    """Write the plan (atomically) as `pippin compress --plan` reads it: {"plan": {layer: bits}, ...}, with a "talaria"
-    header recording the device profile, the target, the predictions and the compress flags the plan assumes."""
+    """Write the plan (atomically) as `pippin compress --plan` reads it (see `plan_record`); returns the record."""
+    record = plan_record(result, profile=profile, model=model, target=target)
+    write_json_atomic(path, record)
+    return record
+
+
+def plan_record(result: WhatIf, *, profile: DeviceProfile, model: str, target: Target | None = None) -> dict[str, Any]:
+    """The plan as `pippin compress --plan` reads it: {"plan": {layer: bits}, ...}, with a "talaria" header recording
+    the device profile, the target, the predictions and the compress flags the plan assumes."""
     p = result.plan
     flags = [f"--group-size {p.group_size}"]
     embed = p.bits.get("embed_tokens")
@@ -201,5 +217,4 @@ def write_plan(path: str | Path, result: WhatIf, *, profile: DeviceProfile, mode
             "flags, then measure (pippin eval fidelity, benchmarks/runtime.py).",
         },
     }
-    write_json_atomic(path, record)
     return record

@@ -65,6 +65,7 @@ def test_serve_prints_its_url_and_answers(tiny_dir):
             timeout=30,
         )
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(url + "talaria/api/model", timeout=10).json()["model"] == str(tiny_dir)  # Talaria's view, mounted
     finally:
         proc.terminate()
         proc.wait(15)
