@@ -62,29 +62,23 @@ class HostGate:
         self.delay_s, self.max_connections = delay_s, max_connections
         self.in_flight = self.unsent = 0
         self.last_start = self.last_done = last_start
-        self.next_start = last_start + delay_s
+        self.held_until = float("-inf")
 
     def ready_at(self) -> float | None:
         """Monotonic time the next request may start; None while every connection is busy or one is not yet sent."""
-        return None if self.in_flight >= self.max_connections or self.unsent else self.next_start
+        if self.in_flight >= self.max_connections or self.unsent:
+            return None
+        return max(max(self.last_start, self.last_done) + self.delay_s, self.held_until)
 
     def start(self, now: float) -> Slot:
         self.in_flight += 1
         self.unsent += 1
-        self._mark(now)
+        self.last_start = max(self.last_start, now)
         return Slot(self)
 
     def hold(self, until: float) -> None:
-        self.next_start = max(self.next_start, until)
-
-    def set_delay(self, delay_s: float) -> None:
-        """A delay learnt from robots.txt applies from the request before it too (the robots.txt fetch itself)."""
-        self.delay_s = delay_s
-        self.next_start = max(self.next_start, max(self.last_start, self.last_done) + delay_s)
-
-    def _mark(self, now: float) -> None:
-        self.last_start = now
-        self.next_start = max(self.next_start, now + self.delay_s)
+        """No request before `until` (a 429 or 503 asked the host to be left alone)."""
+        self.held_until = max(self.held_until, until)
 
 
 class Slot:
@@ -98,16 +92,12 @@ class Slot:
         if not self.was_sent:
             self.gate.unsent -= 1
             self.was_sent = True
-        self.gate._mark(time.monotonic())
+        self.gate.last_start = max(self.gate.last_start, time.monotonic())
 
     def release(self) -> None:
-        g = self.gate
-        g.in_flight -= 1
-        if not self.was_sent:
-            g.unsent -= 1
-            self.was_sent = True
-        g.last_done = time.monotonic()
-        g.next_start = max(g.next_start, g.last_done + g.delay_s)
+        self.sent()  # a request that failed before going out frees its place too
+        self.gate.in_flight -= 1
+        self.gate.last_done = time.monotonic()
 
 
 class Crawler:
@@ -224,7 +214,8 @@ class Crawler:
     def _install(self, org: str, row: RobotsRow) -> None:
         policy = RobotsPolicy(RobotsAnswer(status=row.status, body=row.body, error=row.error), token=self.config.robots_token)
         self.policies[org] = (policy, row)
-        self._gate(org).set_delay(d if (d := policy.delay()) is not None else self.config.delay_s)
+        # A delay learnt from robots.txt applies from the request before it too (the robots.txt fetch itself).
+        self._gate(org).delay_s = d if (d := policy.delay()) is not None else self.config.delay_s
 
     def _backoff(self, n: int, *, jitter: bool = True) -> float:
         """Exponential backoff for the (n+1)-th retry, with equal jitter (so retries of many URLs spread out)."""
@@ -379,13 +370,13 @@ def crawl(seeds: list[str], out: str | Path, config: CrawlConfig, *, progress: b
             normalized.append(u)
         if stored is None and not normalized:
             raise PippinError(f"{folder} holds no crawl to resume; give seed URLs to start one.")
-        write_json_atomic(folder / CONFIG_FILE, config.to_json())
         frontier = Frontier(folder)
         with contextlib.closing(frontier):
             domains = config.allowed_domains or tuple(sorted({host_name(u) for u in [*frontier.seeds(), *normalized]}))
             outside = [u for u in normalized if not in_scope(u, domains)]
             if outside:
                 raise PippinError(f"seeds {outside} are outside allowed_domains {list(domains)}; add their hosts or drop them.")
+            write_json_atomic(folder / CONFIG_FILE, config.to_json())
             frontier.add_seeds(normalized)
             names = [JSONL_FILE, WARC_FILE] if config.warc else [JSONL_FILE]
             writer = RecordWriter(folder, committed={n: frontier.committed(n) for n in names}, warc=config.warc)
