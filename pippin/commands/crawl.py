@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise PippinError(f"pippin crawl needs {e.name}, which is not installed: pip install 'pippin[crawl]'.") from None
 
     config = build_config(args)
-    result = crawl(read_seeds(args.seeds), args.out, config, progress=not args.no_progress)
+    result = crawl(read_seeds(args.seeds), out=args.out, config=config, progress=not args.no_progress)
     if args.json:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}))
         return 0

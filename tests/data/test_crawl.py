@@ -107,7 +107,7 @@ def test_retry_after_and_links_and_sitemaps():
 def test_crawl_local_site(tmp_path):
     with polite_site(crawl_delay=CRAWL_DELAY, huge_bytes=HUGE) as site:
         cfg = config(max_bytes=256 * 1024, max_redirects=3, max_connections_per_host=2, warc=True)
-        result = crawl([site.url("/")], tmp_path, cfg, progress=False)
+        result = crawl([site.url("/")], out=tmp_path, config=cfg, progress=False)
         log, paths = list(site.log), site.paths()
     u = site.url
 
@@ -177,7 +177,7 @@ def test_robots_unreachable_disallows_and_missing_allows(tmp_path):
     down = Site({"/robots.txt": (503, {"Content-Type": "text/plain"}, b"down"), "/": html("down")})
     missing = Site({"/": html("free", "/next.html"), "/next.html": html("next")})
     with down, missing:
-        result = crawl([down.url("/"), missing.url("/")], tmp_path, config(), progress=False)
+        result = crawl([down.url("/"), missing.url("/")], out=tmp_path, config=config(), progress=False)
     assert down.paths() == ["/robots.txt", "/robots.txt"]  # one retry (max_retries=1), then the host is given up
     assert missing.paths() == ["/robots.txt", "/", "/sitemap.xml", "/next.html"]  # 404: no rules at all
     records = {r["url"]: r for r in read_records(tmp_path)}
@@ -194,10 +194,10 @@ def test_resume_with_a_changed_config(tmp_path):
         check_resume(old, config(max_bytes=10), tmp_path)
     routes = {"/robots.txt": (404, {}, b""), "/": html("one", "/two.html"), "/two.html": html("two", "/three.html")}
     with Site(routes | {"/three.html": html("three")}) as site:
-        first = crawl([site.url("/")], tmp_path, config(read_sitemaps=False, max_pages=1), progress=False)
+        first = crawl([site.url("/")], out=tmp_path, config=config(read_sitemaps=False, max_pages=1), progress=False)
         with pytest.raises(PippinError, match="max_depth"):
-            crawl([], tmp_path, config(read_sitemaps=False, max_depth=1), progress=False)
-        again = crawl([], tmp_path, config(read_sitemaps=False, max_pages=5), progress=False)
+            crawl([], out=tmp_path, config=config(read_sitemaps=False, max_depth=1), progress=False)
+        again = crawl([], out=tmp_path, config=config(read_sitemaps=False, max_pages=5), progress=False)
     assert first.n_records == 1 and again.resumed and again.changed == ["max_pages"] and again.n_new_records == 2
     assert site.paths() == ["/robots.txt", "/", "/two.html", "/three.html"]
     assert [r["url"] for r in read_records(tmp_path)] == [site.url(p) for p in ("/", "/two.html", "/three.html")]
@@ -213,7 +213,7 @@ def test_cli_needs_a_contact_and_refuses_bad_seeds(tmp_path, capsys):
     assert main(["crawl", "--out", str(tmp_path / "empty"), "--contact-url", CONTACT]) == 2
     assert "no crawl to resume" in capsys.readouterr().err
     with pytest.raises(PippinError, match="outside allowed_domains"):  # refused before any request
-        crawl(["http://example.org/"], tmp_path / "scoped", config(allowed_domains=("127.0.0.1",)), progress=False)
+        crawl(["http://example.org/"], out=tmp_path / "scoped", config=config(allowed_domains=("127.0.0.1",)), progress=False)
 
 
 def test_uncommitted_record_is_dropped(tmp_path):
@@ -249,7 +249,19 @@ def test_kill_and_resume_fetches_nothing_twice(tmp_path):
     n_pages, kill_after = 12, 4
     out = tmp_path / "crawl"
     with chain_site(n_pages, crawl_delay=0.3) as site:
-        cmd = [sys.executable, "-m", "pippin", "crawl", site.url("/p0.html"), "--out", str(out), "--contact-url", CONTACT, "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pippin",
+            "crawl",
+            site.url("/p0.html"),
+            "--out",
+            str(out),
+            "--contact-url",
+            CONTACT,
+            "--no-progress",
+            "--warc",
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -263,12 +275,15 @@ def test_kill_and_resume_fetches_nothing_twice(tmp_path):
         assert kill_after <= len(first) < n_pages
         # Resume with the stored settings (the CLI does the same when run again; its start-up is slow to test twice).
         stored = CrawlConfig.from_json(json.loads((out / "config.json").read_text()))
-        result = crawl([], out, stored, progress=False)
+        result = crawl([], out=out, config=stored, progress=False)
         paths = site.paths()
     assert result.resumed and result.n_records == n_pages and result.n_new_records == n_pages - len(first)
     assert sorted(paths) == sorted(set(paths)), paths  # no URL (robots.txt and sitemap included) fetched twice
     records = read_records(out)
     assert sorted(r["url"] for r in records) == sorted(site.url(f"/p{i}.html") for i in range(n_pages))
+    with open(out / "pages.warc.gz", "rb") as f:
+        warc = [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(f) if r.rec_type == "response"]
+    assert warc == [r["url"] for r in records]
     assert records[: len(first)] == first  # the killed run's records are kept as they were
     for r in records:
         assert f"text-{r['url'].rsplit('/', 1)[1].removesuffix('.html')}" in r["text"]

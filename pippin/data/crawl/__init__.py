@@ -1,4 +1,4 @@
-"""A polite web crawler for collecting pretraining text: `crawl(seeds, out, CrawlConfig(...))` or `pippin crawl`.
+"""A polite web crawler for pretraining text: `crawl(seeds, out=DIR, config=CrawlConfig(...))` or `pippin crawl`.
 
 It honours robots.txt (per user-agent group: Allow, Disallow, Crawl-delay, Request-rate, Sitemap), keeps per-host
 delays and connection limits, retries 429 and 5xx with backoff and Retry-After, follows redirects up to a limit,

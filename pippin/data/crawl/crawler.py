@@ -351,7 +351,7 @@ class Crawler:
             self.bar.update(1)
 
 
-def crawl(seeds: list[str], out: str | Path, config: CrawlConfig, *, progress: bool = True) -> CrawlResult:
+def crawl(seeds: list[str], *, out: str | Path, config: CrawlConfig, progress: bool = True) -> CrawlResult:
     """Crawl from `seeds` into the folder `out`, or resume the crawl there (same command; seeds may be omitted)."""
     t0 = time.perf_counter()
     folder = Path(out)
