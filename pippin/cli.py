@@ -28,6 +28,7 @@ COMMANDS = {
     "rl": "Online RL (MDLOO or RLOO) of a model against a verifier or a trained reward model.",
     "itec": "iTeC: a teacher committee samples, a scorer keeps each prompt's best reply, an adapter learns them; in rounds.",
     "data": "Build training data: verifiable instruction-following prompts (IFEval's types, decontaminated from its test set).",
+    "crawl": "Crawl the web politely (robots.txt, per-host delays, retries) into page records with main text; resumable.",
     "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }
 
