@@ -6,7 +6,9 @@ width F is trained first (label-only, adastar). Students have width F/2 and the 
   (a) from scratch, label-only cross-entropy;
   (b) from scratch, AFM's distillation target 0.9 onehot(teacher top-1) + 0.1 onehot(label) (afm.md 2.4);
   (c) the teacher pruned to F/2 by learned Soft-Top-K masks (pippin.train.prune) then distilled: mask steps plus
-      dense steps after export equal (b)'s steps.
+      dense steps after export equal (b)'s steps;
+  (e) ablation: the teacher cut to F/2 by a fixed magnitude score (|gate row| |up row| |down column|), no mask
+      learning, then distilled for all of (b)'s steps.
 Held-out cross-entropy against sampled labels and top-1 accuracy, mean and spread over seeds, with the chain's own
 floor. Follows AFM's recipe at toy scale; no claim about real data. Writes JSON; docs/distill-prune.md has the table.
 """
@@ -92,6 +94,17 @@ def train(model, *, steps: int, lr: float, data_seed: int, chain, args, teacher=
 
 
 @torch.no_grad()
+def magnitude_pruned(teacher: Transformer, keep: int) -> Transformer:
+    """The ablation: keep each layer's channels with the largest |gate row| |up row| |down column| (no learning)."""
+    model = copy.deepcopy(teacher)
+    for name, m in apply_ffn_masks(model).items():
+        mlp = model.get_submodule(name.removesuffix(".down_proj"))
+        w = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * m.base.weight.norm(dim=0)
+        m.scores.copy_(w)
+    return export_pruned(model, keep).requires_grad_(True)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, held: torch.Tensor) -> dict[str, float]:
     logits, labels = logits_and_labels(model, held)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
@@ -141,7 +154,12 @@ def main() -> None:
     teacher.requires_grad_(False)
     small = args.teacher_ffn // 2
     mask_steps = round(args.mask_fraction * args.steps)
-    runs: dict[str, list[dict[str, float]]] = {"a_scratch_label": [], "b_scratch_distill": [], "c_pruned_distill": []}
+    runs: dict[str, list[dict[str, float]]] = {
+        "a_scratch_label": [],
+        "b_scratch_distill": [],
+        "c_pruned_distill": [],
+        "e_magnitude_distill": [],
+    }
     for seed in range(args.seeds):
         torch.manual_seed(100 + seed)
         m = Transformer(model_config(args.vocab, small))
@@ -157,6 +175,9 @@ def main() -> None:
         at_export = evaluate(pruned, held)
         c = train(pruned, steps=args.steps - mask_steps, lr=args.lr, data_seed=20 + seed, chain=chain, args=args, teacher=teacher)
         runs["c_pruned_distill"].append({**evaluate(c, held), "loss_at_export": at_export["loss"], "acc_at_export": at_export["acc"]})
+        e = magnitude_pruned(teacher, small)
+        e = train(e, steps=args.steps, lr=args.lr, data_seed=20 + seed, chain=chain, args=args, teacher=teacher)
+        runs["e_magnitude_distill"].append(evaluate(e, held))
         print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['loss']:.4f}/{v[-1]['acc']:.4f}" for k, v in runs.items()), flush=True)
     result = {
         "machine": cpu_name(),
