@@ -47,7 +47,9 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by per-position angles; cos/sin are (B, 1, T, D)."""
+    """Rotate x (B, H, T, D) by per-position angles; cos/sin are (B, 1, T, D), fp32 tables taken to x's dtype (as
+    HF does), so bf16 compute stays bf16 and q/k/v reach attention in one dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class PretrainConfig:
     """bf16 compute with fp32 weights, gradients and optimizer state; None: on where the device supports it."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass instead of storing its activations."""
+    compile: bool = False
+    """torch.compile each block (torchtitan's per-block compile); for GPUs: minutes of compile time on a CPU."""
     checkpoint_every: int = 100
     """Steps between checkpoints (a kill loses at most this many); the last step is always saved."""
     keep_checkpoints: int = 2
@@ -145,9 +148,23 @@ def _build(config: PretrainConfig, device: torch.device) -> tuple[Transformer, A
         loaded = load_model(config.init_from)
         model, tokenizer = loaded.model.float(), loaded.tokenizer
     else:
-        cfg = dataclasses.replace(get_preset(config.model), **config.model_overrides)
-        model, tokenizer = Transformer(cfg), None
+        # head_dim follows dim / n_heads unless given (the preset's own head_dim is derived, not a choice).
+        cfg = dataclasses.replace(get_preset(config.model), **({"head_dim": None} | config.model_overrides))
+        model, tokenizer = init_weights(Transformer(cfg)), None
     return model.to(device).train(), tokenizer
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, *, std: float = 0.02) -> Transformer:
+    """GPT-2's initialisation for training from scratch: N(0, 0.02) matrices and embedding (the tied head's logits
+    start near zero, loss near ln V), output projections scaled by 1/sqrt(2 L), unit norm gains."""
+    out_std = std / math.sqrt(2 * model.config.n_layers)
+    for name, p in model.named_parameters():
+        if p.ndim == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+    return model
 
 
 def _peak_flops(config: PretrainConfig, device: torch.device) -> float | None:
@@ -182,7 +199,11 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
     mesh = build_mesh(config.mesh, device_type)
     sharded = mesh.world is not None and config.mesh.data * config.mesh.fsdp * config.mesh.context > 1
     parallelize(
-        model, mesh, activation_checkpointing=config.activation_checkpointing, param_dtype=torch.bfloat16 if bf16 and sharded else None
+        model,
+        mesh,
+        activation_checkpointing=config.activation_checkpointing,
+        compile_blocks=config.compile,
+        param_dtype=torch.bfloat16 if bf16 and sharded else None,
     )
     optimizer = build_optimizer(model.named_parameters(), config.optim)
     teacher = load_model(config.teacher).model.to(device).eval().requires_grad_(False) if config.teacher else None
@@ -239,14 +260,14 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         loss_value = world_mean(loss.full_tensor() if isinstance(loss, DTensor) else loss)
         losses.append(loss_value)
         done = step + 1
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0  # the step's compute; checkpoint writes are not in it
         if done % config.checkpoint_every == 0 or done == config.steps:
             ckpt.save(model, optimizer, {"step": done, "config_hash": config.identity_hash(), "mesh": dataclasses.asdict(config.mesh),
                                          "samples_seen": done * config.global_batch, "seed": config.seed})  # fmt: skip
         else:
             ckpt.poll()
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
         tok_s = config.global_batch * config.seq_len / dt
         if done % config.log_every == 0 or done == config.steps:
             row = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tok_s,

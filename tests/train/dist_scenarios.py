@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def tiny_config(out: Path, data: Path, mesh: dict, **kw) -> "PretrainConfig":  # noqa: F821
+def tiny_config(out: Path, data: Path, mesh: dict, **kw) -> PretrainConfig:  # noqa: F821
     from pippin.train.pretrain import PretrainConfig
 
     base = {
