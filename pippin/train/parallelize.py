@@ -236,7 +236,7 @@ def shard_context(tokens: torch.Tensor, labels: torch.Tensor, mesh: Mesh) -> Con
 def world_mean(value: torch.Tensor) -> float:
     """The mean of a per-rank scalar over every rank (each data/context shard counted once per TP rank, equally)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return float(value)
+        return float(value.detach())
     t = value.detach().float().reshape(1).clone()
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()

@@ -31,6 +31,21 @@ def tiny_config(out: Path, data: Path, mesh: dict, **kw) -> PretrainConfig:  # n
     return PretrainConfig.from_dict(base)
 
 
+def save_teacher(tmp: Path) -> Path:
+    """A tiny pippin checkpoint with seed-7 weights (written once; every caller gets the same files)."""
+    from pippin.model.checkpoint import LoadedModel, save_pippin
+    from pippin.model.config import get_preset
+    from pippin.model.transformer import Transformer
+
+    path = tmp / "teacher"
+    if not (path / "config.json").exists() and int(os.environ.get("RANK", "0")) == 0:
+        torch.manual_seed(7)
+        save_pippin(LoadedModel(model=Transformer(get_preset("tiny")), tokenizer=None, path=path, meta={}), path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
 def tied_grads(mesh_cfg: dict) -> dict[str, float]:
     """Max |grad - single-process grad| of the tied embedding and a QK-norm weight after one backward."""
     import torch.nn.functional as F
@@ -74,6 +89,9 @@ def scenario_two(tmp: Path, rank: int) -> dict:
     for name, mesh in {"fsdp2": {"fsdp": 2}, "tp2": {"tensor": 2}, "cp2": {"context": 2}}.items():
         res["losses"][name] = run_pretrain(tiny_config(tmp / name, data, mesh)).losses
         res["grads"][name] = tied_grads(mesh)
+    # Distillation with a teacher model (run whole on every rank) under TP x2 with loss parallel.
+    teacher = str(save_teacher(tmp))
+    res["losses"]["tp2_teacher"] = run_pretrain(tiny_config(tmp / "tp2_teacher", data, {"tensor": 2}, teacher=teacher)).losses
     # Resharding: the FSDP x2 run's step-2 checkpoint resumed on TP x2 for one step.
     if rank == 0:
         import shutil

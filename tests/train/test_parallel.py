@@ -24,7 +24,7 @@ from pippin.data.shards import ShardWriter
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # dist_scenarios is a script beside this file, not a package module
 
-from dist_scenarios import tiny_config  # noqa: E402
+from dist_scenarios import save_teacher, tiny_config  # noqa: E402
 
 TOL = 1e-5
 
@@ -65,6 +65,8 @@ def runs(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pippin.train.pretrain import run_pretrain
 
     out["one"] = run_pretrain(tiny_config(tmp / "one", tmp / "shards", {})).losses
+    teacher = str(save_teacher(tmp))
+    out["one_teacher"] = run_pretrain(tiny_config(tmp / "one_teacher", tmp / "shards", {}, teacher=teacher)).losses
     shutil.copytree(tmp / "fsdp2", tmp / "reshard_one")
     for step in (4, 5):
         shutil.rmtree(tmp / f"reshard_one/checkpoints/step-{step:07d}")
@@ -80,6 +82,12 @@ def test_loss_parity(runs: dict, mesh: str) -> None:
     got = np.array({**runs["two"]["losses"], **runs["four"]["losses"]}[mesh])
     assert len(got) == len(ref) == 5
     assert ref[-1] < ref[0] - 0.05  # the run trains; parity is not of a flat line
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_distillation_parity_under_tensor_parallel(runs: dict) -> None:
+    ref, got = np.array(runs["one_teacher"]), np.array(runs["two"]["losses"]["tp2_teacher"])
+    assert np.abs(ref - np.array(runs["one"])).max() > 1e-3  # the teacher changes the target
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 

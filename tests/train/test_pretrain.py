@@ -108,3 +108,26 @@ def load_shards(folder: Path):  # noqa: ANN201 - the reader's own type
     from pippin.data.shards import read_shards
 
     return read_shards(folder)
+
+
+def test_activation_checkpointing_and_bf16_match_plain_training(tmp_path: Path, shards: Path) -> None:
+    """Recomputing blocks changes no number (and no checkpoint name); bf16 autocast stays close to fp32."""
+    plain = run_pretrain(config(tmp_path / "plain", shards, steps=3))
+    ac = run_pretrain(config(tmp_path / "ac", shards, steps=3, activation_checkpointing=True))
+    assert max(abs(a - b) for a, b in zip(ac.losses, plain.losses)) < 1e-6
+    from safetensors.torch import load_file
+
+    assert load_file(ac.model_path / "model.safetensors").keys() == load_file(plain.model_path / "model.safetensors").keys()
+    bf16 = run_pretrain(config(tmp_path / "bf16", shards, steps=3, bf16=True))
+    assert max(abs(a - b) for a, b in zip(bf16.losses, plain.losses)) < 0.05
+
+
+def test_command_prints_the_torchrun_line_for_a_mesh(tmp_path: Path, shards: Path, capsys: pytest.CaptureFixture) -> None:
+    from pippin.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config(tmp_path / "run", shards, mesh={"fsdp": 2, "tensor": 2}).to_dict()))
+    assert main(["pretrain", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"torchrun --nproc-per-node 4 -m pippin.train.pretrain --config {path}"
+    path.write_text(json.dumps({"out": "x", "data": "y", "mesh": {"pipeline": 2}}))
+    assert main(["pretrain", "--config", str(path)]) == 2
