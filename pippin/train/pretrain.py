@@ -62,6 +62,8 @@ class PretrainConfig:
     """ModelConfig fields replacing the preset's (e.g. {"n_layers": 4})."""
     init_from: str | None = None
     """Continue pretraining this model: a pippin/HF folder, a .gguf, or "default"."""
+    tokenizer: str | None = None
+    """A model folder (or "default") whose tokenizer is saved with OUT/model; init_from brings its own."""
     seq_len: int = 256
     global_batch: int = 8
     """Sequences per optimizer step over all data-parallel ranks."""
@@ -151,6 +153,12 @@ def _build(config: PretrainConfig, device: torch.device) -> tuple[Transformer, A
         # head_dim follows dim / n_heads unless given (the preset's own head_dim is derived, not a choice).
         cfg = dataclasses.replace(get_preset(config.model), **({"head_dim": None} | config.model_overrides))
         model, tokenizer = init_weights(Transformer(cfg)), None
+    if config.tokenizer:
+        from pippin.model.checkpoint import prepare_default
+        from pippin.model.tokenizer import Tokenizer
+
+        folder = prepare_default() if config.tokenizer == "default" else Path(config.tokenizer)
+        tokenizer = Tokenizer.load(folder)
     return model.to(device).train(), tokenizer
 
 
@@ -219,8 +227,11 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
             raise PippinError(f"{out} holds a run with another model, data or seed ({folder}); use a new --out")
         load_checkpoint(folder, model, optimizer)
         start = marker["step"]
+    shards = read_shards(config.data)
+    if int(shards.index.get("vocab_size", 0)) > mcfg.vocab_size:
+        raise PippinError(f"{config.data} has ids up to {shards.index['vocab_size'] - 1}, past the vocabulary ({mcfg.vocab_size})")
     loader = GlobalBatches(
-        read_shards(config.data), seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed,
+        shards, seq_len=config.seq_len, global_batch=config.global_batch, seed=config.seed,
         dp_rank=mesh.dp_rank, dp_size=config.mesh.dp_size,
     )  # fmt: skip
     log = MetricsLog(out, resume_step=start, enabled=rank == 0)

@@ -131,3 +131,28 @@ def test_command_prints_the_torchrun_line_for_a_mesh(tmp_path: Path, shards: Pat
     assert capsys.readouterr().out.strip() == f"torchrun --nproc-per-node 4 -m pippin.train.pretrain --config {path}"
     path.write_text(json.dumps({"out": "x", "data": "y", "mesh": {"pipeline": 2}}))
     assert main(["pretrain", "--config", str(path)]) == 2
+
+
+@pytest.mark.real
+def test_continue_pretraining_the_default_model(tmp_path: Path) -> None:
+    """The real default model continues pretraining on text shards: step 1's loss is the loaded model's own loss on
+    that batch (a real language model's, far below ln V), and the result generates with the saved tokenizer."""
+    from pippin.data.shards import ShardWriter, read_shards
+
+    base = load_model("default")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    w = ShardWriter(tmp_path / "shards", vocab_size=base.model.config.vocab_size, eos_id=base.model.config.eos_token_ids[0])
+    for para in text.split("\n\n"):
+        w.add(base.tokenizer.encode(para))
+    w.close()
+    c = config(tmp_path / "run", tmp_path / "shards", init_from="default", seq_len=64, global_batch=2, steps=2,
+               optim={"name": "sgd", "lr": 1e-3, "max_grad_norm": None, "total_steps": 2})  # fmt: skip
+    res = run_pretrain(c)
+    batch = GlobalBatches(read_shards(tmp_path / "shards"), seq_len=64, global_batch=2, seed=0, dp_rank=0, dp_size=1).local(0)
+    with torch.no_grad():
+        expect = F.cross_entropy(base.model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+    assert abs(res.losses[0] - float(expect)) < 1e-4 and res.losses[0] < 6.0
+    out = load_model(res.model_path)
+    assert out.tokenizer is not None and out.model.config == base.model.config
+    ids = out.tokenizer.encode("The capital of France is")
+    assert out.model(torch.tensor([ids])).shape == (1, len(ids), out.model.config.vocab_size)
