@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def cpu_peak_flops(seconds: float = 1.0) -> float:
 def model_config(args: argparse.Namespace):  # noqa: ANN201 - a ModelConfig
     from pippin.model.config import get_preset
 
-    return dataclasses.replace(get_preset(args.preset), **args.model_overrides, head_dim=None)
+    return dataclasses.replace(get_preset(args.preset), **({"head_dim": None} | args.model_overrides))
 
 
 def bench(args: argparse.Namespace, mesh: dict, out: Path, data: Path, peak_tflops: float | None) -> dict:
@@ -142,6 +143,7 @@ def main() -> int:
             if world > 1:
                 shared = Path(tempfile.gettempdir(), "pippin-pretrain-bench")
                 if int(os.environ["RANK"]) == 0:
+                    shutil.rmtree(shared / "run", ignore_errors=True)  # else the trainer resumes an earlier benchmark
                     write_random_shards(shared / "shards", vocab, args.batch * (args.seq_len + 1) * (args.warmup + args.steps + 1))
                 if gpu:
                     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -238,7 +238,9 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
     ckpt = Checkpointer(out / "checkpoints", use_async=config.async_checkpoint, keep=config.keep_checkpoints)
     flops_token, peak = training_flops_per_token(mcfg, config.seq_len), _peak_flops(config, device)
     tp_loss = config.mesh.tensor > 1 and config.mesh.loss_parallel
+    # bf16 compute: FSDP's MixedPrecisionPolicy when sharded, else autocast; the teacher (never sharded) autocasts.
     autocast = torch.autocast(device_type, torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext()
+    teacher_autocast = torch.autocast(device_type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     losses, t_run, tok_s = [], time.perf_counter(), 0.0
     bar = None
     if config.progress and rank == 0:
@@ -254,13 +256,14 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         part = shard_context(x, y, mesh)
         with autocast:
             logits = model(part.tokens, positions=part.positions, cache=part.cache, mask=part.mask)
-        with loss_parallel() if tp_loss else contextlib.nullcontext():
-            if teacher is not None:
-                with torch.no_grad(), autocast:
-                    t_logits = teacher(x)  # the full rows: the teacher is not parallelized
-                if config.mesh.context > 1:
-                    s = part.tokens.shape[1]
-                    t_logits = t_logits[:, mesh.local_rank("context") * s :][:, :s]
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad(), teacher_autocast:
+                t_logits = teacher(x)  # the full rows on every rank: the teacher is not parallelized
+            s = part.tokens.shape[1]
+            t_logits = t_logits[:, mesh.local_rank("context") * s :][:, :s]  # this rank's context slice
+        with loss_parallel() if tp_loss else contextlib.nullcontext():  # vocab-sharded logits under TP
+            if t_logits is not None:
                 loss = distill_loss(logits, t_logits, part.labels, teacher_weight=config.teacher_weight)
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), part.labels.flatten())
