@@ -135,7 +135,8 @@ def main() -> int:
     cpu_model = {"dim": 256, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 768, "vocab_size": 4096, "max_seq_len": max(args.seq_len, 256)}
     args.model_overrides = (cpu_model if args.preset == "tiny" else {}) | {"n_layers": args.layers} | json.loads(args.overrides)
     vocab = model_config(args).vocab_size
-    print("| mesh | ranks | tokens/s | tokens/s per rank | MFU per rank | loss |\n|---|---|---|---|---|---|")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("| mesh | ranks | tokens/s | tokens/s per rank | MFU per rank | loss |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         if world == 1 and gpu:
             write_random_shards(Path(tmp, "shards"), vocab, args.batch * (args.seq_len + 1) * (args.warmup + args.steps + 1))

@@ -1,29 +1,22 @@
 """Parallelism for pretraining, applied from outside the single-device model (torchtitan's `parallelize_llama`).
 
-One `MeshConfig` names four axes, least to most communication-hungry (AXLearn's order): `data` (replicated data
-parallel, HSDP replicas), `fsdp` (FSDP2 `fully_shard` of weights, grads and optimizer state), `context` (each rank
-holds a contiguous slice of every sequence) and `tensor` (DTensor tensor parallel with sequence parallel on the norms
-and the residual stream, and loss parallel on the vocab-sharded logits). `parallelize(model, mesh, config)` applies,
-in torchtitan's order, TP+SP, activation checkpointing, then FSDP2 over data x (fsdp*context).
-
-Tied embeddings stay tied under every mesh: the embedding is vocab-parallel (its weight Shard(0) on `tensor`) and the
-tied head multiplies by that same DTensor, which gives vocab-sharded logits with no copy of the matrix.
-Context parallel is PyTorch's own `context_parallel` on CUDA SDPA kernels only (it fails on CPU in torch 2.13), so it
-is done here by hand, Llama-3 style and exact on any backend: `ContextShard` gives each rank its slice of the tokens,
-their RoPE positions, a causal mask offset to the slice, and a KV "cache" that all-gathers keys and values over the
-context group (autograd-aware; its backward reduce-scatters). The model needs no change for it: positions, cache and
-mask are already explicit inputs. No contiguous-chunk load balancing (head-tail) yet.
+`MeshConfig` names four axes, least to most communication-hungry (AXLearn's order): `data` (HSDP replicas), `fsdp`
+(FSDP2 `fully_shard`), `context` (two chunks of every sequence per rank) and `tensor` (DTensor TP with sequence
+parallel on the norms and residual stream, loss parallel on vocab-sharded logits). `parallelize(model, mesh)` (the
+`Mesh` carries its config) applies TP+SP, activation checkpointing, compile, then FSDP2 over data x (fsdp*context).
+Tied embeddings stay tied: the embedding is vocab-parallel (Shard(0)) and the tied head multiplies by that same DTensor.
+PyTorch's `context_parallel` covers CUDA SDPA kernels only (it fails on CPU in torch 2.13), so context parallel is done
+by hand, exact on any backend: `shard_context` gives each rank head-tail chunks of the tokens, their RoPE positions, a
+causal mask over those positions, and a KV "cache" that all-gathers keys/values over the context group (autograd-aware).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -51,7 +44,7 @@ class MeshConfig:
     fsdp: int = 1
     """Fully-sharded data-parallel degree (FSDP2: weights, gradients and optimizer state sharded)."""
     context: int = 1
-    """Context-parallel degree: every sequence is cut into this many contiguous slices."""
+    """Context-parallel degree: every sequence is cut into 2 x this many chunks, two per rank (head-tail)."""
     tensor: int = 1
     """Tensor-parallel degree (with sequence parallel and loss parallel); must divide the KV head count."""
     loss_parallel: bool = True
@@ -82,8 +75,9 @@ class MeshConfig:
             raise PippinError(f"tensor parallel {self.tensor} must divide the head counts ({model.n_heads}/{model.n_kv_heads})")
         if model.vocab_size % self.tensor:
             raise PippinError(f"tensor parallel {self.tensor} must divide the vocabulary ({model.vocab_size})")
-        if seq_len % (self.context * self.tensor):
-            raise PippinError(f"seq_len {seq_len} must be divisible by context x tensor = {self.context * self.tensor}")
+        split = (2 * self.context if self.context > 1 else 1) * self.tensor  # CP cuts 2 x context chunks (head-tail)
+        if seq_len % split:
+            raise PippinError(f"seq_len {seq_len} must be divisible by {split} ((2 x) context x tensor)")
         if global_batch % self.dp_size:
             raise PippinError(f"global_batch {global_batch} must be divisible by data x fsdp = {self.dp_size}")
 
@@ -212,24 +206,32 @@ class ContextShard:
     """(B, T/cp) input ids of this rank's slice."""
     labels: torch.Tensor
     positions: torch.Tensor | None
-    """RoPE positions r*T/cp .. (r+1)*T/cp-1 (None without context parallel)."""
+    """(B, T/cp) the positions of this rank's tokens, which are also their RoPE positions (None without CP)."""
     cache: ContextKV | None
     mask: torch.Tensor | None
     """(1, 1, T/cp, T) causal mask: a query at global position p sees keys 0..p."""
+
+
+def context_positions(rank: int, n: int, T: int, device: torch.device | None = None) -> torch.Tensor:
+    """The sequence positions context rank `rank` of `n` holds: chunks r and 2n-1-r of 2n (torchtitan's head-tail
+    load balancing, so every rank does the same causal work). (T/n,)"""
+    c = T // (2 * n)
+    head, tail = rank * c, (2 * n - 1 - rank) * c
+    return torch.cat([torch.arange(head, head + c, device=device), torch.arange(tail, tail + c, device=device)])
 
 
 def shard_context(tokens: torch.Tensor, labels: torch.Tensor, mesh: Mesh) -> ContextShard:
     n = mesh.config.context
     if n == 1:
         return ContextShard(tokens=tokens, labels=labels, positions=None, cache=None, mask=None)
-    r, T = mesh.local_rank("context"), tokens.shape[1]
-    s = T // n
-    pos = torch.arange(r * s, (r + 1) * s, device=tokens.device)
-    mask = (pos[:, None] >= torch.arange(T, device=tokens.device)[None, :])[None, None]
-    B = tokens.shape[0]
+    B, T = tokens.shape
+    pos = context_positions(mesh.local_rank("context"), n, T, tokens.device)
+    # Keys arrive all-gathered in rank order, each rank's two chunks in turn: their positions are known here.
+    key_pos = torch.cat([context_positions(r, n, T, tokens.device) for r in range(n)])
+    mask = (pos[:, None] >= key_pos[None, :])[None, None]  # (1, 1, T/n, T)
     return ContextShard(
-        tokens=tokens[:, r * s : (r + 1) * s].contiguous(), labels=labels[:, r * s : (r + 1) * s].contiguous(),
-        positions=pos.expand(B, s), cache=ContextKV(mesh.sub("context")), mask=mask,
+        tokens=tokens[:, pos].contiguous(), labels=labels[:, pos].contiguous(), positions=pos.expand(B, -1),
+        cache=ContextKV(mesh.sub("context")), mask=mask,
     )  # fmt: skip
 
 
@@ -246,7 +248,3 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 N (forward + backward of every matmul, head included) + 12 L H D T for attention scores (PaLM's MFU rule)."""
     n = cfg.param_counts()["non_embedding"] + cfg.vocab_size * cfg.dim
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())

@@ -260,8 +260,8 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         if teacher is not None:
             with torch.no_grad(), teacher_autocast:
                 t_logits = teacher(x)  # the full rows on every rank: the teacher is not parallelized
-            s = part.tokens.shape[1]
-            t_logits = t_logits[:, mesh.local_rank("context") * s :][:, :s]  # this rank's context slice
+            if part.positions is not None:
+                t_logits = t_logits[:, part.positions[0]]  # this rank's context chunks
         with loss_parallel() if tp_loss else contextlib.nullcontext():  # vocab-sharded logits under TP
             if t_logits is not None:
                 loss = distill_loss(logits, t_logits, part.labels, teacher_weight=config.teacher_weight)
@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pippin.train.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a PretrainConfig as JSON")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("PIPPIN_THREADS", max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))))
+    per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(int(os.environ.get("PIPPIN_THREADS", per_rank)))
     res = run_pretrain(PretrainConfig.from_json(args.config))
     if not dist.is_initialized() and int(os.environ.get("RANK", "0")) == 0 and res.losses:
         print(f"pretrain: steps {res.start_step}..{res.steps}, loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}, model {res.model_path}")

@@ -89,9 +89,6 @@ def scenario_two(tmp: Path, rank: int) -> dict:
     for name, mesh in {"fsdp2": {"fsdp": 2}, "tp2": {"tensor": 2}, "cp2": {"context": 2}}.items():
         res["losses"][name] = run_pretrain(tiny_config(tmp / name, data, mesh)).losses
         res["grads"][name] = tied_grads(mesh)
-    # Distillation with a teacher model (run whole on every rank) under TP x2 with loss parallel.
-    teacher = str(save_teacher(tmp))
-    res["losses"]["tp2_teacher"] = run_pretrain(tiny_config(tmp / "tp2_teacher", data, {"tensor": 2}, teacher=teacher)).losses
     # Resharding: the FSDP x2 run's step-2 checkpoint resumed on TP x2 for one step.
     if rank == 0:
         import shutil
@@ -112,6 +109,11 @@ def scenario_four(tmp: Path, rank: int) -> dict:
     for name, mesh in {"dp2tp2": {"data": 2, "tensor": 2}, "fsdp2cp2": {"fsdp": 2, "context": 2}}.items():
         res["losses"][name] = run_pretrain(tiny_config(tmp / name, data, mesh)).losses
     res["grads"]["dp2tp2"] = tied_grads({"data": 2, "tensor": 2})
+    # Distillation (the teacher runs whole on every rank) under TP x2 with loss parallel and CP x2's head-tail chunks.
+    teacher = str(save_teacher(tmp))
+    res["losses"]["tp2cp2_teacher"] = run_pretrain(
+        tiny_config(tmp / "tp2cp2_teacher", data, {"tensor": 2, "context": 2}, teacher=teacher)
+    ).losses
     return res
 
 

@@ -85,8 +85,8 @@ def test_loss_parity(runs: dict, mesh: str) -> None:
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
-def test_distillation_parity_under_tensor_parallel(runs: dict) -> None:
-    ref, got = np.array(runs["one_teacher"]), np.array(runs["two"]["losses"]["tp2_teacher"])
+def test_distillation_parity_under_tensor_and_context_parallel(runs: dict) -> None:
+    ref, got = np.array(runs["one_teacher"]), np.array(runs["four"]["losses"]["tp2cp2_teacher"])
     assert np.abs(ref - np.array(runs["one"])).max() > 1e-3  # the teacher changes the target
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
