@@ -22,6 +22,7 @@ COMMANDS = {
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
     "talaria": "Per-op size, FLOPs, bytes, estimated latency/energy and predicted ΔKL; what-if rules, auto plans, a web view.",
     "adapter": "LoRA adapters: train (SFT or distillation), list, info, merge.",
+    "pretrain": "Pretrain or continue pretraining from token shards: FSDP2, tensor, context and data parallel under torchrun.",
     "sft": "Full fine-tuning of every weight on chats (assistant-only loss), with sequence packing; resumes after a kill.",
     "serve": "Serve models over an OpenAI-compatible API with per-request adapters, batching, metrics and a web playground.",
     "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
