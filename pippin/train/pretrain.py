@@ -40,7 +40,7 @@ from pippin.model.config import get_preset
 from pippin.model.transformer import Transformer
 from pippin.train.dist_checkpoint import Checkpointer, full_state, latest_complete, load_checkpoint
 from pippin.train.losses import distill_loss
-from pippin.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from pippin.train.optim import OptimConfig, build_optimizer, clip_grads_, lr_at, set_lr
 from pippin.train.parallelize import MeshConfig, build_mesh, parallelize, shard_context, training_flops_per_token, world_mean
 from pippin.train.pretrain_log import GlobalBatches, MetricsLog, plot_metrics
 
@@ -268,8 +268,10 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), part.labels.flatten())
             loss.backward()
-        grad_norm = _grad_norm_and_clip(model, config.optim.max_grad_norm)
-        optimizer.step()
+        clipped = clip_grads_(model.parameters(), config.optim)  # AFM: clip at max_grad_norm, skip at drop_grad_norm
+        grad_norm = clipped.norm
+        if not clipped.skip:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = world_mean(loss.full_tensor() if isinstance(loss, DTensor) else loss)
         losses.append(loss_value)
@@ -284,7 +286,7 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
             ckpt.poll()
         tok_s = config.global_batch * config.seq_len / dt
         if done % config.log_every == 0 or done == config.steps:
-            row = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tok_s,
+            row = {"step": done, "loss": loss_value, "grad_norm": grad_norm, "skipped": clipped.skip, "lr": lr, "tokens_per_s": tok_s,
                    "tokens_per_s_per_rank": tok_s / world, "step_s": dt, "mesh": config.mesh.describe()}  # fmt: skip
             if peak:
                 row["mfu"] = flops_token * tok_s / world / peak
@@ -300,15 +302,6 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         plot_metrics(out)
     return PretrainResult(losses=losses, start_step=start, steps=config.steps, model_path=model_path,
                           tokens_per_s=config.global_batch * config.seq_len * len(losses) / (time.perf_counter() - t_run))  # fmt: skip
-
-
-def _grad_norm_and_clip(model: torch.nn.Module, max_norm: float | None) -> float:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if max_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm(grads)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _export(model: torch.nn.Module, tokenizer: Any, out: Path, config: PretrainConfig, rank: int) -> Path:

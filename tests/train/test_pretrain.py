@@ -157,3 +157,17 @@ def test_continue_pretraining_the_default_model(tmp_path: Path) -> None:
     assert out.tokenizer is not None and out.model.config == base.model.config
     ids = out.tokenizer.encode("The capital of France is")
     assert out.model(torch.tensor([ids])).shape == (1, len(ids), out.model.config.vocab_size)
+
+
+def test_adastar_runs_the_loop_and_an_anomalous_gradient_norm_skips_the_step(tmp_path: Path, shards: Path) -> None:
+    """AFM's optimizer trains in the loop; with drop_grad_norm below every norm each step is skipped (AXLearn's
+    skip_and_clip): 2 skipped steps leave the same weights as 1 (both the seeded initial ones), and the log says so."""
+    adastar = {"name": "adastar", "lr": 1e-2, "warmup_steps": 1, "total_steps": 8, "max_grad_norm": 1.0}
+    trained = run_pretrain(config(tmp_path / "a", shards, steps=6, optim=adastar))
+    assert trained.losses[-1] < trained.losses[0]
+    assert not any(r["skipped"] for r in read_metrics(tmp_path / "a"))
+    frozen = run_pretrain(config(tmp_path / "s", shards, steps=2, optim=adastar | {"drop_grad_norm": 1e-9}))
+    assert all(r["skipped"] for r in read_metrics(tmp_path / "s"))
+    start = run_pretrain(config(tmp_path / "z", shards, steps=1, optim=adastar | {"drop_grad_norm": 1e-9}))
+    weights = [load_model(p).model.state_dict() for p in (frozen.model_path, start.model_path)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
