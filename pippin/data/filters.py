@@ -3,9 +3,10 @@ profanity / unsafe-content filtering. (Quality rules are datatrove's Gopher, C4 
 
 Language: `langdetect` (a port of Google's language-detection, already pinned for IFEval) with a fixed seed, on the
 first `max_chars` characters, because datatrove's own language filter needs a fastText model download. Profanity:
-the share of words found in better-profanity's word list (the list only: its censor is slow). Unsafe: the URL (when a
-crawled row has one) holds a word from datatrove's bundled banned-URL-words list (the hard list of its URLFilter,
-whose domain lists need `tldextract` and a network fetch). Not a classifier: no model-based toxicity scoring.
+the share of words found in datatrove's bundled banned and soft-banned word lists (its URLFilter's; C4's LDNOOBW list
+needs a download, and better-profanity's chat censor list holds "god" and "kill", which drops the Bible). Unsafe: the
+URL (when a crawled row has one) holds a word of the hard banned list (URLFilter's rule; its domain lists need
+`tldextract` and a network fetch). Not a classifier: no model-based toxicity scoring.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class LanguageFilter(BaseFilter):
         return True
 
 
-def _package_words(package: str, name: str) -> frozenset[str]:
-    return frozenset(w.strip().lower() for w in resources.files(package).joinpath(name).read_text().splitlines() if w.strip())
+def _datatrove_words(name: str) -> frozenset[str]:
+    """A word list bundled with datatrove; entries it marks with '#' are left out, as its URLFilter leaves them."""
+    lines = resources.files("datatrove").joinpath("assets", name).read_text().splitlines()
+    return frozenset(w.strip().lower() for w in lines if w.strip() and not w.startswith("#"))
 
 
 class SafetyFilter(BaseFilter):
@@ -61,11 +64,11 @@ class SafetyFilter(BaseFilter):
     ):
         super().__init__(exclusion_writer)
         self.max_profanity_ratio, self.min_profane_words = max_profanity_ratio, min_profane_words
-        words = _package_words("better_profanity", "profanity_wordlist.txt")
+        self.banned_url_words = _datatrove_words("banned_words.txt")
+        words = self.banned_url_words | _datatrove_words("soft_banned_words.txt")
         if extra_words is not None:
             words |= frozenset(w.strip().lower() for w in Path(extra_words).read_text().splitlines() if w.strip())
         self.profane = words
-        self.banned_url_words = _package_words("datatrove", "assets/banned_words.txt")
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         url = str(doc.metadata.get("url") or "").lower()

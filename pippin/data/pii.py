@@ -34,6 +34,8 @@ _DT = PIIFormatter()  # datatrove's patterns, so the e-mail and IP rules are Fin
 _CARD = re.compile(r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
+# datatrove's IPv4 pattern, not inside a longer dotted number (1.2.3.4.5) and not a numbered section or version
+_IP = re.compile(r"(?<![\w.])(?<!section )(?<!Section )(?<!version )(?<!Version )" + _DT.ip_replacer.regex.pattern + r"(?!\w|\.\d)")
 _PHONE_RUN = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")  # where a phone number could be; libphonenumber decides
 
 
@@ -72,7 +74,7 @@ RECOGNISERS: dict[str, Callable[[str], list[Span]]] = {
     "credit_card": _regex_spans(_CARD, "credit_card", _card),
     "iban": _regex_spans(_IBAN, "iban", lambda s: iban.is_valid(s)),
     "us_ssn": _regex_spans(_SSN, "us_ssn", lambda s: ssn.is_valid(s)),
-    "ip": _regex_spans(_DT.ip_replacer.regex, "ip", partial(public_ip_validator, public_only=True)),
+    "ip": _regex_spans(_IP, "ip", partial(public_ip_validator, public_only=True)),
     "phone": _phones,
 }
 

@@ -41,6 +41,7 @@ def test_pii_recall_and_precision_on_planted_items():
         ("SSN 123-45-6789 on file", ["us_ssn"]),
         ("SSN 666-45-6789 on file", []),  # the SSA never issues 666
         ("server 8.8.8.8 and 192.168.1.1", ["ip"]),  # only the public address
+        ("see RFC 2616 section 8.1.2.2 and OID 1.3.6.1.4.1", []),  # dotted numbers that are not addresses
         ("released 2024-01-05, version 3.11.2", []),
         ("mail a.b-c@sub.example.org now", ["email"]),
     ],
@@ -140,3 +141,17 @@ def test_pipeline_file_validation(tmp_path):
     check_run_folder(config_from_dict({"inputs": ["x"], "output": str(tmp_path), "dedup": None, "quality": {"c4": None}, "workers": 1}))
     with pytest.raises(PippinError, match="other settings"):
         check_run_folder(config_from_dict({"inputs": ["x"], "output": str(tmp_path), "tasks": 3}))
+
+
+def test_the_same_file_builds_slurm_stages(tmp_path):
+    from pippin.data.stages import make_executors
+
+    base = {"inputs": [str(tmp_path)], "output": str(tmp_path / "out")}
+    local = make_executors(config_from_dict(base).resolved())
+    slurm = make_executors(
+        config_from_dict({**base, "executor": "slurm", "executor_args": {"partition": "cpu", "time": "2:00:00"}}).resolved()
+    )
+    assert [type(e).__name__ for e in slurm] == ["SlurmPipelineExecutor"] * 5
+    assert [e.world_size for e in slurm] == [e.world_size for e in local] == [2, 20, 1, 2, 1]
+    assert [[type(s) for s in e.pipeline] for e in slurm] == [[type(s) for s in e.pipeline] for e in local]
+    assert all(b.depends is a for a, b in zip(slurm, slurm[1:]))
