@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from importlib import resources
-from pathlib import Path
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -59,16 +58,11 @@ class SafetyFilter(BaseFilter):
 
     name = "🚫 Profanity / unsafe"
 
-    def __init__(
-        self, max_profanity_ratio: float = 0.01, min_profane_words: int = 3, exclusion_writer=None, extra_words: Path | None = None
-    ):
+    def __init__(self, max_profanity_ratio: float = 0.01, min_profane_words: int = 3, exclusion_writer=None):
         super().__init__(exclusion_writer)
         self.max_profanity_ratio, self.min_profane_words = max_profanity_ratio, min_profane_words
         self.banned_url_words = _datatrove_words("banned_words.txt")
-        words = self.banned_url_words | _datatrove_words("soft_banned_words.txt")
-        if extra_words is not None:
-            words |= frozenset(w.strip().lower() for w in Path(extra_words).read_text().splitlines() if w.strip())
-        self.profane = words
+        self.profane = self.banned_url_words | _datatrove_words("soft_banned_words.txt")
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         url = str(doc.metadata.get("url") or "").lower()

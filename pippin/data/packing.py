@@ -25,13 +25,17 @@ def partial_index(rank: int) -> str:
     return f"shards-r{rank:05d}.json"
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a converted model folder ("default": the default model under PIPPIN_HOME)."""
-    if str(path) == "default":
+def tokenizer_folder(spec: str | Path) -> Path:
+    """A converted model folder; "default" is the default model's under PIPPIN_HOME."""
+    if str(spec) == "default":
         from pippin.model.checkpoint import DEFAULT_MODEL, pippin_home
 
-        path = pippin_home() / "models" / DEFAULT_MODEL
-    return Tokenizer.load(path)
+        return pippin_home() / "models" / DEFAULT_MODEL
+    return Path(spec)
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    return Tokenizer.load(tokenizer_folder(spec))
 
 
 class PackShards(PipelineStep):
@@ -62,7 +66,7 @@ class PackShards(PipelineStep):
             vocab_size=tok.vocab_size,
             eos_id=eos_id,
             shard_tokens=self.shard_tokens,
-            meta={"tokenizer": str(self.tokenizer), "eos_token": self.eos_token},
+            meta={"tokenizer": str(tokenizer_folder(self.tokenizer).resolve()), "eos_token": self.eos_token},
             prefix=f"shard-r{rank:05d}",
             index_name=partial_index(rank),
         )

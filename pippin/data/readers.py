@@ -74,16 +74,12 @@ class InputReader(PipelineStep):
     type = "📖 - READER"
     name = "📖 Read inputs"
 
-    def __init__(self, paths: list[str], split_chars: int = 0, text_key: str = "text", root: str | None = None):
+    def __init__(self, paths: list[str], split_chars: int = 0, text_key: str = "text"):
         super().__init__()
         self.paths, self.split_chars, self.text_key = list(paths), split_chars, text_key
-        self.root = Path(root) if root else None
-
-    def _name(self, f: Path) -> str:
-        return str(f.relative_to(self.root)) if self.root and f.is_relative_to(self.root) else str(f)
 
     def read_file(self, f: Path) -> Iterator[Document]:
-        name = self._name(f)
+        name = str(f)
         with _open(f) as fh:
             if f.name.endswith(JSONL_SUFFIXES):
                 for i, line in enumerate(fh):
