@@ -13,7 +13,7 @@ SHARED  ?= ../shared
 CALIB   ?= $(SHARED)/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
 QDIR    ?= $(HOME)/.cache/pippin/models
 
-.PHONY: setup run demo model compressed compressed-3.5 adapters test lint bench bench-setup bench-models bench-compression bench-adapters bench-serving bench-faults bench-rl posttrain clean
+.PHONY: data setup run demo model compressed compressed-3.5 adapters test lint bench bench-setup bench-models bench-compression bench-adapters bench-serving bench-faults bench-rl posttrain clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -150,6 +150,11 @@ bench-faults: bench-setup compressed
 bench-adapters: bench-setup adapters
 	$(PY) benchmarks/adapters.py --xsum $(SHARED)/data/xsum/test.jsonl --compressed 3.5bpw=$(BASE35) \
 	  --dialogsum $(DIALOGSUM) --peft --out docs/benchmarks/adapters.json
+
+# Pretraining shards from offline text (needs: apt-get install -y bible-kjv python3-doc man-db groff-base); CRAWL=folder adds a crawl's JSONL.
+data: model
+	sh recipes/prepare-offline-text.sh
+	$(PY) -m pippin data run recipes/pipeline-offline.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,7 +28,7 @@ COMMANDS = {
     "reward": "Reward models (AFM's soft-label Bradley-Terry with single-sided grading): train on preference pairs.",
     "rl": "Online RL (MDLOO or RLOO) of a model against a verifier or a trained reward model.",
     "itec": "iTeC: a teacher committee samples, a scorer keeps each prompt's best reply, an adapter learns them; in rounds.",
-    "data": "Build training data: verifiable instruction-following prompts (IFEval's types, decontaminated from its test set).",
+    "data": "Build training data: IFEval-style and safety prompt sets; `data run`: raw text to filtered, deduplicated token shards.",
     "crawl": "Crawl the web politely (robots.txt, per-host delays, retries) into page records with main text; resumable.",
     "eval": "Run an evaluation suite (IFEval, summarization, safety, preference, MT-Bench, writing, judge agreement) with reports.",
 }

@@ -3,9 +3,10 @@
 A shard folder holds raw little-endian token files (`shard-00000.bin`, ...; uint16 when the vocabulary fits, else
 uint32), each a run of whole documents, every document followed by the end-of-document id, and `shards.json`, the
 index: format, dtype, tokenizer, eos id, each file's token and document counts. Every file is written atomically and
-the index last, so its presence marks a complete set. Readers memory-map the files and cut fixed windows of
-`seq_len + 1` tokens (inputs and shifted labels) within a shard; no window crosses a file. Follows nanoGPT's
-`train.bin` and Megatron's indexed datasets, without their pickled indexes.
+the index last, so its presence marks a complete set. Parallel writers (one per pipeline task) name their files with a
+prefix and write a partial index each; `merge_indexes` then writes the one `shards.json` that lists them all in order.
+Readers memory-map the files and cut fixed windows of `seq_len + 1` tokens (inputs and shifted labels) within a shard;
+no window crosses a file. Follows nanoGPT's `train.bin` and Megatron's indexed datasets, without their pickled indexes.
 """
 
 from __future__ import annotations
@@ -32,15 +33,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 class ShardWriter:
     """Appends documents and cuts a new file every `shard_tokens` tokens (at a document boundary). `close()` writes
-    the index; a writer that never closes leaves no index, so the folder is not mistaken for a complete set."""
+    the index; a writer that never closes leaves no index, so the folder is not mistaken for a complete set. Files are
+    named `<prefix>-00000.bin`, ...; the index is `index_name` (a partial one, for `merge_indexes`, when several
+    writers share a folder)."""
 
-    def __init__(self, folder: str | Path, *, vocab_size: int, eos_id: int, shard_tokens: int = 1 << 24, meta: dict | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        vocab_size: int,
+        eos_id: int,
+        shard_tokens: int = 1 << 24,
+        meta: dict | None = None,
+        prefix: str = "shard",
+        index_name: str = INDEX_FILE,
+    ):
         if not 0 <= eos_id < vocab_size:
             raise PippinError(f"eos id {eos_id} is outside the vocabulary (0..{vocab_size - 1})")
         self.folder = Path(folder)
         self.dtype = token_dtype(vocab_size)
         self.vocab_size, self.eos_id, self.shard_tokens = vocab_size, eos_id, shard_tokens
         self.meta = dict(meta or {})
+        self.prefix, self.index_name = prefix, index_name
         self.shards: list[dict[str, Any]] = []
         self._buf: list[np.ndarray] = []
         self._n_buf = self._n_docs = 0
@@ -58,7 +72,7 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        name = f"shard-{len(self.shards):05d}.bin"
+        name = f"{self.prefix}-{len(self.shards):05d}.bin"
         with atomic_path(self.folder / name) as tmp:
             np.concatenate(self._buf).tofile(tmp)
         self.shards.append({"file": name, "n_tokens": self._n_buf, "n_documents": self._n_docs})
@@ -77,8 +91,34 @@ class ShardWriter:
             "shards": self.shards,
             **self.meta,
         }
-        write_json_atomic(self.folder / INDEX_FILE, index)
-        return self.folder / INDEX_FILE
+        write_json_atomic(self.folder / self.index_name, index)
+        return self.folder / self.index_name
+
+
+def merge_indexes(folder: str | Path, parts: list[str], meta: dict | None = None) -> Path:
+    """Write `folder/shards.json` listing the shards of the partial indexes `parts` (file names in `folder`, written
+    by ShardWriters with their own prefixes), in the order given. The parts must agree on format, dtype, vocabulary
+    and eos id; their other keys come from the first part, updated by `meta`."""
+    folder = Path(folder)
+    indexes = []
+    for name in parts:
+        path = folder / name
+        if not path.is_file():
+            raise PippinError(f"partial shard index {path} is missing: a pipeline task did not finish; run the pipeline again to resume")
+        indexes.append(json.loads(path.read_text()))
+    if not indexes:
+        raise PippinError(f"no partial shard indexes to merge in {folder}")
+    keys = ("format", "version", "dtype", "vocab_size", "eos_id")
+    for name, index in zip(parts, indexes):
+        if any(index.get(k) != indexes[0].get(k) for k in keys):
+            raise PippinError(f"{folder / name} disagrees with {folder / parts[0]} on {keys}: the parts come from different runs")
+    merged = {k: v for k, v in indexes[0].items() if k not in ("shards", "n_tokens", "n_documents")}
+    merged.update(meta or {})
+    merged["shards"] = [s for index in indexes for s in index["shards"]]
+    merged["n_tokens"] = sum(s["n_tokens"] for s in merged["shards"])
+    merged["n_documents"] = sum(s["n_documents"] for s in merged["shards"])
+    write_json_atomic(folder / INDEX_FILE, merged)
+    return folder / INDEX_FILE
 
 
 @dataclass(frozen=True)
