@@ -123,3 +123,19 @@ def test_tokenizer_keys_built_from_tokenizer_json_match_the_source_gguf(real_mod
     for key, value in built.items():
         assert value == source[key], key
     assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.chat_template"} <= built.keys()
+
+
+def test_cli_exports_a_saved_model_and_prints_the_report(tmp_path, capsys):
+    from pippin.cli import main
+    from pippin.model.checkpoint import save_pippin
+
+    model = tiny_model()
+    on_ggml_grid(model)
+    save_pippin(loaded(model), tmp_path / "tiny")
+    assert main(["export", str(tmp_path / "tiny"), "--to", "gguf", "--out", str(tmp_path / "t.gguf"), "--fidelity-tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "every tensor equals pippin's bit for bit" in out and "KL(pippin || gguf) mean 0.0000" in out
+    back = load_gguf(tmp_path / "t.gguf").model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    assert main(["export", str(tmp_path / "tiny"), "--to", "gguf", "--out", str(tmp_path / "u.gguf"), "--type", "three=Q8_0"]) == 2
+    assert "write BITS=TYPE" in capsys.readouterr().err
