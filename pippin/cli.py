@@ -18,6 +18,7 @@ COMMANDS = {
     "chat": "Interactive chat with history.",
     "demo": "Load the default model and stream one chat answer with its timings (the `make run` job).",
     "convert": "Convert a GGUF file or Hugging Face folder to pippin's format.",
+    "export": "Export a model (full precision or compressed) to GGUF (llama.cpp, Ollama) or Core ML, with its fidelity report.",
     "info": "Architecture, parameter counts and bytes by tensor group of a model or preset.",
     "compress": "Palettize a model to a mixed 2/3/4-bit plan under a bits-per-weight budget.",
     "talaria": "Per-op size, FLOPs, bytes, estimated latency/energy and predicted ΔKL; what-if rules, auto plans, a web view.",

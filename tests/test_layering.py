@@ -1,6 +1,6 @@
 """Dependencies point one way (DESIGN.md): model <- kernels, quant, adapters <- engine <- serve, eval <- data, train; api
 composes them and cli/commands sit on top. talaria (the cost model) reads model, quant, adapters and kernels, and only
-commands and api read it. Checked by reading imports."""
+commands and api read it. export reads model and quant; only commands read it. Checked by reading imports."""
 
 import ast
 from pathlib import Path
@@ -10,20 +10,22 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "pippin"
 # For each package, the pippin packages it must not import.
 FORBIDDEN = {
-    "model": {"engine", "kernels", "commands", "api", "cli", "talaria"},
-    "kernels": {"engine", "commands", "api", "cli", "talaria"},
-    "engine": {"commands", "api", "cli", "quant", "train", "serve", "eval", "talaria"},
+    "model": {"engine", "kernels", "commands", "api", "cli", "talaria", "export"},
+    "kernels": {"engine", "commands", "api", "cli", "talaria", "export"},
+    "engine": {"commands", "api", "cli", "quant", "train", "serve", "eval", "talaria", "export"},
     # quant acts on linear-like modules by name and never imports the model (DESIGN.md).
-    "quant": {"model", "engine", "commands", "api", "cli", "talaria"},
+    "quant": {"model", "engine", "commands", "api", "cli", "talaria", "export"},
     # adapters wrap linear-like modules by name, like quant.
-    "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli", "talaria"},
-    "train": {"commands", "api", "cli", "serve", "talaria"},
-    "serve": {"commands", "cli", "train", "eval", "talaria"},
-    "eval": {"commands", "cli", "train", "serve", "data", "talaria"},
+    "adapters": {"model", "engine", "quant", "train", "commands", "api", "cli", "talaria", "export"},
+    "train": {"commands", "api", "cli", "serve", "talaria", "export"},
+    "serve": {"commands", "cli", "train", "eval", "talaria", "export"},
+    "eval": {"commands", "cli", "train", "serve", "data", "talaria", "export"},
     # data builds training sets with eval's checkers; train reads them.
-    "data": {"commands", "api", "cli", "train", "serve", "engine", "talaria"},
+    "data": {"commands", "api", "cli", "train", "serve", "engine", "talaria", "export"},
     # talaria prices a model from its config and modules; measuring the real kernels is allowed, running the engine not.
-    "talaria": {"engine", "serve", "train", "eval", "data", "commands", "api", "cli"},
+    "talaria": {"engine", "serve", "train", "eval", "data", "commands", "api", "cli", "export"},
+    # export reads model and quant (the weights, LUTs and indices) and writes other runtimes' files.
+    "export": {"engine", "serve", "train", "eval", "data", "adapters", "talaria", "commands", "api", "cli"},
 }
 
 

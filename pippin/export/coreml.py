@@ -1,0 +1,240 @@
+"""Export to Core ML through coremltools: an mlprogram (iOS 18) whose palettized weights are pippin's LUTs and indices.
+
+What is converted: a fixed-shape prefill, token ids (1, T) -> logits (1, T, V), without a KV cache. It holds every
+weight the on-device model needs and is enough to score a prompt or check the conversion; a stateful decoder (the KV
+cache as Core ML state) is a separate graph around the same weights, not built here. The graph is written out
+(`PrefillGraph`: explicit causal mask, GQA by repeating K/V, fixed shapes) because the torch frontend cannot trace
+pippin's engine-facing forward (dynamic causal flag, `enable_gqa`).
+Weights are fp16. A palettized layer's dense weight has at most 2^b distinct values per group of 16 rows, all fp16
+(pippin stores fp16 LUTs), so coremltools' `palettize_weights`, per_grouped_channel, with a LUT of each group's
+distinct values ("unique" at pippin's width, see `unique_lut`) rebuilds pippin's LUTs exactly; a palettized
+embedding with row scales is converted as its unit-RMS rows (palettized) times the scales.
+Full-precision weights, the int8 embedding and a rotated model's head mix M are stored as dense fp16 (rounded).
+`verify_coreml` reads the saved mlpackage's MIL program back (no prediction: Core ML does not run on Linux) and
+compares every weight with pippin's: each `constexpr_lut_to_dense` op's LUT and indices, each dense const's values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pippin.errors import PippinError
+from pippin.export.tensors import ExportTensor, export_tensors, head_mix
+from pippin.io import fsync_dir
+from pippin.model.checkpoint import LoadedModel
+from pippin.model.transformer import RMSNorm, Transformer
+
+
+def _rms(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class PrefillGraph(nn.Module):
+    """The traced graph: a dense copy `m` of the model plus a palettized embedding's row scales and a rotated head's M."""
+
+    def __init__(self, model: Transformer, tensors: list[ExportTensor], seq_len: int) -> None:
+        super().__init__()
+        cfg = model.config
+        if seq_len > cfg.max_seq_len:
+            raise PippinError(f"seq_len {seq_len} exceeds the model's context of {cfg.max_seq_len} tokens.")
+        self.seq_len = seq_len
+        with torch.device("meta"):
+            self.m = Transformer(cfg)
+        state = {t.name: (t.palette.dequantize() if t.row_scale is not None else t.weight) for t in tensors if t.derived is None}
+        self.m.load_state_dict(state, assign=True)
+        self.m.rope_cos, self.m.rope_sin = torch.zeros(0), torch.zeros(0)  # meta buffers the graph does not use (it has its own tables)
+        emb = tensors[0]
+        self.register_buffer("row_scale", None if emb.row_scale is None else emb.row_scale.float())
+        mix = head_mix(model)
+        self.register_buffer("mix", mix)
+        self.register_buffer("cos", model.rope_cos[:seq_len][None, None].clone())
+        self.register_buffer("sin", model.rope_sin[:seq_len][None, None].clone())
+        self.register_buffer("mask", torch.full((seq_len, seq_len), float("-inf")).triu(1))
+        self.eval()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        m, T = self.m, self.seq_len  # shapes are Python ints: the trace holds no size ops
+        h = m.embed_tokens(tokens)
+        if self.row_scale is not None:
+            h = h * self.row_scale[tokens].unsqueeze(-1)
+        for block in m.layers:
+            a = block.self_attn
+            x = _rms(h, block.input_layernorm)
+            q = a.q_proj(x).view(1, T, a.n_heads, a.head_dim).transpose(1, 2)  # (1, H, T, D)
+            k = a.k_proj(x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            v = a.v_proj(x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            q, k = _rope(q, self.cos, self.sin, a.head_dim // 2), _rope(k, self.cos, self.sin, a.head_dim // 2)
+            rep = a.n_heads // a.n_kv_heads
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+            h = h + a.o_proj(y.transpose(1, 2).reshape(1, T, a.n_heads * a.head_dim))
+            h = h + block.mlp(_rms(h, block.post_attention_layernorm))
+        x = _rms(h, m.norm)
+        if self.mix is not None:
+            x = x @ self.mix
+        logits = m.lm_head(x)
+        return logits if self.row_scale is None else logits * self.row_scale
+
+
+def unique_lut(bits: int):  # noqa: ANN201 - coremltools' lut_function: group weights -> (LUT, indices)
+    """coremltools' "unique" mode at a fixed width: the LUT is a group's distinct values, ascending, padded to 2^bits.
+
+    Written out rather than `mode="unique"` for two reasons: unique mode picks its own width (the smallest that holds
+    the values), and it finds the values with numpy's sort on the fp16 weights, which numpy 2.4 gets wrong on CPUs
+    with AVX512-ICL dispatch (seen on AMD EPYC: `np.sort` of 9216 fp16 values returns them unsorted, so unique mode
+    found 9-22 "distinct" values in 3-bit groups and fell back to 6 bits). Here the values are sorted in fp32."""
+
+    def lut_function(val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, inverse = np.unique(val.astype(np.float32).ravel(), return_inverse=True)
+        if len(values) > 2**bits:
+            raise PippinError(f"A weight group has {len(values)} distinct values, more than a {bits}-bit palette holds.")
+        lut = np.zeros(2**bits, dtype=np.float32)
+        lut[: len(values)] = values
+        return lut.astype(val.dtype), inverse.astype(np.uint8)
+
+    return lut_function
+
+
+def const_name(name: str) -> str:
+    """The MIL const coremltools makes of graph weight `m.<name>` in fp16: `m_layers_0_..._weight_to_fp16`."""
+    return "m_" + name.replace(".", "_") + "_to_fp16"
+
+
+@dataclass(kw_only=True)
+class CoreMLReport:
+    path: str
+    seq_len: int
+    palettized: int
+    """Weights stored as LUT + indices (constexpr_lut_to_dense)."""
+    dense: int
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    """One per weight: name, kind, and whether the mlpackage's values equal pippin's."""
+    all_equal: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_coreml(loaded: LoadedModel, out: str | Path, *, seq_len: int = 64) -> CoreMLReport:
+    """Convert `loaded` to an mlpackage at `out` (a folder, replaced whole), palettize it with pippin's LUTs, verify it."""
+    try:
+        import coremltools as ct
+        import coremltools.optimize.coreml as cto
+    except ImportError as e:
+        raise PippinError("Core ML export needs coremltools: pip install coremltools==9.0 (pippin's bench extra).") from e
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    out = Path(out)
+    tensors = export_tensors(loaded.model)
+    graph = PrefillGraph(loaded.model, tensors, seq_len)
+    example = torch.zeros(1, seq_len, dtype=torch.long)
+    with torch.no_grad():
+        traced = torch.jit.trace(graph, example)
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(name="tokens", shape=(1, seq_len), dtype=np.int32)],
+        outputs=[ct.TensorType(name="logits")],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+    )
+    consts = {op.name for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"}
+    pal = {const_name(t.name): t for t in tensors if t.palette is not None and t.derived is None}
+    missing = sorted(set(pal) - consts)
+    if missing:
+        raise PippinError(f"coremltools named the weights differently than expected ({missing[:3]}); this coremltools is not supported.")
+    configs = {
+        name: cto.OpPalettizerConfig(
+            mode="custom",
+            lut_function=unique_lut(t.palette.bits),
+            granularity="per_grouped_channel",
+            group_size=t.palette.group_size,
+            weight_threshold=0,
+        )
+        for name, t in pal.items()
+    }
+    if configs:
+        mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        mlmodel.save(str(tmp / out.name))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / out.name, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    checks = verify_coreml(out, tensors)
+    return CoreMLReport(
+        path=str(out),
+        seq_len=seq_len,
+        palettized=sum(c["kind"] == "palette" for c in checks),
+        dense=sum(c["kind"] == "dense" for c in checks),
+        checks=checks,
+        all_equal=all(c["equal"] for c in checks),
+    )
+
+
+def read_program(path: str | Path) -> dict[str, Any]:
+    """{op name: op} of the saved mlpackage's main function, read back from its spec and weight file."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    prog = load_mil(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+    return {op.name: op for op in prog.functions["main"].operations}
+
+
+def verify_coreml(path: str | Path, tensors: list[ExportTensor]) -> list[dict[str, Any]]:
+    """Compare every weight in the mlpackage with pippin's (see the module docstring)."""
+    ops = read_program(path)
+    checks = []
+    for t in tensors:
+        if t.derived is not None:
+            continue  # the rotated head is M and the embedding in this graph, not a weight of its own
+        name = const_name(t.name)
+        if t.palette is not None:
+            op = ops.get(name + "_palettized")
+            if op is None or op.op_type != "constexpr_lut_to_dense":
+                checks.append({"name": t.name, "kind": "palette", "equal": False, "why": "no constexpr_lut_to_dense op"})
+                continue
+            checks.append({"name": t.name, "kind": "palette", **compare_palette(op.inputs["lut"].val, op.inputs["indices"].val, t)})
+        else:
+            op = ops.get(name)
+            want = t.weight.half().numpy()
+            row = {"name": t.name, "kind": "dense", "fp16_exact": bool(torch.equal(t.weight.half().float(), t.weight))}
+            if op is None and bool((t.weight == 1).all()):
+                row.update(equal=True, why="all ones: coremltools removed the multiply")  # a folded norm (rotated models)
+            else:
+                got = None if op is None else op.val.val
+                row["equal"] = bool(got is not None and got.shape == want.shape and np.array_equal(got, want))
+            checks.append(row)
+    return checks
+
+
+def compare_palette(lut: np.ndarray, idx: np.ndarray, t: ExportTensor) -> dict[str, Any]:
+    """Core ML's (G, 1, n, 1) LUT and (N, K) indices against pippin's palette: identical arrays, or the same weights
+    under a relabeling of each group's entries (unique mode drops duplicate and unused entries and sorts the rest)."""
+    p = t.palette
+    lut = lut.reshape(lut.shape[0], -1)
+    ours_lut, ours_idx = p.lut.numpy(), p.idx.numpy()
+    nbits = int(np.log2(lut.shape[1]))
+    identical = lut.shape == ours_lut.shape and np.array_equal(lut, ours_lut) and np.array_equal(idx, ours_idx)
+    groups = np.arange(idx.shape[0]) // p.group_size
+    same_weights = idx.shape == ours_idx.shape and np.array_equal(lut[groups[:, None], idx], ours_lut[groups[:, None], ours_idx])
+    return {"equal": bool(identical or same_weights), "identical": bool(identical), "bits": p.bits, "coreml_bits": nbits}
