@@ -50,7 +50,9 @@ def build_dir() -> Path:
     from pippin.model.checkpoint import pippin_home
 
     sources = b"".join(f.read_bytes() for f in sorted(_CSRC.iterdir()) if f.suffix in (".cpp", ".h", ".inc"))
-    tag = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
+    # The checkout's path is part of the key: the build file names each source by its absolute path, so two checkouts
+    # sharing one folder would rebuild each other's kernels on every load.
+    tag = hashlib.sha256(sources + torch.__version__.encode() + str(_CSRC.resolve()).encode()).hexdigest()[:12]
     return pippin_home() / "kernels" / tag
 
 
