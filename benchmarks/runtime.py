@@ -162,6 +162,15 @@ def llama_cpp_variant(ftype: str) -> Path:
     return dst
 
 
+def llama_argmax(llm) -> int:  # noqa: ANN001 - llama_cpp.Llama
+    """The greedy next token from llama.cpp's last logits row. Without logits_all, llama-cpp-python 0.3.36 leaves
+    `llm.scores` at zero (argmax 0 every step), so the row is read from the context itself."""
+    import llama_cpp
+    import numpy as np
+
+    return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).argmax())
+
+
 def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
     import llama_cpp
 
@@ -185,8 +194,7 @@ def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
         llm.reset()
         llm.eval(ids)
         for _ in range(DECODE):
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())  # greedy, like the other engines
-            llm.eval([tok])
+            llm.eval([llama_argmax(llm)])  # greedy, like the other engines
 
     return run_prefill, run_decode, path.stat().st_size
 
