@@ -28,7 +28,7 @@ from pippin.errors import PippinError
 from pippin.export.gguf_vocab import source_gguf_fields, tokenizer_fields
 from pippin.export.tensors import ExportTensor, export_tensors
 from pippin.io import atomic_path, write_json_atomic
-from pippin.model.checkpoint import LoadedModel, load_gguf
+from pippin.model.checkpoint import GGUF_NAMES, LoadedModel, load_gguf
 from pippin.model.transformer import Transformer
 from pippin.quant.linear import Int8TiedHead, PalettizedLinear
 
@@ -37,20 +37,8 @@ LOSSLESS = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 """Block types tried, smallest first, for an exact re-encoding of a full-precision weight (then F16, then F32)."""
 NEAREST = {2: Q.Q2_K, 3: Q.Q3_K, 4: Q.Q4_K, 5: Q.Q5_K, 6: Q.Q6_K, 8: Q.Q8_0}
 """The llama.cpp type closest to a palette of each width."""
-_NAMES = {
-    "embed_tokens": "token_embd",
-    "norm": "output_norm",
-    "lm_head": "output",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
+_NAMES = {hf: gg for gg, hf in GGUF_NAMES.items()}
+"""Hugging Face module names -> GGUF's (the inverse of the reader's map)."""
 
 
 @dataclass(kw_only=True)

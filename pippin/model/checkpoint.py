@@ -171,7 +171,8 @@ def load_hf(path: Path) -> LoadedModel:
 
 # --- GGUF -------------------------------------------------------------------------------------------
 
-_GGUF_NAMES = {
+GGUF_NAMES = {
+    # GGUF's tensor names (llama.cpp) -> Hugging Face's; export writes the inverse.
     "token_embd": "embed_tokens",
     "output_norm": "norm",
     "output": "lm_head",
@@ -192,11 +193,11 @@ _GGUF_NAMES = {
 def _gguf_name(name: str) -> str:
     parts = name.split(".")
     kind = parts[2] if parts[0] == "blk" else parts[0]  # blk.{i}.{kind}.weight or {kind}.weight
-    if kind not in _GGUF_NAMES:
+    if kind not in GGUF_NAMES:
         raise PippinError(f"GGUF tensor {name} has no place in a Llama-architecture model; this file is not supported.")
     if parts[0] == "blk":
-        return f"layers.{parts[1]}.{_GGUF_NAMES[kind]}.{parts[3]}"
-    return f"{_GGUF_NAMES[kind]}.{parts[1]}"
+        return f"layers.{parts[1]}.{GGUF_NAMES[kind]}.{parts[3]}"
+    return f"{GGUF_NAMES[kind]}.{parts[1]}"
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pippin.errors import PippinError
-from pippin.model.checkpoint import LoadedModel, load_model, save_pippin
+from pippin.model.checkpoint import GGUF_NAMES, LoadedModel, load_model, save_pippin
 from tests.conftest import tiny_model
 
 gguf = pytest.importorskip("gguf")
@@ -30,20 +30,7 @@ def write_tiny_gguf(model, path, *, qtype=None, tensor_type_override=None):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    names = {
-        "embed_tokens": "token_embd",
-        "norm": "output_norm",
-        "lm_head": "output",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
+    names = {hf: gg for gg, hf in GGUF_NAMES.items()}
     for name, t in model.state_dict().items():
         a = t.numpy().astype(np.float32)
         if name.startswith("layers."):
