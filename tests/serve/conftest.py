@@ -80,16 +80,24 @@ class LiveServer:
 
 def start_server(config: ServeConfig, models: list[str]) -> LiveServer:
     """Serve `models` on 127.0.0.1 at a free port, in a thread; skips the test where the web stack is not installed."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
     from pippin.serve.app import create_app
     from pippin.serve.service import Service, load_base
 
     bases = [load_base(m, config, adapters_dir=config.adapters_dir if i == 0 else None) for i, m in enumerate(models)]
     service = Service(config, bases)
+    url, server, thread = start_uvicorn(create_app(service))
+    return LiveServer(url=url, service=service, server=server, thread=thread)
+
+
+def start_uvicorn(app) -> tuple[str, object, threading.Thread]:  # noqa: ANN001 - an ASGI app
+    """Run `app` under uvicorn on 127.0.0.1 at a free port, in a thread; (URL, server, thread) once it listens."""
+    import uvicorn
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -97,7 +105,7 @@ def start_server(config: ServeConfig, models: list[str]) -> LiveServer:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    return LiveServer(url=f"http://127.0.0.1:{sock.getsockname()[1]}", service=service, server=server, thread=thread)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
 
 
 def tiny_config(**overrides) -> ServeConfig:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -32,6 +29,7 @@ from pippin.talaria.plan import plan_from_config  # noqa: E402
 from pippin.talaria.web import TalariaView, create_app  # noqa: E402
 from pippin.talaria.whatif import Rule, Target, TargetKind, apply_rules, auto, simulate  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+from tests.serve.conftest import start_uvicorn  # noqa: E402
 
 CTX = 64
 TOTALS = {"size": "size_bytes", "bpw": "bpw", "decode": "decode_s", "prefill": "prefill_s", "energy": "decode_j", "kl": "predicted_kl"}
@@ -40,20 +38,9 @@ TOTALS = {"size": "size_bytes", "bpw": "bpw", "decode": "decode_s", "prefill": "
 @contextlib.contextmanager
 def served(view: TalariaView) -> Iterator[str]:
     """The view's app on 127.0.0.1 at a free port (uvicorn in a thread); yields its URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(view), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the Talaria test server did not start")
-        time.sleep(0.02)
+    url, server, thread = start_uvicorn(create_app(view))
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        yield url + "/"
     finally:
         server.should_exit = True
         thread.join(15)
