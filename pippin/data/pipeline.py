@@ -143,7 +143,8 @@ class PipelineConfig:
         d = asdict(self)
         d["inputs"] = [str(Path(p).resolve()) for p in self.inputs]
         d["output"] = str(Path(self.output).resolve())
-        d["eval_data"] = str(Path(self.eval_data).resolve() if self.eval_data else default_eval_data())
+        # resolved either way (../shared may be a symlink), so a resumed run's recorded config compares equal
+        d["eval_data"] = str((Path(self.eval_data) if self.eval_data else default_eval_data()).resolve())
         return config_from_dict(d)
 
 
