@@ -31,12 +31,16 @@ KINDS = ("email", "credit_card", "iban", "us_ssn", "ip", "phone")
 
 _DT = PIIFormatter()  # datatrove's patterns, so the e-mail and IP rules are FineWeb's
 # Card numbers as they are written: 13-19 digits in one run, groups of four (the last 1-7), or Amex's 4-6-5.
-_CARD = re.compile(r"(?<![\d-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})(?![\d-])")
+# Not the fraction of a decimal (`873.9000000000001` in a float printout is Luhn-valid by chance).
+_CARD = re.compile(r"(?<![\d-])(?<!\d[.,])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
 # datatrove's IPv4 pattern, not inside a longer dotted number (1.2.3.4.5) and not a numbered section or version
 _IP = re.compile(r"(?<![\w.])(?<!section )(?<!Section )(?<!version )(?<!Version )" + _DT.ip_replacer.regex.pattern + r"(?!\w|\.\d)")
 _PHONE_RUN = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")  # where a phone number could be; libphonenumber decides
+# A bare run of digits (no +, spaces, dots, dashes or brackets) is a phone only after a word that says so: in technical
+# text such runs are constants and ids (`2**31 - 1 = 2147483647` is a valid Dallas number).
+_PHONE_CUE = re.compile(r"(?i)\b(?:phone|tel|telephone|call|mobile|cell|fax|sms|whatsapp|contact|dial)\b\W{0,3}(?:\w+\W+){0,2}$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ def _phones(text: str, region: str = "US") -> list[Span]:
     for run in _PHONE_RUN.finditer(text):
         lo = max(0, run.start() - 4)
         for m in phonenumbers.PhoneNumberMatcher(text[lo : run.end() + 4], region):
+            if m.raw_string.isdigit() and not _PHONE_CUE.search(text[max(0, lo + m.start - 40) : lo + m.start]):
+                continue
             spans.append(Span("phone", lo + m.start, lo + m.end))
     return spans
 
