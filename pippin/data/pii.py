@@ -35,8 +35,13 @@ _DT = PIIFormatter()  # datatrove's patterns, so the e-mail and IP rules are Fin
 _CARD = re.compile(r"(?<![\d-])(?<!\d[.,])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{5})(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
-# datatrove's IPv4 pattern, not inside a longer dotted number (1.2.3.4.5) and not a numbered section or version
-_IP = re.compile(r"(?<![\w.])(?<!section )(?<!Section )(?<!version )(?<!Version )" + _DT.ip_replacer.regex.pattern + r"(?!\w|\.\d)")
+# datatrove's IPv4 pattern, not inside a longer dotted number (1.2.3.4.5) and not a numbered section
+_IP = re.compile(r"(?<![\w.])(?<!section )(?<!Section )" + _DT.ip_replacer.regex.pattern + r"(?!\w|\.\d)")
+# A dotted quad is a version, not an address, after a word that says so, directly or before a program's name
+# ("since dpkg 1.15.8.6", "version 2.0.0.1"): seen redacted in Debian's man pages.
+_VERSION_CUE = re.compile(
+    r"(?i)\b(?:versions?|releases?|since|ver|rev|revision|build|upgraded?|updated?|patch(?:ed)?)\b\W{0,2}(?:[\w+-]+ )?$"
+)
 _PHONE_RUN = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")  # where a phone number could be; libphonenumber decides
 # A bare run of digits (no +, spaces, dots, dashes or brackets) is a phone only after a word that says so: in technical
 # text such runs are constants and ids (`2**31 - 1 = 2147483647` is a valid Dallas number).
@@ -75,12 +80,22 @@ def _phones(text: str, region: str = "US") -> list[Span]:
     return spans
 
 
+def _ips(text: str) -> list[Span]:
+    """Public IPv4 addresses (datatrove's validator), except where the words before call the number a version."""
+    public = partial(public_ip_validator, public_only=True)
+    return [
+        Span("ip", m.start(), m.end())
+        for m in _IP.finditer(text)
+        if public(m.group(0)) and not _VERSION_CUE.search(text[max(0, m.start() - 40) : m.start()])
+    ]
+
+
 RECOGNISERS: dict[str, Callable[[str], list[Span]]] = {
     "email": _regex_spans(_DT.emails_replacer.regex, "email", lambda s: True),
     "credit_card": _regex_spans(_CARD, "credit_card", _card),
     "iban": _regex_spans(_IBAN, "iban", lambda s: iban.is_valid(s)),
     "us_ssn": _regex_spans(_SSN, "us_ssn", lambda s: ssn.is_valid(s)),
-    "ip": _regex_spans(_IP, "ip", partial(public_ip_validator, public_only=True)),
+    "ip": _ips,
     "phone": _phones,
 }
 

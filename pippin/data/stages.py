@@ -192,7 +192,8 @@ def make_executors(config: PipelineConfig) -> list[Any]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any] | None:
-    """Run (or resume) the pipeline; returns the report when the executor is local, None when jobs were submitted."""
+    """Run (or resume) the pipeline; returns the report, or None when jobs were submitted to Slurm (Ray runs them
+    from this process, on the cluster `ray.init` finds or on a local one it starts)."""
     from pippin.data.pipeline import check_run_folder
 
     config = config.resolved()
@@ -203,4 +204,4 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any] | None:
     executors = make_executors(config)
     executors[-1].run()
     report = Path(config.output) / REPORT_FILE
-    return json.loads(report.read_text()) if config.executor == "local" and report.is_file() else None
+    return json.loads(report.read_text()) if config.executor != "slurm" and report.is_file() else None

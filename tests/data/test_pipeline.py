@@ -6,6 +6,7 @@ run resumes from datatrove's completion markers."""
 import json
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,6 +113,22 @@ def test_one_and_two_workers_give_the_same_shards(corpus, runs):
     assert [np.asarray(x).tolist() for x in a.arrays] == [np.asarray(x).tolist() for x in b.arrays]
     strip = lambda r: [{k: v for k, v in s.items() if k not in ("seconds", "docs_per_s")} for s in r["steps"]]  # noqa: E731
     assert strip(one) == strip(two)
+
+
+def test_ray_executor_gives_the_same_shards(corpus, runs):
+    """The same pipeline file on datatrove's Ray executor (a local Ray instance here) gives the local run's shards
+    and report: the cluster path without code changes (ten ranks to a Ray task: each task is a new process)."""
+    import ray  # the dev extra has it
+
+    try:
+        config = replace(_config(corpus, corpus["root"] / "out-ray", workers=2), executor="ray", executor_args={"tasks_per_job": 10})
+        report = run_pipeline(config)
+    finally:
+        ray.shutdown()
+    a, b = read_shards(corpus["root"] / "out2"), read_shards(corpus["root"] / "out-ray")
+    assert [np.asarray(x).tolist() for x in a.arrays] == [np.asarray(x).tolist() for x in b.arrays]
+    strip = lambda r: [{k: v for k, v in s.items() if k not in ("seconds", "docs_per_s")} for s in r["steps"]]  # noqa: E731
+    assert strip(report) == strip(runs[1])
 
 
 def test_a_killed_run_resumes(corpus, runs, capsys):

@@ -43,6 +43,11 @@ def test_pii_recall_and_precision_on_planted_items():
         ("server 8.8.8.8 and 192.168.1.1", ["ip"]),  # only the public address
         ("see RFC 2616 section 8.1.2.2 and OID 1.3.6.1.4.1", []),  # dotted numbers that are not addresses
         ("released 2024-01-05, version 3.11.2", []),
+        # seen in Debian's man pages: a four-part version after a program's name
+        ("unpacking (since dpkg 1.15.8.6). Currently", []),
+        ("Version 2.0.0.1 and release 4.4.4.4 fixed it", []),
+        ("forward -L 80:162.222.181.197:80 to ssh", ["ip"]),  # an address in the same man pages stays one
+        ("since then the host 8.8.4.4 answers", ["ip"]),  # the cue word is too far from the number
         ("mail a.b-c@sub.example.org now", ["email"]),
         # false positives seen on Python's docs: a float printout, a constant (both Luhn- or phone-valid by chance)
         ("[1000, 873.9000000000001, 827.5]", []),
