@@ -17,9 +17,7 @@ compares every weight with pippin's: each `constexpr_lut_to_dense` op's LUT and 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from torch import nn
 
 from pippin.errors import PippinError
 from pippin.export.tensors import ExportTensor, export_tensors, head_mix
-from pippin.io import fsync_dir
+from pippin.io import atomic_dir
 from pippin.model.checkpoint import LoadedModel
 from pippin.model.transformer import RMSNorm, Transformer
 
@@ -168,16 +166,8 @@ def export_coreml(loaded: LoadedModel, out: str | Path, *, seq_len: int = 64) ->
     }
     if configs:
         mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        mlmodel.save(str(tmp / out.name))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / out.name, out)
-        fsync_dir(out.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp:  # what MLModel.save does for a package, into a folder whose name it would refuse
+        shutil.copytree(mlmodel.package_path, tmp, dirs_exist_ok=True)
     checks = verify_coreml(out, tensors)
     return CoreMLReport(
         path=str(out),
