@@ -138,8 +138,9 @@ posttrain: setup model
 bench-rl: bench-setup
 	$(PY) benchmarks/rl_throughput.py --bf16 --prompts 8 --samples 4 --iterations 3 --out docs/benchmarks/rl_cpu.json
 
-bench-serving: bench-setup adapters
-	$(PY) benchmarks/serving.py --model $(BASE35) --clients 1,16 --seconds 60,240 --speculative --out docs/benchmarks/serving.json
+bench-serving: bench-setup compressed adapters
+	$(PY) benchmarks/serving.py --model $(BASE35) --clients 1,16 --seconds 60,240 --out docs/benchmarks/serving.json
+	$(PY) benchmarks/speculative.py --target $(SERVE_MODEL) --draft $(BASE35) --k 2,3,4 --rounds 3 --out docs/benchmarks/speculative.json
 
 # Hardening, long form (~15 min): 32 misbehaving streaming clients for 5 minutes, then schemathesis with 500
 # generated requests per operation and mode (CI runs 10).

@@ -3,8 +3,8 @@
 Starts the server as a subprocess (the 3.5 bpw model and its adapters), then for each client count runs that
 many OpenAI-style streaming chat clients at once, each sending requests back to back for `--seconds`, each
 request naming an adapter in turn (or none). Reports total generated tok/s, p50/p99 time to first token, and
-the server's resident memory sampled every second (flat memory = no leak). Speculative decoding is measured
-separately in-process (greedy, identical text required). `--single N` first times N rounds of one streamed request
+the server's resident memory sampled every second (flat memory = no leak). Speculative decoding is
+benchmarks/speculative.py. `--single N` first times N rounds of one streamed request
 through the official openai client against `pippin generate` on the same model and prompt (tok/s after the first
 token, TTFT, and whether the texts are identical), interleaved.
   python benchmarks/serving.py --model PATH --clients 1,16 --seconds 60 --out docs/benchmarks/serving.json
@@ -235,44 +235,6 @@ def engine_warm_ttft(args) -> float:
     return _median(out)
 
 
-def speculative(args) -> dict:
-    import torch
-
-    from pippin.api import load_any
-    from pippin.engine.engine import Engine
-    from pippin.engine.sampling import SamplingParams
-    from pippin.engine.speculative import SpeculativeDecoder
-
-    torch.set_num_threads(args.threads)
-    target, draft = load_any(None), load_any(args.model)
-    tok = target.tokenizer
-    params = SamplingParams(max_new_tokens=64)
-    rows = []
-    for prompt in PROMPTS[:3]:
-        ids = tok.encode_chat([{"role": "user", "content": prompt}])
-        engine = Engine(target.model, max_len=512)
-        t = time.perf_counter()
-        plain = engine.generate_ids([ids], params)[0]
-        t_plain = time.perf_counter() - t
-        for k in (2, 4):
-            dec = SpeculativeDecoder(target.model, draft.model, k=k)
-            t = time.perf_counter()
-            spec = list(dec.generate(ids, params))  # a generator: time the whole generation
-            t_spec = time.perf_counter() - t
-            rows.append(
-                {
-                    "k": k,
-                    "identical": spec == plain,
-                    "plain_tok_s": len(plain) / t_plain,
-                    "speculative_tok_s": len(spec) / t_spec,
-                    "speedup": t_plain / t_spec * len(spec) / max(len(plain), 1),
-                    "acceptance_rate": dec.stats.acceptance_rate,
-                    "tokens_per_target_forward": dec.stats.tokens_per_target_forward,
-                }
-            )
-    return {"target": "full precision", "draft": args.model, "rows": rows}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model folder to serve (its adapters/ are used)")
@@ -281,7 +243,6 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--speculative", action="store_true", help="also measure speculative decoding (draft = --model)")
     ap.add_argument("--single", type=int, default=0, help="rounds of one streamed request against `pippin generate` (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -310,8 +271,6 @@ def main() -> None:
     }
     if single is not None:
         single["engine_warm_ttft_s"] = engine_warm_ttft(args)
-    if args.speculative:
-        report["speculative"] = speculative(args)
     print(json.dumps(report, indent=2, default=str))
     if args.out:
         from pippin.io import write_json_atomic
