@@ -83,8 +83,9 @@ def connect(*, mesh: MeshConfig, n_teachers: int, backend: str, timeout: timedel
     gloo group for the ids over every rank."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world != mesh.world_size + n_teachers:
-        raise PippinError(f"mesh {mesh.describe()} ({mesh.world_size} processes) with {n_teachers} teacher ranks needs "
-                          f"{mesh.world_size + n_teachers} processes, but {world} were launched")  # fmt: skip
+        raise PippinError(f"mesh {mesh.describe()} ({mesh.world_size} processes) plus teacher_ranks {n_teachers} needs "
+                          f"{mesh.world_size + n_teachers} processes, but {world} were launched: use torchrun "
+                          f"--nproc-per-node {mesh.world_size + n_teachers}")  # fmt: skip
     if n_teachers > mesh.dp_size:
         raise PippinError(f"teacher_ranks {n_teachers} is more than the data-parallel slices (data x fsdp = "
                           f"{mesh.dp_size}); each teacher rank serves whole slices: use at most {mesh.dp_size}")  # fmt: skip

@@ -123,7 +123,8 @@ def scenario_four(tmp: Path, rank: int) -> dict:
 def scenario_teacher(tmp: Path, rank: int, ports: list[int]) -> dict | None:
     """Three forked processes, three launches as torchrun would make them (RANK, WORLD_SIZE, MASTER_PORT):
     1 student + 1 teacher rank (rank 2 meanwhile runs the 1-process in-process reference), the same resumed from its
-    step-2 checkpoint, then FSDP x2 + 1 teacher rank, then FSDP x2 with in-process teachers and the meta-init check."""
+    step-2 checkpoint, FSDP x2 + 1 teacher rank, context x2 + 1 teacher rank, then FSDP x2 with in-process teachers
+    and the meta-init check."""
     import shutil
 
     from pippin.train.pretrain import run_pretrain
@@ -151,9 +152,11 @@ def scenario_teacher(tmp: Path, rank: int, ports: list[int]) -> dict | None:
         Path(tmp, "one_teacher.json").write_text(json.dumps(res["one_teacher"]))
     launch(3, ports[2])
     res["s2t1"] = run_pretrain(tiny_config(tmp / "s2t1", data, {"fsdp": 2}, teacher=teacher, teacher_ranks=1)).losses
+    launch(3, ports[3])  # both context ranks of the one slice get its ids and keep their own chunks
+    res["cp2t1"] = run_pretrain(tiny_config(tmp / "cp2t1", data, {"context": 2}, teacher=teacher, teacher_ranks=1)).losses
     if rank == 2:
         return None
-    launch(2, ports[3])
+    launch(2, ports[4])
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     res["fsdp2_teacher"] = run_pretrain(tiny_config(tmp / "fsdp2_teacher", data, {"fsdp": 2}, teacher=teacher)).losses
     res["meta_init"] = meta_init_check({"fsdp": 2})

@@ -2,9 +2,10 @@
 
 1 student + 1 teacher rank must give the losses of 1 process with the teacher in process, and FSDP x2 + 1 teacher rank
 those of FSDP x2 with in-process teachers (5 SGD steps, no clipping, <= 1e-6: the teacher's top-1 ids are the same
-integers either way). A run with teacher ranks killed after step 2 resumes with the same later losses. A model built
-on the meta device, sharded by FSDP x2 and then materialized holds exactly the eager 1-process init of the same seed,
-and the run's first loss is the eager model's loss on batch 0. Processes come from dist_scenarios.py ("teacher").
+integers either way); context x2 + 1 teacher rank those of 1 process within CP's own 1e-5. A run with teacher ranks
+killed after step 2 resumes with the same later losses. A model built on the meta device, sharded by FSDP x2 and then
+materialized holds exactly the eager 1-process init of the same seed, and the run's first loss is the eager model's
+loss on batch 0. Processes come from dist_scenarios.py ("teacher").
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("teacher_ranks")
     write_shards(tmp / "shards")
     save_teacher(tmp)
-    (tmp / "ports.json").write_text(json.dumps(free_ports(4)))
+    (tmp / "ports.json").write_text(json.dumps(free_ports(5)))
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(HERE / "dist_scenarios.py"), "teacher", "3", str(tmp)],
@@ -68,6 +69,11 @@ def test_fsdp2_students_and_a_teacher_rank_match_in_process_teachers(runs: dict)
     assert len(got) == 5
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
     np.testing.assert_allclose(ref, runs["one_teacher"], rtol=0, atol=1e-5)  # and FSDP x2 matches 1 process
+
+
+def test_context_parallel_students_share_a_teacher_ranks_ids(runs: dict) -> None:
+    """Context x2 + 1 teacher rank: the teacher sends the slice's ids to both context ranks, each keeps its chunks."""
+    np.testing.assert_allclose(runs["cp2t1"], runs["one_teacher"], rtol=0, atol=1e-5)  # CP x2's own parity tolerance
 
 
 def test_a_killed_run_with_a_teacher_rank_resumes_at_its_checkpoint(runs: dict) -> None:
@@ -112,7 +118,7 @@ def test_launches_that_do_not_fit_the_mesh_and_teacher_ranks_are_refused(tmp_pat
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(PippinError, match="with 1 teacher ranks needs 3 processes, but 2"):
+    with pytest.raises(PippinError, match="plus teacher_ranks 1 needs 3 processes, but 2"):
         run_pretrain(tiny_config(tmp_path / "a", tmp_path, {"fsdp": 2}, teacher="t", teacher_ranks=1))
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PippinError, match="more than the data-parallel slices"):
