@@ -81,7 +81,7 @@ def train(model, *, steps: int, lr: float, data_seed: int, chain, args, teacher=
         else:
             with torch.no_grad():
                 t_logits, _ = logits_and_labels(teacher, x)
-            loss = distill_loss(logits, t_logits, labels)
+            loss = distill_loss(logits, t_logits.argmax(-1), labels)
         loss.backward()
         if not clip_grads_([p for _, p in named], ocfg).skip:
             opt.step()

@@ -5,8 +5,9 @@
   pippin pretrain --plot runs/pt                           # loss / grad norm / LR of a run as runs/pt/metrics.png
 
 The config is a PretrainConfig as JSON (docs/pretraining.md has an example): mesh, model preset or init_from,
-shards, optimizer and schedule, precision, checkpoint interval, optional teacher. The same command resumes a killed
-run from its last complete checkpoint; the trained model is OUT/model, a pippin checkpoint.
+shards, optimizer and schedule, precision, checkpoint interval, optional teacher (in process, or on `teacher_ranks`
+processes of its own, which the torchrun line counts). The same command resumes a killed run from its last complete
+checkpoint; the trained model is OUT/model, a pippin checkpoint.
 """
 
 from __future__ import annotations
@@ -38,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from pippin.train.pretrain import PretrainConfig, run_pretrain
 
     config = PretrainConfig.from_json(args.config)  # validated here, before any process is started
-    if args.nproc_per_node > 1 or config.mesh.world_size > 1:
-        n = max(args.nproc_per_node, config.mesh.world_size)
+    needed = config.mesh.world_size + config.teacher_ranks  # students (the mesh) and the teacher's own ranks
+    if args.nproc_per_node > 1 or needed > 1:
+        n = max(args.nproc_per_node, needed)
         line = f"torchrun --nproc-per-node {n} -m pippin.train.pretrain --config {shlex.quote(args.config)}"
-        print(f"mesh {config.mesh.describe()} needs {config.mesh.world_size} processes; run:\n  {line}", file=sys.stderr)
+        teachers = f" + {config.teacher_ranks} teacher ranks" if config.teacher_ranks else ""
+        print(f"mesh {config.mesh.describe()} needs {config.mesh.world_size} processes{teachers}; run:\n  {line}", file=sys.stderr)
         print(line)
         return 0
     if args.threads:

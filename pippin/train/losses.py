@@ -35,11 +35,13 @@ def perplexity(model: torch.nn.Module, windows: list[list[int]]) -> float:
     return math.exp(nll / max(n, 1))
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *, teacher_weight: float = 0.9) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher_ids: torch.Tensor, labels: torch.Tensor, *, teacher_weight: float = 0.9) -> torch.Tensor:
     """AFM's core distillation loss: cross-entropy against y = w * onehot(teacher top-1) + (1 - w) * onehot(label)
-    (../shared/reference/afm.md 2.4), i.e. w * CE(teacher's argmax) + (1 - w) * CE(label). Logits (..., V), labels
-    (...); label -100 is ignored (both terms) as in F.cross_entropy."""
+    (../shared/reference/afm.md 2.4), i.e. w * CE(teacher's argmax) + (1 - w) * CE(label). Student logits (..., V);
+    teacher_ids are the teacher's top-1 tokens (its logits' argmax(-1)), shaped like labels (...): the target needs
+    nothing else of the teacher, which is what lets a teacher on other ranks send ids instead of logits. Label -100 is
+    ignored (both terms) as in F.cross_entropy."""
     s = student.reshape(-1, student.shape[-1]).float()
     y = labels.reshape(-1)
-    top1 = teacher.reshape(-1, teacher.shape[-1]).argmax(-1).masked_fill(y == -100, -100)
+    top1 = teacher_ids.reshape(-1).masked_fill(y == -100, -100)
     return teacher_weight * F.cross_entropy(s, top1, ignore_index=-100) + (1 - teacher_weight) * F.cross_entropy(s, y, ignore_index=-100)

@@ -5,10 +5,12 @@
 
 `PretrainConfig` (JSON in and out) names the mesh, the model (a preset or a pippin checkpoint to continue from), the
 token shards, optimizer and schedule, precision, activation checkpointing, checkpoint interval and an optional
-teacher for AFM's distillation. The model is built single-device and parallelized from outside
-(`parallelize.py`); checkpoints are sharded DCP folders that reshard on resume (`dist_checkpoint.py`); a killed run
-resumes from its last complete checkpoint. The run ends with OUT/model, a pippin checkpoint like any other.
-Follows torchtitan's train.py; the schedule and the distillation target are AFM's (shared/reference/afm.md 2).
+teacher for AFM's distillation, in each process or on ranks of its own (`teacher_ranks.py`). A model trained from
+scratch is built on the meta device, parallelized from outside (`parallelize.py`), then materialized shard by shard
+with an init that equals the eager one bit for bit. Checkpoints are sharded DCP folders that reshard on resume
+(`dist_checkpoint.py`); a killed run resumes from its last complete checkpoint. The run ends with OUT/model, a
+pippin checkpoint like any other. Follows torchtitan's train.py; the schedule and the distillation target are AFM's
+(shared/reference/afm.md 2).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from pippin.data.shards import read_shards
@@ -37,12 +39,13 @@ from pippin.errors import PippinError
 from pippin.io import write_json_atomic
 from pippin.model.checkpoint import LoadedModel, load_model, save_pippin
 from pippin.model.config import get_preset
-from pippin.model.transformer import Transformer
+from pippin.model.transformer import Transformer, rope_tables
 from pippin.train.dist_checkpoint import Checkpointer, full_state, latest_complete, load_checkpoint
 from pippin.train.losses import distill_loss
 from pippin.train.optim import OptimConfig, build_optimizer, clip_grads_, lr_at, set_lr
 from pippin.train.parallelize import MeshConfig, build_mesh, parallelize, shard_context, training_flops_per_token, world_mean
 from pippin.train.pretrain_log import GlobalBatches, MetricsLog, plot_metrics
+from pippin.train.teacher_ranks import TeacherLink, connect, serve_teacher, teacher_top1
 
 # Dense bf16 peak per GPU (vendor datasheets), for MFU; other devices need PretrainConfig.peak_tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -87,6 +90,8 @@ class PretrainConfig:
     teacher: str | None = None
     """Distill from this pippin model: target 0.9 onehot(teacher top-1) + 0.1 onehot(label) (AFM)."""
     teacher_weight: float = 0.9
+    teacher_ranks: int = 0
+    """Ranks that run only the teacher and send its top-1 ids (launch mesh + this many processes); 0: in each process."""
     peak_tflops: float | None = None
     """Per-rank peak for MFU; None: a known GPU's bf16 peak, else MFU is not reported."""
     log_every: int = 1
@@ -95,6 +100,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.global_batch < 1 or self.steps < 1 or self.checkpoint_every < 1:
             raise PippinError("pretrain: seq_len, global_batch, steps and checkpoint_every must be >= 1")
+        if self.teacher_ranks < 0 or (self.teacher_ranks and not self.teacher):
+            raise PippinError(f"pretrain: teacher_ranks {self.teacher_ranks} needs a teacher model and must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,44 +141,72 @@ class PretrainResult:
     tokens_per_s: float
 
 
-def _init_distributed(device: str) -> bool:
-    """Join the process group torchrun describes; True if this call created it (and must destroy it)."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return False
-    if device == "cuda":
+def _init_distributed(config: PretrainConfig, device: str) -> tuple[bool, TeacherLink | None]:
+    """Join the process groups torchrun describes: (True if this call created the default group and must destroy it,
+    the link to the teacher ranks if there are any)."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=300))
-    return True
+    timeout = timedelta(seconds=300)
+    if config.teacher_ranks:
+        link = connect(mesh=config.mesh, n_teachers=config.teacher_ranks, backend="nccl" if device == "cuda" else "gloo",
+                       timeout=timeout)  # fmt: skip
+        return dist.is_initialized(), link
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False, None
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
+    return True, None
 
 
 def _build(config: PretrainConfig, device: torch.device) -> tuple[Transformer, Any]:
-    torch.manual_seed(config.seed)  # the same initial weights on every rank, before any sharding
+    """The model to train and its tokenizer. From scratch it is built on the meta device (no memory) and materialized
+    by `materialize_` after parallelize, so a model larger than one rank's memory can be built sharded."""
     if config.init_from:
         loaded = load_model(config.init_from)
-        model, tokenizer = loaded.model.float(), loaded.tokenizer
+        model, tokenizer = loaded.model.float().to(device), loaded.tokenizer
     else:
         # head_dim follows dim / n_heads unless given (the preset's own head_dim is derived, not a choice).
         cfg = dataclasses.replace(get_preset(config.model), **({"head_dim": None} | config.model_overrides))
-        model, tokenizer = init_weights(Transformer(cfg)), None
+        with torch.device("meta"):
+            model, tokenizer = Transformer(cfg), None
     if config.tokenizer:
         from pippin.model.checkpoint import prepare_default
         from pippin.model.tokenizer import Tokenizer
 
         folder = prepare_default() if config.tokenizer == "default" else Path(config.tokenizer)
         tokenizer = Tokenizer.load(folder)
-    return model.to(device).train(), tokenizer
+    return model.train(), tokenizer
+
+
+def materialize_(model: Transformer, device: torch.device, *, seed: int) -> Transformer:
+    """Allocate a meta-device model (whole or already sharded by parallelize) on device and initialise it with
+    `init_weights`: each rank allocates only its shards."""
+    model.to_empty(device=device)
+    cfg = model.config
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return init_weights(model, seed=seed)
 
 
 @torch.no_grad()
-def init_weights(model: Transformer, *, std: float = 0.02) -> Transformer:
+def init_weights(model: Transformer, *, seed: int, std: float = 0.02) -> Transformer:
     """GPT-2's initialisation for training from scratch: N(0, 0.02) matrices and embedding (the tied head's logits
-    start near zero, loss near ln V), output projections scaled by 1/sqrt(2 L), unit norm gains."""
+    start near zero, loss near ln V), output projections scaled by 1/sqrt(2 L), unit norm gains.
+
+    Every rank draws each parameter's full tensor, in name order, on the CPU from a generator seeded with `seed`, and
+    keeps its own shard (a DTensor's placements): the same weights, bit for bit, on any mesh and device, sharded or
+    not. The cost is one full parameter at a time in memory and every rank drawing all N numbers (seconds)."""
+    gen = torch.Generator().manual_seed(seed)
     out_std = std / math.sqrt(2 * model.config.n_layers)
     for name, p in model.named_parameters():
+        full = torch.empty(p.shape)  # a DTensor's shape is the global one
         if p.ndim == 1:
-            p.fill_(1.0)
+            full.fill_(1.0)
         else:
-            p.normal_(0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std)
+            full.normal_(0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std, generator=gen)
+        full = full.to(p.device, p.dtype)
+        if isinstance(p, DTensor):  # slice this rank's shard locally: no communication
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(full)
     return model
 
 
@@ -187,19 +222,36 @@ def _peak_flops(config: PretrainConfig, device: torch.device) -> float | None:
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Train (or resume) the run in config.out. Call it on every rank; a process group is joined if torchrun made one."""
     device_type = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    created = _init_distributed(device_type)
+    created, link = _init_distributed(config, device_type)
     try:
-        return _train(config, device_type)
+        if link is not None and link.is_teacher:
+            device = _device(device_type)
+            served = serve_teacher(link, config, device, _teacher_autocast(config, device_type))
+            return PretrainResult(losses=[], start_step=config.steps - served, steps=config.steps,
+                                  model_path=Path(config.out) / "model", tokens_per_s=0.0)  # fmt: skip
+        return _train(config, device_type, link)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
+def _device(device_type: str) -> torch.device:
+    return torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+
+
+def _bf16(config: PretrainConfig, device_type: str) -> bool:
+    return config.bf16 if config.bf16 is not None else (device_type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def _teacher_autocast(config: PretrainConfig, device_type: str) -> Any:
+    """The teacher is never sharded: bf16 compute by autocast where the run uses bf16."""
+    return torch.autocast(device_type, torch.bfloat16) if _bf16(config, device_type) else contextlib.nullcontext()
+
+
+def _train(config: PretrainConfig, device_type: str, link: TeacherLink | None) -> PretrainResult:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-    bf16 = config.bf16 if config.bf16 is not None else (device_type == "cuda" and torch.cuda.is_bf16_supported())
+    device, bf16 = _device(device_type), _bf16(config, device_type)
     out = Path(config.out)
     model, tokenizer = _build(config, device)
     mcfg = model.config
@@ -213,8 +265,11 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         compile_blocks=config.compile,
         param_dtype=torch.bfloat16 if bf16 and sharded else None,
     )
+    if model.embed_tokens.weight.is_meta:
+        materialize_(model, device, seed=config.seed)
     optimizer = build_optimizer(model.named_parameters(), config.optim)
-    teacher = load_model(config.teacher).model.to(device).eval().requires_grad_(False) if config.teacher else None
+    in_process = config.teacher and link is None
+    teacher = load_model(config.teacher).model.to(device).eval().requires_grad_(False) if in_process else None
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +282,8 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
             raise PippinError(f"{out} holds a run with another model, data or seed ({folder}); use a new --out")
         load_checkpoint(folder, model, optimizer)
         start = marker["step"]
+    if link is not None:
+        link.start_step(start)  # the teacher ranks follow the students' step counter
     shards = read_shards(config.data)
     if int(shards.index.get("vocab_size", 0)) > mcfg.vocab_size:
         raise PippinError(f"{config.data} has ids up to {shards.index['vocab_size'] - 1}, past the vocabulary ({mcfg.vocab_size})")
@@ -238,9 +295,9 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
     ckpt = Checkpointer(out / "checkpoints", use_async=config.async_checkpoint, keep=config.keep_checkpoints)
     flops_token, peak = training_flops_per_token(mcfg, config.seq_len), _peak_flops(config, device)
     tp_loss = config.mesh.tensor > 1 and config.mesh.loss_parallel
-    # bf16 compute: FSDP's MixedPrecisionPolicy when sharded, else autocast; the teacher (never sharded) autocasts.
+    # bf16 compute: FSDP's MixedPrecisionPolicy when sharded, else autocast.
     autocast = torch.autocast(device_type, torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext()
-    teacher_autocast = torch.autocast(device_type, torch.bfloat16) if bf16 else contextlib.nullcontext()
+    teacher_autocast = _teacher_autocast(config, device_type)
     losses, t_run, tok_s = [], time.perf_counter(), 0.0
     bar = None
     if config.progress and rank == 0:
@@ -256,15 +313,16 @@ def _train(config: PretrainConfig, device_type: str) -> PretrainResult:
         part = shard_context(x, y, mesh)
         with autocast:
             logits = model(part.tokens, positions=part.positions, cache=part.cache, mask=part.mask)
-        t_logits = None
+        t_ids = None  # the teacher's top-1 ids of this rank's full rows (B_local, T)
         if teacher is not None:
-            with torch.no_grad(), teacher_autocast:
-                t_logits = teacher(x)  # the full rows on every rank: the teacher is not parallelized
-            if part.positions is not None:
-                t_logits = t_logits[:, part.positions[0]]  # this rank's context chunks
+            t_ids = teacher_top1(teacher, x, teacher_autocast)  # the teacher is whole on every rank
+        elif link is not None:
+            t_ids = link.recv_top1(mesh.dp_rank, tuple(x.shape), device)  # from the teacher rank serving this slice
+        if t_ids is not None and part.positions is not None:
+            t_ids = t_ids[:, part.positions[0]]  # this rank's context chunks
         with loss_parallel() if tp_loss else contextlib.nullcontext():  # vocab-sharded logits under TP
-            if t_logits is not None:
-                loss = distill_loss(logits, t_logits, part.labels, teacher_weight=config.teacher_weight)
+            if t_ids is not None:
+                loss = distill_loss(logits, t_ids, part.labels, teacher_weight=config.teacher_weight)
             else:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), part.labels.flatten())
             loss.backward()
@@ -312,8 +370,6 @@ def _export(model: torch.nn.Module, tokenizer: Any, out: Path, config: PretrainC
         with torch.device("meta"):
             plain = Transformer(model.config)
         plain.load_state_dict(state, assign=True)
-        from pippin.model.transformer import rope_tables
-
         plain.rope_cos, plain.rope_sin = rope_tables(model.config.head_dim, model.config.max_seq_len, model.config.rope_theta)
         meta = {"source": f"pippin pretrain {out}", "steps": config.steps, "init_from": config.init_from}
         save_pippin(LoadedModel(model=plain, tokenizer=tokenizer, path=path, meta={}), path, extra_meta=meta)

@@ -1,12 +1,15 @@
-"""Multi-process scenarios for test_parallel.py: `python dist_scenarios.py NAME WORLD TMP` forks WORLD gloo ranks.
+"""Multi-process scenarios for test_parallel.py and test_teacher_ranks.py: `python dist_scenarios.py NAME WORLD TMP`
+forks WORLD gloo ranks.
 
 Each scenario runs the real trainer (`run_pretrain`) on several meshes inside one process group (group start-up is
 the expensive part on CPU) and rank 0 writes what the tests compare to TMP/NAME.json. Forked before any torch
-compute (fork after OpenMP threads exist is unsafe); the file store needs no free port.
+compute (fork after OpenMP threads exist is unsafe); the file store needs no free port. The "teacher" scenario
+instead lets run_pretrain join torchrun-style env:// rendezvous itself (teacher ranks need that), on free TCP ports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -117,9 +120,84 @@ def scenario_four(tmp: Path, rank: int) -> dict:
     return res
 
 
+def scenario_teacher(tmp: Path, rank: int, ports: list[int]) -> dict | None:
+    """Three forked processes, three launches as torchrun would make them (RANK, WORLD_SIZE, MASTER_PORT):
+    1 student + 1 teacher rank (rank 2 meanwhile runs the 1-process in-process reference), the same resumed from its
+    step-2 checkpoint, FSDP x2 + 1 teacher rank, context x2 + 1 teacher rank, then FSDP x2 with in-process teachers
+    and the meta-init check."""
+    import shutil
+
+    from pippin.train.pretrain import run_pretrain
+
+    data, teacher, res = tmp / "shards", str(tmp / "teacher"), {}
+
+    def launch(world_size: int, port: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))  # fmt: skip
+
+    if rank < 2:
+        launch(2, ports[0])
+        cfg = tiny_config(tmp / "s1t1", data, {}, teacher=teacher, teacher_ranks=1, async_checkpoint=False)
+        res["s1t1"] = run_pretrain(cfg).losses
+        if rank == 0:  # a killed run: only its step-2 checkpoint survives
+            shutil.copytree(tmp / "s1t1", tmp / "s1t1_resume")
+            for step in (4, 5):
+                shutil.rmtree(tmp / f"s1t1_resume/checkpoints/step-{step:07d}")
+        launch(2, ports[1])
+        r = run_pretrain(dataclasses.replace(cfg, out=str(tmp / "s1t1_resume")))
+        res["s1t1_resume"] = {"start": r.start_step, "losses": r.losses}
+    else:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        res["one_teacher"] = run_pretrain(tiny_config(tmp / "one_teacher", data, {}, teacher=teacher)).losses
+        Path(tmp, "one_teacher.json").write_text(json.dumps(res["one_teacher"]))
+    launch(3, ports[2])
+    res["s2t1"] = run_pretrain(tiny_config(tmp / "s2t1", data, {"fsdp": 2}, teacher=teacher, teacher_ranks=1)).losses
+    launch(3, ports[3])  # both context ranks of the one slice get its ids and keep their own chunks
+    res["cp2t1"] = run_pretrain(tiny_config(tmp / "cp2t1", data, {"context": 2}, teacher=teacher, teacher_ranks=1)).losses
+    if rank == 2:
+        return None
+    launch(2, ports[4])
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    res["fsdp2_teacher"] = run_pretrain(tiny_config(tmp / "fsdp2_teacher", data, {"fsdp": 2}, teacher=teacher)).losses
+    res["meta_init"] = meta_init_check({"fsdp": 2})
+    dist.destroy_process_group()
+    return res if rank == 0 else None
+
+
+def meta_init_check(mesh_cfg: dict) -> dict:
+    """Build the tiny model on the meta device, parallelize, materialize; compare with the eager 1-process init."""
+    from pippin.model.config import get_preset
+    from pippin.model.transformer import Transformer
+    from pippin.train.dist_checkpoint import full_state
+    from pippin.train.parallelize import MeshConfig, build_mesh, parallelize
+    from pippin.train.pretrain import init_weights, materialize_
+
+    cfg = get_preset("tiny")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    meta_before = all(p.is_meta for p in model.parameters())
+    parallelize(model, build_mesh(MeshConfig(**mesh_cfg), "cpu"))
+    materialize_(model, torch.device("cpu"), seed=3)
+    local = [p.to_local() for p in model.parameters()]
+    state = full_state(model)
+    out = {"meta_before": meta_before, "meta_after": any(t.is_meta for t in [*local, *model.buffers()]),
+           "local_numel": sum(t.numel() for t in local), "total_numel": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    if dist.get_rank() == 0:
+        eager = init_weights(Transformer(cfg), seed=3).state_dict()
+        out["max_diff"] = max(float((state[k] - eager[k]).abs().max()) for k in state)
+        out["same_keys"] = sorted(state) == sorted(eager)
+    return out
+
+
 def _worker(rank: int, world: int, name: str, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if name == "teacher":
+        ports = json.loads(Path(tmp, "ports.json").read_text())
+        res = scenario_teacher(Path(tmp), rank, ports)
+        if res is not None:
+            Path(tmp, f"{name}.json").write_text(json.dumps(res))
+        return
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     store = f"file://{tmp}/store-{name}"
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     res = {"two": scenario_two, "four": scenario_four}[name](Path(tmp), rank)

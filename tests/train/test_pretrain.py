@@ -96,7 +96,7 @@ def test_continue_pretraining_from_a_pippin_model_with_a_teacher(tmp_path: Path,
     batch = GlobalBatches(load_shards(shards), seq_len=32, global_batch=4, seed=0, dp_rank=0, dp_size=1).local(0)
     x, y = batch[:, :-1], batch[:, 1:]
     with torch.no_grad():
-        expect = distill_loss(student(x), teacher(x), y, teacher_weight=0.9)
+        expect = distill_loss(student(x), teacher(x).argmax(-1), y, teacher_weight=0.9)
         plain = F.cross_entropy(student(x).flatten(0, 1), y.flatten())
     assert abs(res.losses[0] - float(expect)) < 1e-5 and abs(float(expect) - float(plain)) > 1e-3
     out = load_model(res.model_path)
@@ -130,6 +130,12 @@ def test_command_prints_the_torchrun_line_for_a_mesh(tmp_path: Path, shards: Pat
     path.write_text(json.dumps(config(tmp_path / "run", shards, mesh={"fsdp": 2, "tensor": 2}).to_dict()))
     assert main(["pretrain", "--config", str(path)]) == 0
     assert capsys.readouterr().out.strip() == f"torchrun --nproc-per-node 4 -m pippin.train.pretrain --config {path}"
+    teacher = config(tmp_path / "run", shards, mesh={"fsdp": 2}, teacher="default", teacher_ranks=1)
+    path.write_text(json.dumps(teacher.to_dict()))
+    assert main(["pretrain", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"torchrun --nproc-per-node 3 -m pippin.train.pretrain --config {path}"
+    with pytest.raises(PippinError, match="needs a teacher"):
+        config(tmp_path / "run", shards, teacher_ranks=1)
     path.write_text(json.dumps({"out": "x", "data": "y", "mesh": {"pipeline": 2}}))
     assert main(["pretrain", "--config", str(path)]) == 2
 

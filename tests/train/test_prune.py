@@ -107,7 +107,7 @@ def test_a_tiny_prune_and_distill_run_lowers_the_held_out_loss_at_half_width(one
     data = torch.randint(0, 256, (256, 16))
     held = torch.randint(0, 256, (16, 16))
     with torch.no_grad():
-        t_held = teacher(held[:, :-1])
+        t_held = teacher(held[:, :-1]).argmax(-1)
 
     def held_out(model):
         with torch.no_grad():
@@ -121,8 +121,8 @@ def test_a_tiny_prune_and_distill_run_lowers_the_held_out_loss_at_half_width(one
         set_lr(opt, lr_at(step, ocfg))
         x = data[torch.randint(0, 256, (16,))]
         with torch.no_grad():
-            t_logits = teacher(x[:, :-1])
-        loss = distill_loss(student(x[:, :-1]), t_logits, x[:, 1:])
+            t_ids = teacher(x[:, :-1]).argmax(-1)
+        loss = distill_loss(student(x[:, :-1]), t_ids, x[:, 1:])
         loss.backward()
         opt.step(), score_opt.step()
         opt.zero_grad(), score_opt.zero_grad()
