@@ -24,11 +24,11 @@ import sys
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 
 from pippin.commands.talaria import engine_steps
+from pippin.io import write_json_atomic
 from pippin.kernels import cpu_name, variant
 from pippin.model.checkpoint import pippin_home
 from pippin.talaria.devices import this_machine_profile
@@ -39,8 +39,10 @@ from pippin.talaria.profile import Profile, Timing, build_model, profile_ops, ti
 from pippin.talaria.quality import sensitivity_for
 from pippin.talaria.roofline import estimate
 from pippin.talaria.source import open_model
-from pippin.talaria.whatif import Target, TargetKind, auto
+from pippin.talaria.whatif import Target, TargetKind, auto, write_plan
 
+FITTED_PROFILE = pippin_home() / "talaria" / "this-machine-fit.json"
+"""Where the fitted profile goes: `pippin talaria --device-profile` takes the file."""
 ALLOCATED = pippin_home() / "models" / "smollm2-135m-instruct-3.5bpw"
 """The shipped 3.5 bpw model: its config.json holds the bpw allocator's plan (Fisher-scaled output error)."""
 
@@ -94,6 +96,7 @@ def main() -> int:
     p.add_argument("--target-decode-ms", type=float, default=None, help="auto's target (default: between uniform 2 and 4 bits)")
     p.add_argument("--measure", action="store_true", help="measure the this-machine profile again first")
     p.add_argument("--out", default="docs/benchmarks/talaria-latency.json")
+    p.add_argument("--plan-out", default="docs/benchmarks/talaria-auto-plan.json", help="where auto's plan is written")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -155,7 +158,11 @@ def main() -> int:
     target_ms = args.target_decode_ms or float(f"{(min(t_u) + max(t_u)) / 2 * 1e3:.3g}")
     target = Target(kind=TargetKind.DECODE_MS, value=target_ms)
     auto_name = "auto: " + target.describe()
-    chosen = auto(cfg, base, fitted, target, bits=(2, 3, 4), **kw).plan
+    chosen_whatif = auto(cfg, base, fitted, target, bits=(2, 3, 4), **kw)
+    chosen = chosen_whatif.plan
+    # The fitted profile (for `pippin talaria --device-profile FILE`) and auto's plan (for `pippin compress --plan`).
+    write_json_atomic(FITTED_PROFILE, fitted.to_dict())
+    write_plan(args.plan_out, chosen_whatif, profile=fitted, model=src.name, target=target)
     step |= rounds({auto_name: chosen, **refs}, {auto_name, *refs})
     results, pred = {}, {"plain": {"decode": [], "prefill": []}, "fitted": {"decode": [], "prefill": []}}
     meas = {"decode": [], "prefill": []}
@@ -218,6 +225,8 @@ def main() -> int:
         "other_processes_cores_by_round": foreign_rounds,
         "device_profile": device.to_dict(),
         "fitted_profile": fitted.calibration,
+        "fitted_profile_file": str(FITTED_PROFILE),
+        "auto_plan_file": args.plan_out,
         "fit_plans": {n: {"plan": fit_plans[n].describe(), "measured": _with_steps(profs[n], step[n]).summary()} for n in fit_plans},
         "plans": results,
         "errors": scores,
@@ -230,8 +239,7 @@ def main() -> int:
         },
         "seconds": elapsed,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_json_atomic(args.out, out)
     _report(out)
     return 0
 

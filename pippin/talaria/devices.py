@@ -5,7 +5,8 @@ the template of this machine), each field's source or assumption written next to
 reads one; "this-machine" is measured once by `measure_device` (a large tensor copy for bandwidth, matmuls for
 fp32/bf16/int8 throughput, a tiny call for per-op overhead, and pippin's LUT kernels for their weight-decode rate: a
 few seconds) and cached under $PIPPIN_HOME/talaria/. A profile is a model of a device, not a measurement of pippin on it;
-measured per-op latency on the real kernels is a later part of Talaria.
+per-op latency on the real kernels is measured by pippin.talaria.profile, and a profile's optional `calibration`
+(pippin.talaria.fit) fits the roofline to such measurements.
 """
 
 from __future__ import annotations
