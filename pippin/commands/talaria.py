@@ -5,7 +5,8 @@ block graph, Pareto plot of the plans tried; pippin.talaria.web).
 
 Estimates come from a roofline model of a device profile (pippin/talaria/devices/*.json; `this-machine` is measured
 once and cached) and a quality predictor (stored allocator estimates, else a prior; `--calibrate` fits it to models
-whose KL `pippin eval fidelity` measured). Nothing here loads weights or runs the model.
+whose KL `pippin eval fidelity` measured). Nothing loads weights; `--profile` times every op on this machine's kernels
+and the engine's decode step and prefill, on a model of the plan's shapes with random values (pippin.talaria.profile).
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", choices=GROUPS, default="op", help="one row per op, per op type (q_proj, attention...), kind or layer")
     p.add_argument("--limit", type=int, default=None, help="show at most this many rows")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="measure every op on this machine's kernels (decode and prefill, median and IQR) and the engine's steps",
+    )
+    p.add_argument("--repeats", type=int, default=20, help="--profile: decode repeats (prefill takes a quarter, at least 2)")
     web = p.add_argument_group("web view")
     web.add_argument("--serve", action="store_true", help="serve the interactive view (table, block graph, Pareto plot, what-if)")
     web.add_argument("--host", default="127.0.0.1", help="address the view listens on (default: this machine only)")
@@ -138,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(cfg, plan, profile, **kw)
     if args.write_plan:
         write_plan(args.write_plan, result, profile=profile, model=src.name, target=target)
+    measured = None
+    if args.profile:
+        measured = _profile(result.plan, result.rows, cfg, args)
+        result.rows = measured.rows
 
     rows = _table(result, group=args.group)
     if args.sort != "order":
@@ -150,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         "target": None if target is None else {"kind": target.kind.value, "value": target.value},
         "totals": result.summary(),
         "calibration": None if sens.calibration is None else dataclasses.asdict(sens.calibration),
+        "measured": None if measured is None else measured.summary,
         "rows": rows,
     }
     if args.json:
@@ -157,6 +169,38 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print(out, result, profile, target, args)
     return 0
+
+
+def engine_steps():  # noqa: ANN201 - a pippin.talaria.profile.EngineSteps
+    """The engine's prefill, decode step and KV cache, handed to pippin.talaria.profile (which does not import them)."""
+    from pippin.engine.generate import decode_step, prefill
+    from pippin.engine.kv_cache import KVCache
+    from pippin.talaria.profile import EngineSteps
+
+    return EngineSteps(
+        new_cache=lambda cfg, n, kv8: KVCache(cfg, batch_size=1, max_len=n, kv8=kv8), prefill=prefill, decode_step=decode_step
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Measured:
+    rows: list
+    summary: dict
+
+
+def _profile(plan, rows, cfg, args: argparse.Namespace) -> _Measured:  # noqa: ANN001 - a Plan, OpRows, ModelConfig
+    """The rows with their measured columns, and the engine's step times, on a random-valued model of the plan."""
+    from pippin.errors import PippinError
+    from pippin.talaria.profile import build_model, profile_ops, with_measured
+
+    if args.repeats < 1:
+        raise PippinError(f"--repeats must be at least 1, got {args.repeats}.")
+    model = build_model(cfg, plan)
+    kw = {"context": args.context, "prefill": args.prefill, "kv8": plan.kv_bits == 8}
+    prof = profile_ops(
+        model, rows, steps=engine_steps(), decode_repeats=args.repeats, prefill_repeats=max(2, args.repeats // 4), progress=True, **kw
+    )
+    return _Measured(rows=with_measured(rows, prof), summary=prof.summary())
 
 
 def _serve(args: argparse.Namespace, src, plan, sens) -> int:  # noqa: ANN001 - a ModelSource, Plan, Sensitivity
@@ -172,6 +216,10 @@ def _serve(args: argparse.Namespace, src, plan, sens) -> int:  # noqa: ANN001 - 
 
     plans_dir = args.plans_dir or pippin_home() / "talaria" / "plans"
     kw = {"context": args.context, "prefill": args.prefill, "plans_dir": plans_dir}
+    if args.profile:
+        from pippin.talaria.ops import ops_table
+
+        kw["measured"] = _profile(plan, ops_table(src.config, plan, context=args.context, prefill=args.prefill), src.config, args).rows
     view = TalariaView(src, plan=plan, sensitivity=sens, device=args.device_profile, **kw)
     app = create_app(view)
     if args.host in ("127.0.0.1", "localhost", "::1"):  # a page on another site resolving to 127.0.0.1 (DNS rebinding) gets 400
@@ -202,6 +250,8 @@ def _table(result, *, group: str) -> list[dict]:  # noqa: ANN001 - a WhatIf
     merged: dict[str, dict] = {}
     numeric = ("params", "stored_bytes", "decode_flops", "decode_bytes", "prefill_flops", "prefill_bytes", "decode_s", "decode_j")
     numeric += ("prefill_s", "prefill_j", "kl")
+    if rows and rows[0].get("measured_decode_s") is not None:  # medians add up; spreads do not
+        numeric += ("measured_decode_s", "measured_prefill_s")
     for d in rows:
         k = key(d)
         first = {"name": k, "kind": d["kind"], "layer": d["layer"], "bits": Counter(), "n": 0, "bounds": Counter()}
@@ -219,21 +269,27 @@ def _table(result, *, group: str) -> list[dict]:  # noqa: ANN001 - a WhatIf
     return list(merged.values())
 
 
+def _measured_cells(r: dict) -> str:
+    iqr = r.get("measured_decode_iqr_s")
+    return f" {r['measured_decode_s'] * 1e6:>9.2f} {'' if iqr is None else f'{iqr * 1e6:.2f}':>7} {r['measured_prefill_s'] * 1e3:>10.3f}"
+
+
 def _print(out: dict, result, profile, target, args: argparse.Namespace) -> None:  # noqa: ANN001
     t = out["totals"]
+    measured = out["measured"]
     print(f"talaria: {out['model']} | {result.plan.describe()}")
     print(f"device: {profile.name} ({profile.description})")
     print(f"decode at context {args.context}, prefill of {args.prefill} tokens" + (f" | auto: {target.describe()}" if target else ""))
     print(
         f"{'op':<36} {'kind':<10} {'params':>10} {'bits':>4} {'stored KB':>10} {'MFLOP':>8} {'KB moved':>9} "
-        f"{'decode µs':>9} {'bound':<8} {'µJ':>8} {'ΔKL':>8}"
+        f"{'decode µs':>9} {'bound':<8} {'µJ':>8} {'ΔKL':>8}" + (f" {'meas. µs':>9} {'IQR':>7} {'prefill ms':>10}" if measured else "")
     )
     for r in out["rows"]:
         bits = "-" if r["bits"] is None else str(r["bits"])
         print(
             f"{r['name'][:36]:<36} {r['kind']:<10} {r['params']:>10,} {bits:>4} {r['stored_bytes'] / 1e3:>10.1f} "
             f"{r['decode_flops'] / 1e6:>8.2f} {r['decode_bytes'] / 1e3:>9.1f} {r['decode_s'] * 1e6:>9.2f} {r['decode_bound']:<8} "
-            f"{r['decode_j'] * 1e6:>8.2f} {r['kl']:>8.4f}"
+            f"{r['decode_j'] * 1e6:>8.2f} {r['kl']:>8.4f}" + (_measured_cells(r) if measured else "")
         )
     shares = ", ".join(f"{k} {v:.0%}" for k, v in t["decode_time_by_bound"].items() if v >= 0.005)
     print(f"size: {t['size_bytes'] / 1e6:.2f} MB, {t['n_params'] / 1e6:.1f}M parameters, {t['bpw']:.3f} bits per weight")
@@ -247,5 +303,20 @@ def _print(out: dict, result, profile, target, args: argparse.Namespace) -> None
         fit = f"; calibrated on {cal['n_plans']} measured plans: mean error {cal['mean_rel_error']:.0%}{loo}"
     print(f"predicted ΔKL: {t['predicted_kl']:.4f} nats/token ({t['quality_source']}{fit})")
     print("estimates: a roofline model of the device profile, not measurements")
+    if measured:
+        m = measured
+        print(
+            f"measured on this machine ({m['threads']} threads, a model of this plan's shapes with random values; "
+            f"medians of {m['repeats']['decode']} decode and {m['repeats']['prefill']} prefill repeats):"
+        )
+        print(
+            f"  engine decode step {m['decode_step_s'] * 1e3:.3f} ms (IQR {m['decode_step_iqr_s'] * 1e3:.3f}), per-op sum "
+            f"{m['decode_op_sum_s'] * 1e3:.3f} ms ({'fused kernels: each op timed alone pays' if m['fused'] else 'modules, each paying'} "
+            f"{m['dispatch_s'] * 1e6:.1f} µs of dispatch)"
+        )
+        print(
+            f"  engine prefill {m['prefill_step_s'] * 1e3:.1f} ms (IQR {m['prefill_step_iqr_s'] * 1e3:.1f}), per-op sum "
+            f"{m['prefill_op_sum_s'] * 1e3:.1f} ms"
+        )
     if args.write_plan:
         print(f"wrote {args.write_plan}")

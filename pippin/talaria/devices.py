@@ -5,7 +5,8 @@ the template of this machine), each field's source or assumption written next to
 reads one; "this-machine" is measured once by `measure_device` (a large tensor copy for bandwidth, matmuls for
 fp32/bf16/int8 throughput, a tiny call for per-op overhead, and pippin's LUT kernels for their weight-decode rate: a
 few seconds) and cached under $PIPPIN_HOME/talaria/. A profile is a model of a device, not a measurement of pippin on it;
-measured per-op latency on the real kernels is a later part of Talaria.
+per-op latency on the real kernels is measured by pippin.talaria.profile, and a profile's optional `calibration`
+(pippin.talaria.fit) fits the roofline to such measurements.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class DeviceProfile:
     """Compressed weights a batch-1 matrix-vector product expands a second, by compute ('int8', 'float') and stored
     bits ('2'...'8'), 1e9 weights/s; a third roof beside memory and compute. Empty where it is not modeled (the decode
     is assumed to hide under the memory stream)."""
+    calibration: dict[str, Any] | None = None
+    """Latency fitted to profiled plans of one model on this device (pippin.talaria.fit: per-width kernel rates,
+    per-kind efficiencies, the engine's step over its ops, for decode and prefill); None: the plain roofline."""
     sources: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     measured: dict[str, Any] | None = None
@@ -91,12 +95,39 @@ class DeviceProfile:
         for key, v in numbers.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and key != "op_overhead_us"):
                 raise PippinError(f"{source}: {key} must be a positive number, got {v!r}.")
+        if profile.calibration is not None:
+            _check_calibration(profile.calibration, source)
         if profile.float_precision not in profile.compute_tops:
             raise PippinError(f"{source}: float_precision {profile.float_precision!r} has no entry in compute_tops.")
         missing = sorted(set(profile.compute_tops) - set(profile.energy_pj_per_op))
         if missing:
             raise PippinError(f"{source}: energy_pj_per_op has no figure for {missing}.")
         return profile
+
+
+def _check_calibration(cal: Any, source: str) -> None:
+    """A calibration holds, per phase ('decode', 'prefill'), rates {kind: {compute: {bits: 1e9 weights/s}}}, efficiencies
+    {op key: factor} and a step scale: every number finite and positive."""
+    if not isinstance(cal, dict) or not all(isinstance(cal.get(p), dict) for p in ("decode", "prefill")):
+        raise PippinError(f"{source}: calibration must hold 'decode' and 'prefill' objects (see pippin.talaria.fit).")
+    for phase in ("decode", "prefill"):
+        c = cal[phase]
+        try:
+            numbers = {f"{phase}.step_scale": c["step_scale"]}
+            numbers |= {f"{phase}.efficiency.{k}": v for k, v in c["efficiency"].items()}
+            for kind, by_compute in c["gws"].items():
+                numbers |= {f"{phase}.gws.{kind}.{cp}.{b}": v for cp, rates in by_compute.items() for b, v in rates.items()}
+        except (KeyError, AttributeError, TypeError):
+            raise PippinError(f"{source}: calibration.{phase} needs 'gws', 'efficiency' and 'step_scale'.") from None
+        for key, v in numbers.items():
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not v >= 0
+                or v == float("inf")
+                or (v == 0 and "overhead" not in key)
+            ):
+                raise PippinError(f"{source}: calibration {key} must be a positive number, got {v!r}.")
 
 
 def list_profiles() -> list[str]:

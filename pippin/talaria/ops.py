@@ -6,7 +6,8 @@ stored bytes (LUTs, scales and row scales counted exactly as pippin.quant stores
 one decode step at context L (batch 1: every weight read once) and for a prefill chunk of N tokens from an empty cache
 (weights read once per chunk, logits for the last token only, as the engine does). No weights are needed: a `Plan` says
 how each op is stored, read from a model's modules (loaded or on the meta device) or built from a config and a compress
-plan (pippin.talaria.plan). The figures are counted, not measured: the `measured_*` columns stay None until a profiler fills them.
+plan (pippin.talaria.plan). The figures are counted, not measured: the `measured_*` columns stay None until
+pippin.talaria.profile fills them with times of the real kernels.
 Not counted: residual additions (2 * dim FLOPs a block) and cache traffic below DRAM. A multiply-add is 2 FLOPs.
 Follows Talaria's table view (Hohman et al., CHI 2024; shared/reference/afm.md §8).
 """
@@ -26,6 +27,8 @@ from pippin.talaria.plan import DENSE_BITS, Plan, is_linear, linear_shape, plan_
 
 INT8_HEAD_BLOCK = 32
 """The int8 head's act8 kernel needs the model width to be a multiple of this."""
+ACT8_READ_BITS = {2: 2, 3: 4, 4: 4, 6: 8, 8: 8}
+"""Bits per weight the act8 kernel reads for each stored width."""
 
 
 class OpKind(StrEnum):
@@ -65,8 +68,14 @@ class OpRow:
     shares: str | None = None
     """The op whose stored tensors this one reads (a tied head reads embed_tokens)."""
     measured_decode_s: float | None = None
-    """Measured seconds per decode step on this machine (filled by a profiler; not built yet)."""
+    """Measured seconds of this op in a decode step on this machine: the median over repeats (pippin.talaria.profile)."""
+    measured_decode_iqr_s: float | None = None
+    """Interquartile range of those repeats."""
     measured_prefill_s: float | None = None
+    """Measured seconds of this op in the prefill chunk: the median over repeats."""
+    measured_prefill_iqr_s: float | None = None
+    measured_repeats: int | None = None
+    """Repeats behind each measured median (the fewer of decode's and prefill's)."""
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "kind": self.kind.value}
@@ -165,6 +174,11 @@ def _rows(cfg: ModelConfig, plan: Plan, L: int, N: int) -> list[OpRow]:
         # the int8 head (rows a multiple of 32); dense weights compute in float.
         block = INT8_HEAD_BLOCK if kind == OpKind.HEAD and b == 8 else ACT8_BLOCK
         int8 = plan.act8 and b not in DENSE_BITS and k % block == 0
+        # What the act8 kernel reads: the indices as stored at 2 and 4 bits, widened to 4-bit nibbles at 3, expanded to a
+        # byte per weight at 6 and 8 (PalettizedLinear.act8_weights); a 16-byte int8 LUT and an fp32 scale per group.
+        read = weight_bytes
+        if int8 and kind == OpKind.LINEAR:
+            read = n * k * ACT8_READ_BITS[b] // 8 + (n // g) * (4 + (16 if b <= 4 else 0))
         row = OpRow(
             name=name,
             kind=kind,
@@ -174,9 +188,9 @@ def _rows(cfg: ModelConfig, plan: Plan, L: int, N: int) -> list[OpRow]:
             stored_bytes=weight_bytes if stored is None else stored,
             compute="int8" if int8 else "float",
             decode_flops=2 * n * k,
-            decode_bytes=weight_bytes + (n + k) * a,
+            decode_bytes=read + (n + k) * a,
             prefill_flops=2 * n * k * N,
-            prefill_bytes=weight_bytes + (n + k) * a * N,
+            prefill_bytes=read + (n + k) * a * N,
             weights_decoded=0 if b in DENSE_BITS else n * k,
         )
         rows.append(row)

@@ -4,7 +4,10 @@ An op takes max(bytes / bandwidth, FLOPs / compute, compressed weights / LUT-dec
 per-op overhead, and costs bytes * energy-per-byte + FLOPs * energy-per-op. Decode is one step at batch 1 and
 context L; prefill one chunk of N tokens. Totals: model size, decode latency (tok/s), prefill tok/s, energy per token.
 These are estimates from a model of the device (Williams et al., "Roofline", CACM 2009), not measurements: they ignore
-caches, overlap between ops and static power. Talaria's measured column (profiling the real kernels) comes later.
+caches, overlap between ops and static power. A profile with a `calibration` (pippin.talaria.fit: fitted to profiled
+plans of the same model) prices each palettized op at its fitted kernel rate instead, scales the other ops by their
+kind's fitted efficiency, and scales both by the engine's step over its ops (fitted too); ops it has no figure for
+keep the plain roofline's time, scaled alike. Measured per-op latency comes from pippin.talaria.profile.
 """
 
 from __future__ import annotations
@@ -77,16 +80,41 @@ def op_energy(flops: float, n_bytes: float, compute: str, profile: DeviceProfile
     return (n_bytes * profile.energy_pj_per_byte + flops * profile.energy_pj_per_op[profile.precision(compute)]) * 1e-12
 
 
+def op_key(row: OpRow) -> str:
+    """How a calibration names an op's efficiency: its kind, and its width where it has one ('embedding/8', 'norm/32')."""
+    return row.kind.value if row.bits is None else f"{row.kind.value}/{row.bits}"
+
+
+def _calibrated(row: OpRow, phase: str, plain: float, profile: DeviceProfile) -> tuple[float, float] | None:
+    """(seconds, overhead) of an op from the profile's calibration for 'decode' or 'prefill' (its share of the step
+    included: no separate overhead), or None without one."""
+    cal = profile.calibration
+    if cal is None:
+        return None
+    c = cal[phase]
+    flops = row.decode_flops if phase == "decode" else row.prefill_flops
+    rate = c["gws"].get(row.kind.value, {}).get(row.compute, {}).get(str(row.bits)) if row.weights_decoded else None
+    if rate:  # weights x rows at the fitted rate; rows = FLOPs / (2 n k)
+        rows = flops / max(row.decode_flops, 1.0)
+        return row.weights_decoded * rows / (rate * 1e9) * c["step_scale"], 0.0
+    return plain * c["efficiency"].get(op_key(row), 1.0) * c["step_scale"], 0.0
+
+
 def estimate_op(row: OpRow, profile: DeviceProfile) -> OpEstimate:
     overhead = profile.op_overhead_us * 1e-6
     d_s, d_bound = op_time(row.decode_flops, row.decode_bytes, row.weights_decoded, row.bits, row.compute, profile)
     p_s, p_bound = op_time(row.prefill_flops, row.prefill_bytes, row.weights_decoded, row.bits, row.compute, profile)
+    d_over = p_over = overhead
+    if (fit := _calibrated(row, "decode", d_s, profile)) is not None:
+        d_s, d_over = fit
+    if (fit := _calibrated(row, "prefill", p_s, profile)) is not None:
+        p_s, p_over = fit
     return OpEstimate(
         name=row.name,
-        decode_s=d_s + overhead,
+        decode_s=d_s + d_over,
         decode_bound=d_bound,
         decode_j=op_energy(row.decode_flops, row.decode_bytes, row.compute, profile),
-        prefill_s=p_s + overhead,
+        prefill_s=p_s + p_over,
         prefill_bound=p_bound,
         prefill_j=op_energy(row.prefill_flops, row.prefill_bytes, row.compute, profile),
     )
@@ -98,7 +126,8 @@ def estimate(rows: list[OpRow], profile: DeviceProfile, *, context: int, prefill
     t = totals(rows)
     decode_s = sum(o.decode_s for o in ops)
     prefill_s = sum(o.prefill_s for o in ops)
-    overhead = profile.op_overhead_us * 1e-6
+    cal = profile.calibration
+    overhead = 0.0 if cal else profile.op_overhead_us * 1e-6
     shares = {b: sum(o.decode_s - overhead for o in ops if o.decode_bound == b) / decode_s for b in BOUNDS}
     shares["overhead"] = overhead * len(ops) / decode_s
     return Estimate(

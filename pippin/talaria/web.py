@@ -27,6 +27,7 @@ from pippin.errors import PippinError
 from pippin.io import write_json_atomic
 from pippin.quant.pack import SUPPORTED_BITS
 from pippin.talaria.devices import THIS_MACHINE, DeviceProfile, list_profiles, load_profile
+from pippin.talaria.ops import OpRow
 from pippin.talaria.plan import Plan, allowed_bits, is_linear
 from pippin.talaria.quality import Sensitivity, sensitivity_for
 from pippin.talaria.source import ModelSource, open_model
@@ -54,6 +55,7 @@ class TalariaView:
         context: int = 512,
         prefill: int = 512,
         plans_dir: str | Path | None = None,
+        measured: list[OpRow] | None = None,
     ) -> None:
         self.source, self.cfg = source, source.config
         self.base = plan or source.plan
@@ -65,6 +67,9 @@ class TalariaView:
         self._history: list[dict[str, Any]] = []
         self._references: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
+        self.measured = {r.name: {k: v for k, v in r.to_dict().items() if k.startswith("measured_")} for r in measured or []}
+        """Measured columns of the stored plan's ops (`pippin talaria --profile`): shown on an op while it is stored as
+        profiled (an op whose width is edited has no measurement)."""
 
     @classmethod
     def open(cls, model: str | None, *, plan_file: str | None = None, **kw: Any) -> TalariaView:
@@ -201,6 +206,10 @@ class TalariaView:
             if row["name"] in self.base.bits:
                 ok = allowed_bits(row["name"], tied=self.cfg.tie_embeddings)
                 row |= {f"kl_{b}bit": scale * self.sensitivity.cost(row["name"], b) if b in ok else None for b in SUPPORTED_BITS}
+        for row in rows:
+            name = row["name"]
+            if name in self.measured and result.plan.bits.get(name) == self.base.bits.get(name):
+                row |= self.measured[name]
         plan = {"bits": result.plan.bits, "edits": point["edits"], "describe": result.plan.describe()}
         return {"device": profile.name, "plan": plan, "totals": result.summary(), "rows": rows, "point": point}
 

@@ -173,13 +173,26 @@ def auto(
             f"{floor / unit / base:.4g} {label} ({fixed / unit / base:.4g} of it outside the linears). Relax the target, or "
             f"change the other ops with --rule (e.g. the embedding)."
         )
-    choices = [
-        LayerChoice(name=n, n_weights=params[n], sizes=spend[n], costs={b: sensitivity.cost(n, b) for b in spend[n]}) for n in linears
-    ]
+    choices = []
+    for n in linears:
+        costs = {b: sensitivity.cost(n, b) for b in spend[n]}
+        # Latency and energy need not grow with the width (a 3-bit layer runs on 4-bit nibbles under act8; a 2-bit
+        # kernel may expand slower than a 4-bit one): a width that spends no less and predicts no better than another
+        # is never worth taking, and dropping such widths leaves the knapsack's assumption (more bits: more spent,
+        # less ΔKL) true.
+        keep = [b for b in spend[n] if not any(_dominates(spend[n], costs, o, b) for o in spend[n] if o != b)]
+        choices.append(LayerChoice(name=n, n_weights=params[n], sizes={b: spend[n][b] for b in keep}, costs={b: costs[b] for b in keep}))
     chosen = allocate(choices, budget_bits=budget, fixed_bits=fixed)
     return simulate(
         cfg, plan.with_bits(chosen, tied=cfg.tie_embeddings), profile, sensitivity=sensitivity, context=context, prefill=prefill
     )
+
+
+def _dominates(spend: dict[int, int], costs: dict[int, float], a: int, b: int) -> bool:
+    """Width a is at least as good as width b on both counts, and better on one (ties go to the wider one)."""
+    if spend[a] > spend[b] or costs[a] > costs[b]:
+        return False
+    return spend[a] < spend[b] or costs[a] < costs[b] or a > b
 
 
 def write_plan(path: str | Path, result: WhatIf, *, profile: DeviceProfile, model: str, target: Target | None = None) -> dict[str, Any]:

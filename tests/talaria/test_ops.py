@@ -124,3 +124,19 @@ def test_a_compress_plan_applies_over_a_model_and_bad_plans_are_refused():
         ops_table(cfg, plan_from_config(cfg, {"layers.0.self_attn.k_proj": 4}, group_size=64))
     with pytest.raises(PippinError, match="at least 1"):
         ops_table(cfg, context=0)
+
+
+@pytest.mark.parametrize(("bits", "read_bits"), [(2, 2), (3, 4), (4, 4), (6, 8), (8, 8)])
+def test_act8_linears_move_what_the_kernel_reads(bits, read_bits):
+    """Under act8 a 3-bit layer is read as 4-bit nibbles and 6/8-bit ones as a byte per weight, plus a 4-byte scale per
+    group and (at most 4 bits) a 16-byte int8 LUT; without act8 the stored indices and fp16 LUTs."""
+    cfg = get_preset("tiny")
+    name = "layers.0.mlp.up_proj"
+    n, k = cfg.ffn_dim, cfg.dim
+    for act8 in (True, False):
+        plan = plan_from_config(cfg, {name: bits}, act8=act8)
+        row = next(r for r in ops_table(cfg, plan, context=8, prefill=4) if r.name == name)
+        groups = n // plan.group_size
+        weights = n * k * read_bits // 8 + groups * (4 + (16 if bits <= 4 else 0)) if act8 else row.stored_bytes
+        assert row.decode_bytes == weights + (n + k) * 4
+        assert row.stored_bytes == n * k * bits // 8 + groups * 2**bits * 2

@@ -13,7 +13,9 @@ const COLS = {
   decode_bytes: ["decode KB moved", 1e-3, 1], prefill_flops: ["prefill GFLOP", 1e-9, 3], prefill_bytes: ["prefill MB moved", 1e-6, 2],
   weights_decoded: ["weights decoded", 1, 0], shares: ["shares"], decode_s: ["decode µs", 1e6, 2], decode_bound: ["decode bound"],
   decode_j: ["decode µJ", 1e6, 3], prefill_s: ["prefill ms", 1e3, 3], prefill_bound: ["prefill bound"], prefill_j: ["prefill mJ", 1e3, 3],
-  measured_decode_s: ["measured decode µs", 1e6, 2], measured_prefill_s: ["measured prefill ms", 1e3, 3], kl: ["ΔKL", 1, 5],
+  measured_decode_s: ["measured decode µs", 1e6, 2], measured_decode_iqr_s: ["decode IQR µs", 1e6, 2],
+  measured_prefill_s: ["measured prefill ms", 1e3, 3], measured_prefill_iqr_s: ["prefill IQR ms", 1e3, 3],
+  measured_repeats: ["repeats", 1, 0], kl: ["ΔKL", 1, 5],
 };
 const TOTALS = {  // id -> [key, format, lower is better]
   size: ["size_bytes", (v) => `${(v / 1e6).toFixed(2)} MB`],
