@@ -44,7 +44,11 @@ step() {
   local name=$1 t0
   shift
   t0=$(date +%s)
-  "$@" 2>&1 | tr '\r' '\n' | grep -v '^$' > "$OUT/$name.log"
+  if ! "$@" 2>&1 | tr '\r' '\n' | grep -v '^$' > "$OUT/$name.log"; then
+    tail -5 "$OUT/$name.log" >&2
+    echo "gpu-adapters: step $name failed; its log is $OUT/$name.log" >&2
+    exit 1
+  fi
   echo "$name $(($(date +%s) - t0)) s" | tee -a "$OUT/timings.txt"
 }
 
