@@ -4,6 +4,8 @@
   pippin adapter train recovery --model M-3.5bpw --teacher default --init-residual --data calib.json --format text
   pippin adapter train recovery --model M-3.5bpw --teacher default --init-residual --data alpaca.json --format alpaca \
       --objective distill --teacher-replies 128 --text-data calib.json
+  pippin adapter train recovery-bw --model M-3.5bpw --teacher default --init-residual --objective blockwise ... \
+      --steps 100 (per block); then --objective distill --init-from recovery-bw        (--device cuda --bf16 on a GPU)
   pippin adapter list --model M
   pippin adapter info summarize --model M
   pippin adapter merge summarize --model default --out merged/      (full-precision bases only)
@@ -29,7 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("name", help="adapter name (its folder under the adapters dir)")
     t.add_argument("--data", required=True, help="training data: JSONL; for --format text a text/JSON file or 'self[:N]'")
     t.add_argument("--format", default="chat", choices=["chat", "dialogsum", "xsum", "alpaca", "text"], help="how to read --data")
-    t.add_argument("--objective", default=None, choices=["sft", "distill"], help="default: sft, or distill for --format text")
+    t.add_argument(
+        "--objective",
+        default=None,
+        choices=["sft", "distill", "blockwise"],
+        help="default: sft, or distill for --format text; blockwise: each block's LoRA matches the teacher's block outputs, "
+        "block after block (--steps per block)",
+    )
     t.add_argument("--teacher", default=None, help="teacher model for distillation ('default' = the full-precision default model)")
     t.add_argument(
         "--teacher-replies",
@@ -61,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--block-seqs", type=int, default=64, help="blockwise: examples whose hidden states are cached (fp32)")
+    t.add_argument("--device", default="cpu", help="where the model and the teacher train: cpu, cuda or cuda:N")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes (LoRA weights stay fp32)")
     _model_args(t)
 
     for name, help_text in (("list", "list the adapters of a model"), ("info", "show one adapter")):
@@ -137,8 +148,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     objective = args.objective or ("distill" if args.format == "text" else "sft")
-    if (objective == "distill" or args.init_residual) and not args.teacher:
-        what = "--objective distill" if objective == "distill" else "--init-residual"
+    distils = objective in ("distill", "blockwise")  # a teacher on every position of the data
+    if (distils or args.init_residual) and not args.teacher:
+        what = f"--objective {objective}" if distils else "--init-residual"
         raise PippinError(f"{what} needs --teacher (e.g. --teacher default for the full-precision model).")
     loaded = load_any(args.model, progress=True)
     tok = loaded.tokenizer
@@ -146,7 +158,11 @@ def _train(args: argparse.Namespace) -> int:
         raise PippinError(f"{loaded.path} has no tokenizer.")
     root = _root(args, loaded)
     out = _adapter_path(args.name, root)
-    teacher = load_any(args.teacher).model if objective == "distill" or args.init_residual else None
+    if args.device != "cpu":  # say so before minutes of loading and teacher replies
+        from pippin.train.placement import resolve_device
+
+        resolve_device(args.device)
+    teacher = load_any(args.teacher).model if distils or args.init_residual else None
     if args.format == "text":
         from pippin.api import read_text_source
 
@@ -159,13 +175,13 @@ def _train(args: argparse.Namespace) -> int:
         if args.teacher_replies:
             convs = _teacher_chats(convs, teacher, tok, args, out)
         examples = [tokenize_chat(tok, c, max_len=args.seq_len) for c in convs]
-        if objective == "distill":  # the teacher's distribution at every position, prompt included
+        if distils:  # the teacher's distribution (or hidden states) at every position, prompt included
             examples = [all_positions(e) for e in examples]
     if args.text_data:
         from pippin.api import read_text_source
 
-        if objective != "distill":
-            raise PippinError("--text-data adds plain text to distil on; use it with --objective distill and --teacher.")
+        if not distils:
+            raise PippinError("--text-data adds plain text to distil on; use it with --objective distill or blockwise and --teacher.")
         text = read_text_source(args.text_data, teacher, tok)
         examples += text_examples(tok.encode(text), seq_len=args.seq_len)[: len(examples)]  # one window per chat
     init = str(_adapter_path(args.init_from, root)) if args.init_from else None
@@ -181,6 +197,9 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         init_from=init,
         init_residual=args.init_residual,
+        block_seqs=args.block_seqs,
+        device=args.device,
+        bf16=args.bf16,
     )
     meta = {"base_model": loaded.meta.get("name", str(loaded.path)), "data": str(args.data), "format": args.format}
     meta |= {"teacher_replies": args.teacher_replies, "text_data": args.text_data} if args.teacher_replies or args.text_data else {}
@@ -188,7 +207,8 @@ def _train(args: argparse.Namespace) -> int:
     note = f" (resumed at step {res.resumed_from})" if res.resumed_from else ""
     if res.n_dropped:
         note += f"; {res.n_dropped} examples longer than --seq-len {args.seq_len} were skipped"
-    print(f"adapter {out.name}: {res.steps} steps{note} in {res.seconds:.0f} s, final loss {res.losses[-1]:.4f} -> {out}", file=sys.stderr)
+    steps = f"{res.steps} steps per block" if objective == "blockwise" else f"{res.steps} steps"
+    print(f"adapter {out.name}: {steps}{note} in {res.seconds:.0f} s, final loss {res.losses[-1]:.4f} -> {out}", file=sys.stderr)
     return 0
 
 

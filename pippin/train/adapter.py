@@ -3,8 +3,11 @@
 `train_adapter(model, examples, config, out_dir=...)` wraps the base with one trainable fp32 LoRA slot,
 optionally initialised from another adapter (AFM starts task adapters from the accuracy-recovery adapter),
 and runs AdamW with linear warmup and a cosine decay, gradient accumulation and optional gradient
-checkpointing. The objective is an enum: `SFT` (cross-entropy on assistant tokens) or `DISTILL` (KL to a
-teacher's logits on every position: accuracy recovery, the full model teaching its compressed self).
+checkpointing. The objective is an enum: `SFT` (cross-entropy on assistant tokens), `DISTILL` (KL to a
+teacher's logits on every position: accuracy recovery, the full model teaching its compressed self) or `BLOCKWISE`
+(each block's LoRA matches the teacher's block outputs, one block after another: pippin.train.recovery; `steps` are
+then per block and a checkpoint is taken after each block). Training runs on `device` (pippin.train.placement: a
+compressed base as dense frozen weights there), optionally under bf16 autocast with fp32 LoRA weights.
 Every `save_every` steps the state is checkpointed atomically; calling again with the same folder and
 config resumes where a killed run stopped. Batches are drawn from a seeded generator keyed by the step,
 so a resumed run sees the same data as an uninterrupted one. The result is a PEFT-format adapter folder
@@ -13,6 +16,7 @@ plus `train_config.json` and `train_log.jsonl`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -36,7 +40,8 @@ from pippin.io import write_atomic, write_json_atomic
 from pippin.train.checkpointing import STATE_JSON, resume, save_state
 from pippin.train.data import Example, collate
 from pippin.train.losses import masked_kl
-from pippin.train.recovery import residual_factors
+from pippin.train.placement import autocast, on_device, resolve_device
+from pippin.train.recovery import BlockLoss, reference_like, residual_factors, train_blockwise
 
 if TYPE_CHECKING:
     from pippin.train.sft import SFTConfig
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 class Objective(StrEnum):
     SFT = "sft"
     DISTILL = "distill"
+    BLOCKWISE = "blockwise"
 
 
 @dataclass(kw_only=True)
@@ -52,7 +58,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: Objective = Objective.SFT
     steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (per block for the blockwise objective)."""
     batch_size: int = 4
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
@@ -75,12 +81,18 @@ class TrainConfig:
     for recovery adapters, with the full-precision teacher. Needs a teacher; excludes init_from."""
     init_seqs: int = 8
     """Training examples whose activations weight the residual initialisation."""
+    block_seqs: int = 64
+    """Blockwise: training examples whose hidden states are cached for every block (3 x n x seq_len x dim fp32)."""
+    device: str = "cpu"
+    """Where the student and the teacher run ('cpu', 'cuda', 'cuda:1'); compressed layers train there as dense weights."""
+    bf16: bool = False
+    """bf16 autocast for the forward passes (LoRA weights, optimizer state and losses stay fp32)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraConfig(**self.lora)
         self.objective = Objective(self.objective)
-        for name in ("steps", "batch_size", "grad_accum", "save_every"):
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "block_seqs"):
             if getattr(self, name) < 1:
                 raise PippinError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.lr <= 0:
@@ -138,7 +150,7 @@ def set_act8(model: nn.Module, value: bool | dict[str, bool]) -> dict[str, bool]
 
 def _run_hash(cfg: TrainConfig, examples: list[Example], fingerprint: str) -> str:
     d = cfg.to_dict()
-    for k in ("steps", "save_every"):  # a resumed run may be extended or checkpoint at another pace
+    for k in ("steps", "save_every", "device"):  # a resumed run may be extended, checkpoint at another pace, move
         d.pop(k)
     h = hashlib.sha256(json.dumps([d, fingerprint], sort_keys=True).encode())
     for e in examples:  # the data itself: a changed dataset must not resume an old run
@@ -158,17 +170,18 @@ def train_adapter(
     progress: bool = True,
 ) -> TrainResult:
     """Train (or resume) one adapter and write it to out_dir. The base weights stay frozen and unchanged; the model is
-    left wrapped with the trained adapter active in slot 0 (`remove_lora_(model)` unwraps it)."""
+    left wrapped with the trained adapter active in slot 0 (`remove_lora_(model)` unwraps it), on the CPU."""
     out = Path(out_dir)
     n_given = len(examples)
     # An example whose answer was cut off by the length limit teaches nothing (and would dilute the mean).
     examples = [e for e in examples if any(e.mask[1:])]
     if not examples:
         raise PippinError(f"None of the {n_given} training examples has an answer token within the length limit; raise --seq-len.")
-    if config.objective is Objective.DISTILL and teacher is None:
-        raise PippinError("Distillation needs a teacher model.")
+    if config.objective is not Objective.SFT and teacher is None:
+        raise PippinError(f"The {config.objective.value} objective needs a teacher model (--teacher).")
     if config.init_residual and teacher is None:
         raise PippinError("The residual initialisation needs the full-precision teacher (--teacher).")
+    device = resolve_device(config.device)
     fingerprint = base_fingerprint(model)
     ckpt = out / "checkpoint"
     residual = None
@@ -181,33 +194,67 @@ def train_adapter(
         for mod, m in mods.items():
             m.load_slot(0, *residual[mod], config.lora.scaling)
     if config.init_from:
-        init = load_adapter(config.init_from)
-        check_compatible(init, model, fingerprint=fingerprint, max_rank=config.lora.rank)
-        if (init.config.alpha, init.config.use_rslora) != (config.lora.alpha, config.lora.use_rslora):
-            raise PippinError(
-                f"init_from adapter uses alpha={init.config.alpha}, rslora={init.config.use_rslora}; train with the same "
-                "settings, or the saved adapter's scale would not match the one it was trained at."
-            )
-        with torch.no_grad():
-            for mod, m in mods.items():
-                A, B = init.weights.get(mod, (None, None))
-                if A is not None and A.shape[0] != config.lora.rank:
-                    raise PippinError(f"init_from adapter has rank {A.shape[0]}, but this run trains rank {config.lora.rank}.")
-                m.load_slot(0, A, B, init.scales.get(mod, config.lora.scaling) if A is not None else config.lora.scaling)
-    params = {f"{mod}.{ab}": getattr(m, f"lora_{ab}") for mod, m in mods.items() for ab in ("A", "B")}
-    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    if config.grad_checkpointing:
-        enable_grad_checkpointing(model)
+        _load_init(model, mods, config, fingerprint)
+    # Block-wise targets are the teacher's hidden states, which must live in the student's (maybe rotated) basis.
+    if config.objective is Objective.BLOCKWISE:
+        teacher = reference_like(teacher, model)
     run_hash = _run_hash(config, examples, fingerprint)
-    start, losses = 0, []
-    if (st_meta := resume(ckpt, run=run_hash, params=params, optimizer=opt, key="run_hash")) is not None:
-        start, losses = int(st_meta["step"]), list(st_meta.get("losses", []))
     write_json_atomic(out / "train_config.json", {"name": name, "run_hash": run_hash, "n_examples": len(examples), **config.to_dict()})
-    model.train()
-    if teacher is not None:
-        teacher.eval()
     act8 = set_act8(model, False)
     t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.callback(set_act8, model, act8)
+        stack.enter_context(on_device(model, device))
+        if teacher is not None:
+            stack.enter_context(on_device(teacher, device))
+            teacher.eval()
+        params = {f"{mod}.{ab}": getattr(m, f"lora_{ab}") for mod, m in mods.items() for ab in ("A", "B")}
+        opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        start, losses = 0, []
+        if (st_meta := resume(ckpt, run=run_hash, params=params, optimizer=opt, key="run_hash")) is not None:
+            start, losses = int(st_meta["step"]), list(st_meta.get("losses", []))
+        amp = functools.partial(autocast, device, config.bf16)
+        if config.objective is Objective.BLOCKWISE:
+            log = _blockwise(model, teacher, examples, config, params, opt, ckpt, run_hash, start, losses, amp, progress)
+        else:
+            log = _steps(model, teacher, examples, config, name, params, opt, ckpt, run_hash, start, losses, amp, device, progress)
+    write_atomic(out / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+    info = {
+        "base_fingerprint": fingerprint,
+        "init_from": config.init_from,
+        "init_residual": config.init_residual,
+        "objective": config.objective.value,
+        "steps": config.steps,
+        "final_loss": losses[-1] if losses else None,
+        **(meta or {}),
+    }
+    save_adapter(adapter_from_model(model, config.lora, name=name, meta=info), out, base_model=info.get("base_model"))
+    return TrainResult(
+        path=out, steps=config.steps, resumed_from=start, losses=losses, seconds=time.perf_counter() - t0, n_dropped=n_given - len(examples)
+    )
+
+
+def _load_init(model: nn.Module, mods: dict, config: TrainConfig, fingerprint: str) -> None:
+    init = load_adapter(config.init_from)
+    check_compatible(init, model, fingerprint=fingerprint, max_rank=config.lora.rank)
+    if (init.config.alpha, init.config.use_rslora) != (config.lora.alpha, config.lora.use_rslora):
+        raise PippinError(
+            f"init_from adapter uses alpha={init.config.alpha}, rslora={init.config.use_rslora}; train with the same "
+            "settings, or the saved adapter's scale would not match the one it was trained at."
+        )
+    with torch.no_grad():
+        for mod, m in mods.items():
+            A, B = init.weights.get(mod, (None, None))
+            if A is not None and A.shape[0] != config.lora.rank:
+                raise PippinError(f"init_from adapter has rank {A.shape[0]}, but this run trains rank {config.lora.rank}.")
+            m.load_slot(0, A, B, init.scales.get(mod, config.lora.scaling) if A is not None else config.lora.scaling)
+
+
+def _steps(model, teacher, examples, config, name, params, opt, ckpt, run_hash, start, losses, amp, device, progress) -> list[dict]:  # noqa: ANN001, PLR0913
+    """The SFT / distillation loop (config.steps optimizer steps from `start`); returns the log rows."""
+    if config.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    model.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {name}", disable=not progress, unit="step")
     try:
         for step in bar:
@@ -217,16 +264,19 @@ def train_adapter(
             for micro in range(config.grad_accum):
                 gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * config.grad_accum + micro)
                 pick = torch.randint(len(examples), (config.batch_size,), generator=gen).tolist()
-                inputs, targets, mask = collate([examples[i] for i in pick])
+                inputs, targets, mask = (t.to(device) for t in collate([examples[i] for i in pick]))
+                with amp():
+                    if config.objective is Objective.SFT:
+                        # The head (V x dim, the largest matmul) only where the loss is taken: assistant tokens.
+                        logits = model.head(model.features(inputs)[mask])
+                    else:
+                        logits = model(inputs)
+                        with torch.no_grad():
+                            t_logits = teacher(inputs)
+                # Losses in fp32 (both take .float() of the logits). Every batch has answer tokens: see train_adapter.
                 if config.objective is Objective.SFT:
-                    # The head (V x dim, the largest matmul) only where the loss is taken: assistant tokens.
-                    logits = model.head(model.features(inputs)[mask])
-                    # Every batch has answer tokens: examples without any were dropped above.
                     loss = F.cross_entropy(logits.float(), targets[mask])
                 else:
-                    logits = model(inputs)
-                    with torch.no_grad():
-                        t_logits = teacher(inputs)
                     loss = masked_kl(logits, t_logits, mask, temperature=config.temperature)
                 (loss / config.grad_accum).backward()
                 total += loss.item() / config.grad_accum
@@ -241,21 +291,29 @@ def train_adapter(
             if done % config.save_every == 0 or done == config.steps:
                 save_state(ckpt, step=done, params=params, optimizer=opt, extra={"run_hash": run_hash, "losses": losses})
     finally:
-        set_act8(model, act8)
         disable_grad_checkpointing(model)
         model.eval()
-    log = "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses))
-    write_atomic(out / "train_log.jsonl", log.encode())
-    info = {
-        "base_fingerprint": fingerprint,
-        "init_from": config.init_from,
-        "init_residual": config.init_residual,
-        "objective": config.objective.value,
-        "steps": config.steps,
-        "final_loss": losses[-1] if losses else None,
-        **(meta or {}),
-    }
-    save_adapter(adapter_from_model(model, config.lora, name=name, meta=info), out, base_model=info.get("base_model"))
-    return TrainResult(
-        path=out, steps=config.steps, resumed_from=start, losses=losses, seconds=time.perf_counter() - t0, n_dropped=n_given - len(examples)
-    )
+    return [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
+
+
+def _blockwise(model, teacher, examples, config, params, opt, ckpt, run_hash, start, losses, amp, progress) -> list[dict]:  # noqa: ANN001, PLR0913
+    """The block-wise objective on `config.block_seqs` seeded examples, a checkpoint after each block; `losses` holds
+    each block's final loss, `before` (in the checkpoint too) its loss at the start."""
+    gen = torch.Generator().manual_seed(config.seed)
+    chosen = [examples[i] for i in torch.randperm(len(examples), generator=gen)[: config.block_seqs].tolist()]
+    tokens, _, _ = collate(chosen)
+    lengths = torch.tensor([len(e.ids) - 1 for e in chosen])
+    before = list(json.loads((ckpt / STATE_JSON).read_text()).get("before", [])) if start else []
+
+    def done(r: BlockLoss) -> None:
+        losses.append(r.after)
+        before.append(r.before)
+        save_state(ckpt, step=r.block + 1, params=params, optimizer=opt, extra={"run_hash": run_hash, "losses": losses, "before": before})
+
+    sched = lambda step: lr_at(step, config)  # noqa: E731 - per block: warmup and cosine over config.steps
+    train_blockwise(
+        model, teacher, tokens, lengths, steps=config.steps, batch_size=config.batch_size, schedule=sched,
+        max_grad_norm=config.max_grad_norm, seed=config.seed, start=start, amp=amp, on_block=done, progress=progress,
+    )  # fmt: skip
+    model.eval()
+    return [{"block": i, "before": b, "after": a} for i, (b, a) in enumerate(zip(before, losses))]

@@ -1,9 +1,11 @@
-"""Losses for adapter training: masked logit distillation (KL) and held-out perplexity.
+"""Losses for adapter training: masked logit distillation (KL), block-output matching and held-out perplexity.
 
 The KL averages over the masked positions only (padding carries no loss) and stays finite when a batch
 has no masked token; SFT needs no helper here (the trainer runs the head on the answer tokens only and takes
 plain cross-entropy). The KL is KL(teacher || student) at temperature T, scaled by T^2 as in
 Hinton et al. 2015; AFM's accuracy-recovery adapters are trained this way against the uncompressed model.
+`token_mse` is the block-wise objective (BRECQ, EfficientQAT's Block-AP): each token's squared error relative to the
+reference's own squared norm, so that the few tokens with massive residual-stream norms do not outweigh the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ def masked_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, 
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, T)
     m = mask.float()
     return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+
+
+def token_mse(student: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of ||s - t||^2 / ||t||^2, in fp32. student, target (B, T, dim); mask (B, T) bool. The next
+    block reads its input through an RMSNorm, so an error matters relative to its token's norm."""
+    t = target.float()
+    err = (student.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)  # (B, T)
+    m = mask.float()
+    return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""A closed-form start for accuracy-recovery adapters: each layer's compression error, low-rank, activation-weighted.
+"""Accuracy-recovery adapters: a closed-form start from each layer's compression error, and a block-wise objective.
 
 A recovery adapter learns to undo what compression did to the base. For one linear layer the best rank-r
 correction in the least-squares sense on its inputs x is known in closed form: with W the full-precision weight,
@@ -11,21 +11,30 @@ so distillation starts from an adapter that already cancels much of each layer's
 H is accumulated in float64, shrunk towards its diagonal (a few thousand tokens estimate it poorly, see
 `residual_factors`) and damped by a small multiple of its mean diagonal, so that directions the calibration
 text never excites do not blow up through H^-1/2.
+
+`train_blockwise` then trains the adapter one transformer block at a time (BRECQ, EfficientQAT's Block-AP): block i's
+LoRA learns to map the compressed model's hidden states at its input (earlier blocks already trained, GPTQ's
+sequential order) to the full-precision block's output on full precision's own hidden states, on activations cached
+once per block, so that each step runs one block instead of the whole model and its 49k-word head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from pippin.adapters.lora import LoraConfig
+from pippin.adapters.lora import LoraConfig, lora_modules
 from pippin.errors import PippinError
 from pippin.quant.calibrate import input_second_moments
 from pippin.quant.rotate import RotatedHead, rotate_like_
+from pippin.train.losses import token_mse
 
 
 @torch.no_grad()
@@ -51,8 +60,7 @@ def residual_factors(
     teacher and student must have the same module names (the student is the compressed copy); every student
     target exposes `.weight` (dense) or `.dequantize()` (palettized). A student compressed with rotations
     (`pippin.quant.rotate`) is compared with a copy of the teacher rotated the same way: same function, same basis."""
-    if isinstance(student.lm_head, RotatedHead) and not isinstance(teacher.lm_head, RotatedHead):
-        teacher = rotate_like_(copy.deepcopy(teacher), student)
+    teacher = reference_like(teacher, student)
     t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
     names = [n for n in s_mods if n.rpartition(".")[2] in config.target_modules]
     if not names:
@@ -102,3 +110,115 @@ def _roots(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lam, V = torch.linalg.eigh(H)
     lam = lam.clamp_min(1e-12)
     return (V * lam.sqrt()) @ V.T, (V * lam.rsqrt()) @ V.T
+
+
+def reference_like(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """The teacher in the student's basis: itself, or, for a student compressed with rotations, a copy of it rotated the
+    same way (same function; its weights and hidden states comparable with the student's, layer by layer)."""
+    if isinstance(student.lm_head, RotatedHead) and not isinstance(teacher.lm_head, RotatedHead):
+        return rotate_like_(copy.deepcopy(teacher), student)
+    return teacher
+
+
+@dataclass(kw_only=True)
+class BlockLoss:
+    block: int
+    before: float
+    """token_mse of the block's output against the reference's on the cached sequences, before its training."""
+    after: float
+
+
+def block_parameters(model: nn.Module, block: int) -> list[nn.Parameter]:
+    """The trainable LoRA tensors (A, B of each target) of block `block` of a LoRA-wrapped model."""
+    prefix = f"layers.{block}."
+    return [p for name, m in lora_modules(model).items() if name.startswith(prefix) for p in (m.lora_A, m.lora_B)]
+
+
+def train_blockwise(
+    student: nn.Module,
+    reference: nn.Module,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    schedule: Callable[[int], float],
+    max_grad_norm: float = 1.0,
+    seed: int = 0,
+    start: int = 0,
+    amp: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    on_block: Callable[[BlockLoss], None] | None = None,
+    chunk: int = 8,
+    progress: bool = False,
+) -> list[BlockLoss]:
+    """Train the student's LoRA block by block from block `start` on (earlier ones are taken as trained), `steps`
+    AdamW steps of `batch_size` sequences each, lr `schedule(step)`, on `token_mse`. Returns each trained block's loss
+    before and after; `on_block` is called after each (a checkpoint).
+
+    student: LoRA-wrapped (trainable), reference: the full-precision model in the student's basis (`reference_like`),
+    both with the Llama layout (`embed_tokens`, `layers[i]` called as block(x, cos, sin, cache, mask)) on one device.
+    tokens (n, T): right-padded sequences, lengths (n,): their real lengths; padding is never scored and, the
+    attention being causal, never reaches a real position. Hidden states are cached in fp32: three n x T x dim tensors
+    (the student's inputs, the reference's inputs and its outputs)."""
+    dev = student.rope_cos.device
+    tokens, lengths = tokens.to(dev), lengths.cpu()
+    n, T = tokens.shape
+    cos, sin = student.rope_cos[:T][None, None], student.rope_sin[:T][None, None]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(dev)
+
+    @torch.no_grad()
+    def run(fn: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
+        with amp():
+            return torch.cat([fn(xs[i : i + chunk]).float() for i in range(0, n, chunk)])
+
+    def block_fn(block: nn.Module, t: int = T) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: block(x, cos[..., :t, :], sin[..., :t, :], None, None)
+
+    @torch.no_grad()
+    def cache_loss(block: nn.Module, xq: torch.Tensor, y: torch.Tensor) -> float:
+        err, count = 0.0, 0
+        for i in range(0, n, chunk):
+            with amp():
+                out = block_fn(block)(xq[i : i + chunk])
+            m = mask[i : i + chunk]
+            err += token_mse(out, y[i : i + chunk], m).item() * int(m.sum())
+            count += int(m.sum())
+        return err / max(count, 1)
+
+    xq = run(student.embed_tokens, tokens)
+    xf = run(reference.embed_tokens, tokens)
+    for i in range(start):  # resumed: the trained blocks' outputs are the next block's inputs
+        xq, xf = run(block_fn(student.layers[i]), xq), run(block_fn(reference.layers[i]), xf)
+    out: list[BlockLoss] = []
+    bar = tqdm(range(start, len(student.layers)), initial=start, total=len(student.layers), desc="blockwise", disable=not progress)
+    for i in bar:
+        block = student.layers[i]
+        y = run(block_fn(reference.layers[i]), xf)  # the target: full precision's block on its own inputs
+        params = block_parameters(student, i)
+        if not params:
+            raise PippinError(f"Block {i} has no LoRA parameters to train; the block-wise objective needs targets in every block.")
+        before = cache_loss(block, xq, y)
+        opt = torch.optim.AdamW(params, lr=schedule(0), weight_decay=0.0)
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = schedule(step)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i * 100_003 + step)
+            pick = torch.randint(n, (batch_size,), generator=gen)
+            t = int(lengths[pick].max())  # the batch's longest sequence: no step runs over padding only
+            pick = pick.to(dev)
+            with amp():
+                pred = block_fn(block, t)(xq[pick, :t])
+            loss = token_mse(pred, y[pick, :t], mask[pick, :t])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        res = BlockLoss(block=i, before=before, after=cache_loss(block, xq, y))
+        if not math.isfinite(res.after):
+            raise PippinError(f"The block-wise loss diverged in block {i} ({res.after}); lower the learning rate.")
+        out.append(res)
+        bar.set_postfix(block=i, before=f"{res.before:.4f}", after=f"{res.after:.4f}")
+        xq, xf = run(block_fn(block), xq), y
+        if on_block is not None:
+            on_block(res)
+    return out
