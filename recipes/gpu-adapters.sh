@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `make adapters`' recovery adapter on one GPU: the 3.5 bpw base (built here if missing, on the CPU), then the same
-# recipe as the Makefile (block-wise from the compression residual, then distillation from full precision on chat and
-# calibration text) with --device cuda --bf16, then its fidelity against full precision (CPU). Nothing is downloaded:
+# The 3.5 bpw base's recovery adapter on one GPU: the base (built here if missing, on the CPU), then block-wise training
+# from the compression residual and `make adapters`' distillation from full precision on chat and calibration text
+# (the best recipe measured on the CPU, docs/benchmarks.md) with --device cuda --bf16, then its fidelity against full
+# precision (CPU). Nothing is downloaded:
 # the machine needs this repo, a Python with pippin's dependencies (PY, default .venv/bin/python, else python3), the
 # default model where pippin finds it (`make model` once, or a carried $PIPPIN_HOME) and ../shared/data (or SHARED).
 # Results go to $OUT (default runs/gpu-adapters): the adapters, each step's log, timings.txt, device.txt, fidelity/.
@@ -19,7 +20,7 @@ CALIB=$SHARED/data/alpaca_eval/gpt4_1106_preview_model_outputs.json
 BASE=${BASE:-${PIPPIN_HOME:-$HOME/.cache/pippin}/models/smollm2-135m-instruct-3.5bpw-rot}
 DEVICE=${DEVICE:-cuda}
 LIMIT=${LIMIT:-256}            # AlpacaEval instructions the teacher answers (the Makefile's 256)
-BW_STEPS=${BW_STEPS:-100}      # block-wise steps per block (the Makefile's)
+BW_STEPS=${BW_STEPS:-100}      # block-wise steps per block (as measured on the CPU)
 E2E_STEPS=${E2E_STEPS:-150}    # distillation steps (the Makefile's)
 BATCH=${BATCH:-4}
 FIDELITY_LIMIT=${FIDELITY_LIMIT:-}
