@@ -7,7 +7,7 @@
 # default model where pippin finds it (`make model` once, or a carried $PIPPIN_HOME) and ../shared/data (or SHARED).
 # Results go to $OUT (default runs/gpu-adapters): the adapters, each step's log, timings.txt, device.txt, fidelity/.
 #
-#   OUT=/tmp/out recipes/gpu-adapters.sh                       # the Makefile's recipe, on the GPU
+#   OUT=/tmp/out recipes/gpu-adapters.sh                       # block-wise + the Makefile's distillation, on the GPU
 #   BW_STEPS=400 E2E_STEPS=600 BATCH=16 recipes/gpu-adapters.sh # more steps and tokens, which a GPU affords
 #   DEVICE=cpu LIMIT=8 BW_STEPS=1 E2E_STEPS=1 FIDELITY_LIMIT=2 recipes/gpu-adapters.sh   # a dry run of the wiring
 set -euo pipefail
