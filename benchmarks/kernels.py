@@ -8,12 +8,14 @@ figures in docs/benchmarks.md that explain it:
 - step: for a compressed model with act8, the median time of the blocks (`features`: embedding plus every layer),
   of the head (final norm plus output projection) and of a whole `decode_step`, at a batch of B rows;
 - --loop S: decode for S seconds and exit, for a profiler (`perf record -g python benchmarks/kernels.py --loop 25`);
-- --prefill-rows: ms for one act8 layer (576 -> 1536) at 16-512 rows, on the integer kernel against dequantizing the
-  weights for a GEMM (the reference path prefill took before);
+- --prefill-rows: ms for one act8 layer (576 -> 1536) at 16-512 rows, on the integer kernel (each variant this CPU runs)
+  against dequantizing the weights for a GEMM (the reference path prefill took before);
+- --prefill-profile: a 512-token prefill's wall time, and its time by operator (torch.profiler);
 - --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code.
 It only calls public entry points (the FusedDecoder's `features` and `head`, `decode_step`), so a checkout of an older commit times the
 same way. Usage:
-  python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--thread]
+  python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--prefill-profile]
+  [--thread]
 """
 
 from __future__ import annotations
@@ -101,14 +103,35 @@ def prefill_rows(model: str, threads: int) -> None:
     lin = load_any(os.path.expanduser(model)).model.layers[0].mlp.gate_proj
     set_act8_(lin, True)
     w, lut_i8, scale, bits = lin.act8_kernel_args()
+    k = ops()
+    variants = ["avx2-fma"] + (["avx512-vnni"] if k.cpu_has_vnni() else [])
+    best = k.kernel_variant()
     for m in (16, 42, 128, 512):
         x = torch.randn(m, lin.in_features)
-        fns = {
-            "kernel": lambda: ops().lut_gemv_act8(x, w, lut_i8, scale, bits, lin.group_size),  # noqa: B023
-            "dequantize+GEMM": lambda: lin._act8_reference(x),  # noqa: B023
-        }
-        ms = {name: 1e3 * statistics.median(_times(f, 10)) for name, f in fns.items()}
+        ms = {}
+        for v in variants:  # each kernel variant this CPU runs
+            k.set_kernel_variant(v)
+            ms[f"kernel {v}"] = 1e3 * statistics.median(_times(lambda: k.lut_gemv_act8(x, w, lut_i8, scale, bits, lin.group_size), 10))  # noqa: B023
+        k.set_kernel_variant(best)
+        ms["dequantize+GEMM"] = 1e3 * statistics.median(_times(lambda: lin._act8_reference(x), 10))  # noqa: B023
         print(f"act8 576->1536, {m} rows: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+
+
+def prefill_profile(model: str, threads: int, n_tokens: int = 512) -> None:
+    """Where a prefill of n_tokens goes, by operator (torch.profiler; the kernels' ops appear under their own names)."""
+    torch.set_num_threads(threads)
+    m = load_any(os.path.expanduser(model)).model
+    set_act8_(m, True)
+    dec = FusedDecoder.from_model(m)
+    cache = KVCache(m.config, batch_size=1, max_len=1024)
+    ids = torch.randint(0, m.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
+    run = lambda: prefill(dec, ids, torch.tensor([n_tokens]), cache)  # noqa: E731
+    wall = statistics.median(_times(run, 5))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            run()
+    print(f"prefill {n_tokens} tokens: {wall * 1e3:.1f} ms ({n_tokens / wall:.0f} tok/s), profile of 3 runs:")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
 
 
 def thread(model: str, threads: int) -> None:
@@ -154,7 +177,11 @@ def main() -> None:
     ap.add_argument("--loop", type=float, default=0, help="only decode for this many seconds (for a profiler)")
     ap.add_argument("--prefill-rows", action="store_true", help="only the act8 layer at prefill row counts")
     ap.add_argument("--thread", action="store_true", help="only a decode step on the main thread against a second one")
+    ap.add_argument("--prefill-profile", action="store_true", help="only a 512-token prefill's time by operator")
     args = ap.parse_args()
+    if args.prefill_profile:
+        prefill_profile(args.model, args.threads)
+        return
     if args.prefill_rows or args.thread:
         if args.prefill_rows:
             prefill_rows(args.model, args.threads)
