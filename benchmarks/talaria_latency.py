@@ -41,22 +41,13 @@ from pippin.talaria.roofline import estimate
 from pippin.talaria.source import open_model
 from pippin.talaria.whatif import Target, TargetKind, auto, write_plan
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runtime import busy_jiffies, own_jiffies  # noqa: E402 - the sibling benchmark's load meter
+
 FITTED_PROFILE = pippin_home() / "talaria" / "this-machine-fit.json"
 """Where the fitted profile goes: `pippin talaria --device-profile` takes the file."""
 ALLOCATED = pippin_home() / "models" / "smollm2-135m-instruct-3.5bpw"
 """The shipped 3.5 bpw model: its config.json holds the bpw allocator's plan (Fisher-scaled output error)."""
-
-
-def busy_jiffies() -> int:
-    """Non-idle CPU jiffies of the whole machine, and this process's own: their difference is other processes' load."""
-    with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
-    return sum(f) - f[3] - f[4]
-
-
-def own_jiffies() -> int:
-    t = os.times()
-    return int((t.user + t.system) * os.sysconf("SC_CLK_TCK"))
 
 
 def plans(cfg, base: Plan) -> tuple[dict[str, Plan], dict[str, Plan]]:  # noqa: ANN001 - a ModelConfig
