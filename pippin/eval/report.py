@@ -93,7 +93,17 @@ def plot_png(result: SuiteResult) -> bytes | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [n for n in result.headline if any(row.get(n) is not None for row in result.metrics.values())]
+
+    def number(v: object) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    # numeric headline metrics only: a verdict such as the gate's "pass" / "fail" is in the tables, not a bar
+    names = [
+        n
+        for n in result.headline
+        if any(row.get(n) is not None for row in result.metrics.values())
+        and all(row.get(n) is None or number(row.get(n)) for row in result.metrics.values())
+    ]
     if not names or not result.metrics:
         return None
     rows = list(result.metrics)

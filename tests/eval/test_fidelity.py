@@ -23,6 +23,7 @@ from pippin.eval.fidelity import (
     perplexity,
     token_windows,
 )
+from pippin.eval.report import write_report
 from pippin.eval.runner import GenerationCache
 from pippin.eval.suite import EvalContext
 from pippin.eval.tasks import suite_module
@@ -177,6 +178,10 @@ def test_the_gate_passes_a_copy_and_refuses_a_broken_model(tmp_path, data):
     reasons = " ".join(result.settings["failures"]["pippin:broken"])
     assert reasons.startswith("top-1 agreement 0.00 % < 90 %")
     assert "ifeval prompt strict %" in result.metrics["pippin:ref"]
+    # `pippin eval gate` writes its report with a plot: the verdict column is text, so it is left out of the bars
+    paths = write_report(result, tmp_path / "gate")
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    assert json.loads(paths["json"].read_text())["metrics"]["pippin:broken"]["gate"] == "fail"
 
 
 def test_gate_thresholds():
