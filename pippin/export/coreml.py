@@ -60,7 +60,9 @@ class PrefillGraph(nn.Module):
         emb = tensors[0]
         self.register_buffer("row_scale", None if emb.row_scale is None else emb.row_scale.float())
         # The linears' row scales by module name (constants in the trace).
-        self.scales = {t.name.removesuffix(".weight"): t.row_scale.float() for t in tensors[1:] if t.row_scale is not None and t.derived is None}
+        self.scales = {
+            t.name.removesuffix(".weight"): t.row_scale.float() for t in tensors[1:] if t.row_scale is not None and t.derived is None
+        }
         mix = head_mix(model)
         self.register_buffer("mix", mix)
         self.register_buffer("cos", model.rope_cos[:seq_len][None, None].clone())

@@ -30,7 +30,7 @@ from pippin.quant.calibrate import (
     sequential_second_moments,
 )
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
-from pippin.quant.pack import SUPPORTED_BITS, pack
+from pippin.quant.pack import SUPPORTED_BITS
 from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
 from pippin.quant.rotate import RotatedHead, rotate_
 
