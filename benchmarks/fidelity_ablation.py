@@ -12,7 +12,8 @@ Variants: bpw=X (the whole model at X bpw with a row-scaled 4-bit embedding, as 
 rows for N=8, an N-bit LUT otherwise; no error feedback, no row scales), emb4-ef, emb4-rows, emb4-rows-ef (the default
 now), linears=PLAN (a plan.json, e.g. the 3.5 bpw model's), uniform=B (every linear at B bits). Options as suffixes:
 +rot folds the rotations of `pippin.quant.rotate` into the weights first, +seq quantizes block by block on the
-quantized model's inputs, +gN gives each N rows one LUT (16 by default). llama=TYPE (Q4_0, Q3_K_M, Q2_K...) scores
+quantized model's inputs, +gN gives each N rows one LUT (16 by default), +norows drops the linears' row scales (on by
+default). llama=TYPE (Q4_0, Q3_K_M, Q2_K...) scores
 llama.cpp's own quantization of the shipped model through llama-cpp-python (`make bench-setup`) on the same sample.
 """
 
@@ -44,6 +45,8 @@ def variant_config(name: str, linears: list[str]) -> CompressConfig:
             extra["group_size"] = int(o[1:])
         elif o == "seq":
             extra["sequential"] = True
+        elif o == "norows":
+            extra["row_scale"] = False
     kind, _, arg = name.partition("=")
     if kind == "bpw":  # the whole model under a budget, as `make compressed-3.5` builds it
         return CompressConfig(bpw=float(arg), embed_bits=4, **extra)

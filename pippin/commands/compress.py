@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="JSON {layer: bits} to apply instead of allocating")
     p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument(
+        "--no-row-scale",
+        dest="row_scale",
+        action="store_false",
+        help="no fp16 scale per output row of each palettized linear (the LUTs then hold the rows as they are)",
+    )
     p.add_argument("--act8", action="store_true", help="dynamic 8-bit activations on palettized linears (fast 4-bit integer kernel)")
     p.add_argument("--kv8", action="store_true", help="run the compressed model with an 8-bit KV cache (recorded in config.json)")
     p.add_argument("--embed-bits", type=int, default=8, choices=[4, 6, 8], help="tied embedding/head: 8 = int8 rows (AFM), 4/6 = LUT")
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         bpw=args.bpw,
         candidate_bits=tuple(int(b) for b in args.bits.split(",")),
         embed_bits=args.embed_bits,
+        row_scale=args.row_scale,
         group_size=args.group_size,
         plan=load_plan(args.plan) if args.plan else None,
         n_seqs=args.calib_seqs,

@@ -43,7 +43,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> t
 
 
 class PrefillGraph(nn.Module):
-    """The traced graph: a dense copy `m` of the model plus a palettized embedding's row scales and a rotated head's M."""
+    """The traced graph: a dense copy `m` of the model (palettized weights as their LUT values) plus the row scales of
+    palettized weights, multiplied into their outputs, and a rotated head's M."""
 
     def __init__(self, model: Transformer, tensors: list[ExportTensor], seq_len: int) -> None:
         super().__init__()
@@ -58,6 +59,10 @@ class PrefillGraph(nn.Module):
         self.m.rope_cos, self.m.rope_sin = torch.zeros(0), torch.zeros(0)  # meta buffers the graph does not use (it has its own tables)
         emb = tensors[0]
         self.register_buffer("row_scale", None if emb.row_scale is None else emb.row_scale.float())
+        # The linears' row scales by module name (constants in the trace).
+        self.scales = {
+            t.name.removesuffix(".weight"): t.row_scale.float() for t in tensors[1:] if t.row_scale is not None and t.derived is None
+        }
         mix = head_mix(model)
         self.register_buffer("mix", mix)
         self.register_buffer("cos", model.rope_cos[:seq_len][None, None].clone())
@@ -70,23 +75,34 @@ class PrefillGraph(nn.Module):
         h = m.embed_tokens(tokens)
         if self.row_scale is not None:
             h = h * self.row_scale[tokens].unsqueeze(-1)
-        for block in m.layers:
-            a = block.self_attn
+        for i, block in enumerate(m.layers):
+            a, f = block.self_attn, block.mlp
+            lin = self._linear(f"layers.{i}.")
             x = _rms(h, block.input_layernorm)
-            q = a.q_proj(x).view(1, T, a.n_heads, a.head_dim).transpose(1, 2)  # (1, H, T, D)
-            k = a.k_proj(x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            v = a.v_proj(x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            q = lin("self_attn.q_proj", a.q_proj, x).view(1, T, a.n_heads, a.head_dim).transpose(1, 2)  # (1, H, T, D)
+            k = lin("self_attn.k_proj", a.k_proj, x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            v = lin("self_attn.v_proj", a.v_proj, x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
             q, k = _rope(q, self.cos, self.sin, a.head_dim // 2), _rope(k, self.cos, self.sin, a.head_dim // 2)
             rep = a.n_heads // a.n_kv_heads
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
-            h = h + a.o_proj(y.transpose(1, 2).reshape(1, T, a.n_heads * a.head_dim))
-            h = h + block.mlp(_rms(h, block.post_attention_layernorm))
+            h = h + lin("self_attn.o_proj", a.o_proj, y.transpose(1, 2).reshape(1, T, a.n_heads * a.head_dim))
+            x = _rms(h, block.post_attention_layernorm)
+            h = h + lin("mlp.down_proj", f.down_proj, F.silu(lin("mlp.gate_proj", f.gate_proj, x)) * lin("mlp.up_proj", f.up_proj, x))
         x = _rms(h, m.norm)
         if self.mix is not None:
             x = x @ self.mix
         logits = m.lm_head(x)
         return logits if self.row_scale is None else logits * self.row_scale
+
+    def _linear(self, prefix: str):  # noqa: ANN202 - (name, module, x) -> y
+        """Apply a block's projection by name: the dense module, then its row scales if it has them."""
+
+        def apply(name: str, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            s = self.scales.get(prefix + name)
+            return mod(x) if s is None else mod(x) * s
+
+        return apply
 
 
 def unique_lut(bits: int):  # noqa: ANN201 - coremltools' lut_function: group weights -> (LUT, indices)

@@ -289,8 +289,8 @@ def _notes(loaded: LoadedModel, tensors: list[ExportTensor], fallbacks: dict[str
             "rotated model: every rotation is folded into the weights; the head's M = R^T diag(gamma) R is folded into "
             "an untied output matrix (E M): a plain llama that needs no runtime rotation."
         )
-    if q.get("embedding_row_scale"):
-        notes.append("palettized embedding with row scales: written as the scaled rows (dequantized), re-quantized to the type above.")
+    if q.get("embedding_row_scale") or q.get("row_scale"):
+        notes.append("palettized weights with row scales: written as the scaled rows (dequantized), re-quantized to the types above.")
     if q.get("act8"):
         notes.append(
             "act8 (8-bit activations) is a runtime choice, not stored: llama.cpp quantizes activations itself (Q8 "

@@ -34,21 +34,23 @@ class ExportTensor:
     bits: int | None = None
     """Stored width of a compressed tensor (palette bits, or 8 for int8 rows); None for full precision."""
     palette: Palette | None = None
-    """A palettized tensor's LUTs and indices (for an embedding with row scales, of the unit-RMS rows)."""
+    """A palettized tensor's LUTs and indices (with row scales, of the unit-RMS rows)."""
     row_scale: torch.Tensor | None = None
-    """(rows,) fp16 scale of each row of a palettized embedding: weight = row_scale[:, None] * palette.dequantize()."""
+    """(rows,) fp16 scale of each row of a palettized tensor: weight = row_scale[:, None] * palette.dequantize()."""
     derived: str | None = None
     """How a tensor that pippin does not store was made (the untied head of a rotated model)."""
 
 
-def _palette(m: PalettizedLinear) -> Palette:
-    return Palette(idx=unpack(m.packed, m.bits, m.in_features), lut=m.lut.clone(), bits=m.bits, group_size=m.group_size)
+def _palettized(name: str, m: PalettizedLinear) -> ExportTensor:
+    """A palettized weight: its LUTs and indices (of the unit-RMS rows where it has row scales) and its row scales."""
+    p = Palette(idx=unpack(m.packed, m.bits, m.in_features), lut=m.lut.clone(), bits=m.bits, group_size=m.group_size)
+    scale = None if m.row_scale is None else m.row_scale.clone()
+    return ExportTensor(name=name, weight=m.dequantize(), bits=m.bits, palette=p, row_scale=scale)
 
 
 def _linear(name: str, m: nn.Module) -> ExportTensor:
     if type(m) is PalettizedLinear:
-        p = _palette(m)
-        return ExportTensor(name=name, weight=p.dequantize(), bits=m.bits, palette=p)
+        return _palettized(name, m)
     if type(m) is nn.Linear and m.bias is None:
         return ExportTensor(name=name, weight=m.weight.detach().float().clone())
     raise PippinError(
@@ -64,9 +66,7 @@ def _embedding(m: nn.Module) -> ExportTensor:
     if type(m) is Int8Embedding:
         return ExportTensor(name=name, weight=m.dequantize(), bits=8)
     if type(m) is PalettizedEmbedding:
-        p = _palette(m)
-        scale = None if m.row_scale is None else m.row_scale.clone()
-        return ExportTensor(name=name, weight=m.dequantize(), bits=m.bits, palette=p, row_scale=scale)
+        return _palettized(name, m)
     raise PippinError(f"The embedding is a {type(m).__name__}; pippin exports nn.Embedding, int8 or palettized embeddings.")
 
 

@@ -31,7 +31,7 @@ _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj
 
 
 def _projection(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int] | None:
-    """(weight or packed indices, LUT, int8-LUT scale, bits, group) of a projection; None if the kernels cannot run it."""
+    """(weight or packed indices, LUT, output scales, bits, group) of a projection; None if the kernels cannot run it."""
     if type(m) is nn.Linear:
         return (m.weight, None, None, 0, 0) if m.bias is None else None
     kernel_args = getattr(type(m), "kernel_args", None)

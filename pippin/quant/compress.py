@@ -30,7 +30,7 @@ from pippin.quant.calibrate import (
     sequential_second_moments,
 )
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
-from pippin.quant.pack import SUPPORTED_BITS, pack
+from pippin.quant.pack import SUPPORTED_BITS
 from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
 from pippin.quant.rotate import RotatedHead, rotate_
 
@@ -57,6 +57,9 @@ class CompressConfig:
     """The tied embedding (also the head): 8 = int8 rows with a scale each (AFM); 4 or 6 = a LUT per group of rows."""
     embed_row_scale: bool = True
     """A palettized embedding (embed_bits 4 or 6) keeps an fp16 scale per row and LUTs of unit-RMS rows."""
+    row_scale: bool = True
+    """Each palettized linear keeps an fp16 scale per output row, its LUTs holding unit-RMS rows (0.03 bits per
+    weight; one multiply per output, folded into the kernels' LUT scale)."""
     seq_len: int = 256
     n_seqs: int = 8
     """Calibration windows: n_seqs sequences of seq_len tokens (the Fisher pass, which runs backward, uses these)."""
@@ -95,8 +98,9 @@ def _is_target(name: str, m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
 
 
-def _palette_bits(n: int, k: int, bits: int, group: int) -> int:
-    return n * k * bits + (n // group) * (2**bits) * 16
+def _palette_bits(n: int, k: int, bits: int, group: int, row_scale: bool = False) -> int:
+    """Stored bits of an (n, k) palettized matrix: indices, fp16 LUTs and fp16 row scales."""
+    return n * k * bits + (n // group) * (2**bits) * 16 + (n * 16 if row_scale else 0)
 
 
 def validate_plan(model: nn.Module, plan: dict[str, Any]) -> dict[str, int]:
@@ -172,7 +176,7 @@ def compress_(
     def palette(name: str, bits: int) -> Palette:
         if (name, bits) not in palettes:
             w = modules[name].weight
-            p = fit_palette(w, bits=bits, group_size=config.group_size, importance=moments[name])
+            p = fit_palette(w, bits=bits, group_size=config.group_size, importance=moments[name], row_scale=config.row_scale)
             palettes[name, bits] = error_feedback(w, p, hessians[name]) if config.error_feedback else p
         return palettes[name, bits]
 
@@ -201,8 +205,7 @@ def compress_(
 
     embed_bits = 0
     if lut_embed:
-        embed_bits = _palette_bits(embed.weight.shape[0], embed.weight.shape[1], config.embed_bits, config.group_size)
-        embed_bits += embed.weight.shape[0] * 16 if config.embed_row_scale else 0  # fp16 row scales
+        embed_bits = _palette_bits(*embed.weight.shape, config.embed_bits, config.group_size, config.embed_row_scale)
     elif isinstance(embed, nn.Embedding):
         embed_bits = embed.weight.numel() * 8 + embed.weight.shape[0] * 32
     all_costs: dict[str, dict[int, float]] = {}
@@ -214,7 +217,7 @@ def compress_(
             n, k = w.shape
             costs = {b: cost(name, b, fisher[name]) for b in config.candidate_bits}
             all_costs[name] = costs
-            sizes = {b: _palette_bits(n, k, b, config.group_size) for b in config.candidate_bits}
+            sizes = {b: _palette_bits(n, k, b, config.group_size, config.row_scale) for b in config.candidate_bits}
             choices.append(LayerChoice(name=name, n_weights=n * k, sizes=sizes, costs=costs))
         linear_params = sum(modules[n].weight.numel() for n in names)
         embed_params = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
@@ -254,18 +257,11 @@ def _palettize_embedding(
     """The tied embedding as a LUT palette, fitted for its role as the head: k-means weighted by the head's input
     moments, then (with error feedback) indices chosen against the head's input second moment, which lowers the
     logits' error. With row scales the rows are normalised to unit RMS first (the scales are stored in fp16)."""
-    scale = None
-    if config.embed_row_scale:
-        scale = w.float().pow(2).mean(1).sqrt().clamp_min(1e-8).half()
-        w = w.float() / scale.float()[:, None]
-    p = fit_palette(w, bits=config.embed_bits, group_size=config.group_size, importance=moment)
+    p = fit_palette(w, bits=config.embed_bits, group_size=config.group_size, importance=moment, row_scale=config.embed_row_scale)
     if H is not None:
         p = error_feedback(w, p, H)
-    q = PalettizedEmbedding(*w.shape, bits=p.bits, group_size=p.group_size, act8=config.act8, row_scale=scale is not None)
-    q.packed.copy_(pack(p.idx, p.bits))
-    q.lut.copy_(p.lut)
-    if scale is not None:
-        q.row_scale.copy_(scale)
+    q = PalettizedEmbedding.from_palette(p)
+    q.act8 = config.act8
     return q, PalettizedTiedHead(q)
 
 
@@ -323,6 +319,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "plan": report.plan,
         "embedding": "int8" if config.embed_bits == 8 else f"palette{config.embed_bits}",
         "embedding_row_scale": config.embed_bits < 8 and config.embed_row_scale,
+        "row_scale": config.row_scale,
         "act8": config.act8,
         "kv8": config.kv8,
         "error_feedback": config.error_feedback,
@@ -354,7 +351,14 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
     modules = dict(model.named_modules())
     for name, bits in plan.items():
         lin = modules[name]
-        new = PalettizedLinear(lin.in_features, lin.out_features, bits=bits, group_size=meta["group_size"], act8=bool(meta.get("act8")))
+        new = PalettizedLinear(
+            lin.in_features,
+            lin.out_features,
+            bits=bits,
+            group_size=meta["group_size"],
+            act8=bool(meta.get("act8")),
+            row_scale=bool(meta.get("row_scale")),
+        )
         _set_module(model, name, new)
     emb = str(meta.get("embedding", ""))
     if emb.startswith("palette"):

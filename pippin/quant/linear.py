@@ -22,9 +22,15 @@ ACT8_BLOCK = 64
 
 
 class PalettizedLinear(nn.Module):
-    """y = x W^T with W[n, k] = lut[n // group_size][idx[n, k]]; no bias."""
+    """y = x W^T with W[n, k] = lut[n // group_size][idx[n, k]], times row_scale[n] if it has row scales; no bias.
 
-    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, act8: bool = False) -> None:
+    Row scales (pippin.quant.palettize) let the rows that share a LUT differ in norm; they cost one fp16 per row and,
+    in the kernels, nothing: they are multiplied into the per-row output scale the act8 kernels apply anyway (the
+    int8 LUT's scale), or into the fp32 LUT kernel's outputs."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bits: int, group_size: int, act8: bool = False, row_scale: bool = False
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.act8 = act8
@@ -32,6 +38,9 @@ class PalettizedLinear(nn.Module):
         self._lut_i8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
         self.register_buffer("lut", torch.zeros(out_features // group_size, 2**bits, dtype=torch.float16))
+        self.register_buffer("row_scale", torch.ones(out_features, dtype=torch.float16) if row_scale else None)
+        self._out_scale: torch.Tensor | None = None
+        self._out_scale_src: tuple[int, ...] | None = None
         self._lut32: torch.Tensor | None = None
         self._lut_src: tuple[int, int] | None = None
         self._lut_src_i8: tuple[int, int] | None = None
@@ -41,18 +50,25 @@ class PalettizedLinear(nn.Module):
     @classmethod
     def from_palette(cls, p: Palette) -> PalettizedLinear:
         N, K = p.idx.shape
-        m = cls(K, N, bits=p.bits, group_size=p.group_size)
-        m.packed.copy_(pack(p.idx, p.bits))
-        m.lut.copy_(p.lut)
+        m = cls(K, N, bits=p.bits, group_size=p.group_size, row_scale=p.row_scale is not None)
+        m._load_palette(p)
         return m
+
+    def _load_palette(self, p: Palette) -> None:
+        self.packed.copy_(pack(p.idx, p.bits))
+        self.lut.copy_(p.lut)
+        if p.row_scale is not None:
+            self.row_scale.copy_(p.row_scale)
 
     def dequantize(self) -> torch.Tensor:
         """The dense (N, K) fp32 weight (reference path; kernels never build it during decode)."""
         k = ops()
         if k is not None:
-            return k.lut_dequant(self.packed, self.lut, self.bits, self.group_size)
-        idx = unpack(self.packed, self.bits, self.in_features)
-        return self.lut.float().repeat_interleave(self.group_size, dim=0).gather(1, idx)
+            w = k.lut_dequant(self.packed, self.lut, self.bits, self.group_size)
+        else:
+            idx = unpack(self.packed, self.bits, self.in_features)
+            w = self.lut.float().repeat_interleave(self.group_size, dim=0).gather(1, idx)
+        return w if self.row_scale is None else w * self.row_scale.float()[:, None]
 
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects .weight (shape, dtype)
@@ -114,21 +130,37 @@ class PalettizedLinear(nn.Module):
             self._w_kernel, self._w_kernel_src = w, key
         return self._w_kernel
 
+    def act8_scale(self) -> torch.Tensor:
+        """The act8 kernels' output scales: the int8 LUT's (G,) scales, or with row scales their (N,) products with
+        them (cached)."""
+        scale = self.lut_int8()[1]
+        if self.row_scale is None:
+            return scale
+        key = (id(self.lut), self.lut._version, id(self.row_scale), self.row_scale._version)
+        if self._out_scale is None or self._out_scale_src != key:
+            self._out_scale = scale.repeat_interleave(self.group_size) * self.row_scale.float()
+            self._out_scale_src = key
+        return self._out_scale
+
     def act8_kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(weights, int8 LUT, LUT scales, kernel bits) for lut_gemv_act8 and the fused block: the packed indices at
-        2 and 4 bits, 4-bit nibbles at 3 (kernel bits 4), the expanded bytes (kernel bits 8) at 6 and 8."""
-        lut_i8, scale = self.lut_int8()
+        """(weights, int8 LUT, output scales, kernel bits) for lut_gemv_act8 and the fused block: the packed indices
+        at 2 and 4 bits, 4-bit nibbles at 3 (kernel bits 4), the expanded bytes (kernel bits 8) at 6 and 8."""
+        lut_i8, scale = self.lut_int8()[0], self.act8_scale()
         if self.bits in (2, 4):
             return self.packed, lut_i8, scale, self.bits
         return self.act8_weights(), lut_i8, scale, 4 if self.bits == 3 else 8
 
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
-        """(weights, LUT, int8-LUT scales or None, kernel bits, group) for pippin.kernels' FusedDecoder: the act8
-        kernel's arguments where act8 runs on the kernels, else the packed indices and the fp32 LUT."""
+        """(weights, LUT, output scales or None, kernel bits, group) for pippin.kernels' FusedDecoder: the act8
+        kernel's arguments (an int8 LUT) where act8 runs on the kernels, else the packed indices, the fp32 LUT and
+        the row scales (None without)."""
         if self.uses_act8_kernel():
             w, lut_i8, scale, bits = self.act8_kernel_args()
             return w, lut_i8, scale, bits, self.group_size
-        return self.packed, self.lut32(), None, self.bits, self.group_size
+        return self.packed, self.lut32(), self.row_scale32(), self.bits, self.group_size
+
+    def row_scale32(self) -> torch.Tensor | None:
+        return None if self.row_scale is None else self.row_scale.float()
 
     def act8_applies(self) -> bool:
         """act8 covers layers whose input width is a multiple of 64 (one activation scale per 64); others stay fp32."""
@@ -147,7 +179,7 @@ class PalettizedLinear(nn.Module):
                 return k.lut_gemv_act8(x, w, lut_i8, scale, bits, self.group_size)
             return self._act8_reference(x)
         if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
-            return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size)
+            return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size, self.row_scale32())
         return F.linear(x, self.dequantize())
 
     def _act8_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,15 +189,17 @@ class PalettizedLinear(nn.Module):
         lut = (lut_i8.float() * lut_scale[:, None])[:, : 2**self.bits].contiguous()
         k = ops()
         if k is not None:  # the same weights, built by the (tested) dequantization kernel: prefill stays GEMM-fast
-            return F.linear(xq, k.lut_dequant(self.packed, lut, self.bits, self.group_size))
-        lut = lut.repeat_interleave(self.group_size, dim=0)
-        return F.linear(xq, lut.gather(1, unpack(self.packed, self.bits, self.in_features)))
+            w = k.lut_dequant(self.packed, lut, self.bits, self.group_size)
+        else:
+            w = lut.repeat_interleave(self.group_size, dim=0).gather(1, unpack(self.packed, self.bits, self.in_features))
+        return F.linear(xq, w if self.row_scale is None else w * self.row_scale.float()[:, None])
 
     def nbytes(self) -> int:
-        return self.packed.numel() + self.lut.numel() * 2
+        return self.packed.numel() + self.lut.numel() * 2 + (0 if self.row_scale is None else self.row_scale.numel() * 2)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, act8={self.act8}"
+        rows = ", row_scale" if self.row_scale is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, act8={self.act8}{rows}"
 
 
 class PalettizedEmbedding(PalettizedLinear):
@@ -173,13 +207,17 @@ class PalettizedEmbedding(PalettizedLinear):
     head through `PalettizedTiedHead`. For small models whose embedding is a large share of the weights
     (SmolLM2-135M: 21 %), 4-6 bits here leave far more bits for the transformer layers than AFM's 8.
 
-    With `row_scale`, row v is row_scale[v] * lut[v // group][idx[v]]: the LUTs hold rows normalised to unit RMS.
-    Token rows differ in norm by an order of magnitude, and a LUT shared by 16 of them otherwise spends its entries
-    on the largest; the scale is one fp16 per row (0.03 bits per weight) and costs one multiply per logit."""
+    Row scales matter most here: token rows differ in norm by an order of magnitude."""
 
     def __init__(self, num_embeddings: int, dim: int, *, bits: int, group_size: int, act8: bool = False, row_scale: bool = False) -> None:
-        super().__init__(dim, num_embeddings, bits=bits, group_size=group_size, act8=act8)
-        self.register_buffer("row_scale", torch.ones(num_embeddings, dtype=torch.float16) if row_scale else None)
+        super().__init__(dim, num_embeddings, bits=bits, group_size=group_size, act8=act8, row_scale=row_scale)
+
+    @classmethod
+    def from_palette(cls, p: Palette) -> PalettizedEmbedding:
+        N, K = p.idx.shape
+        m = cls(N, K, bits=p.bits, group_size=p.group_size, row_scale=p.row_scale is not None)
+        m._load_palette(p)
+        return m
 
     @property
     def embedding_dim(self) -> int:
@@ -188,10 +226,6 @@ class PalettizedEmbedding(PalettizedLinear):
     @property
     def num_embeddings(self) -> int:
         return self.out_features
-
-    def dequantize(self) -> torch.Tensor:
-        w = super().dequantize()
-        return w if self.row_scale is None else w * self.row_scale.float()[:, None]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
@@ -202,16 +236,8 @@ class PalettizedEmbedding(PalettizedLinear):
         return rows.view(*tokens.shape, self.in_features)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ E^T: the tied output head (the LUT kernels for decode, on the normalised rows, then the row scales)."""
-        if self.row_scale is None:
-            return PalettizedLinear.forward(self, x)
-        k = ops()
-        if not self.act8_applies() and (k is None or x.numel() // x.shape[-1] > FAST_MAX_ROWS):
-            return F.linear(x, self.dequantize())  # the reference path: one dense weight
-        return PalettizedLinear.forward(self, x) * self.row_scale.float()
-
-    def nbytes(self) -> int:
-        return super().nbytes() + (0 if self.row_scale is None else self.row_scale.numel() * 2)
+        """x @ E^T: the tied output head."""
+        return PalettizedLinear.forward(self, x)
 
 
 class PalettizedTiedHead(nn.Module):

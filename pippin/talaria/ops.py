@@ -98,13 +98,13 @@ def _check(cfg: ModelConfig, plan: Plan, context: int, prefill: int) -> None:
 
 def matrix_bytes(n: int, k: int, bits: int, *, group_size: int, embedding: bool = False, row_scale: bool = False) -> int:
     """Stored bytes of an (n, k) weight: dense n*k*bits/8; palettized the packed indices plus one fp16 LUT of 2**bits
-    entries per group of rows (PalettizedLinear's buffers); an int8 embedding adds an fp32 scale per row, a palettized
-    one an fp16 scale per row when it has row scales."""
+    entries per group of rows (PalettizedLinear's buffers) and an fp16 scale per row when it has row scales; an int8
+    embedding adds an fp32 scale per row."""
     if bits in DENSE_BITS:
         return n * k * bits // 8
     if embedding and bits == 8:
         return n * k + n * 4
-    return n * k * bits // 8 + (n // group_size) * 2**bits * 2 + (n * 2 if embedding and row_scale else 0)
+    return n * k * bits // 8 + (n // group_size) * 2**bits * 2 + (n * 2 if row_scale else 0)
 
 
 def _row_bytes(k: int, bits: int, plan: Plan) -> int:
@@ -169,16 +169,18 @@ def _rows(cfg: ModelConfig, plan: Plan, L: int, N: int) -> list[OpRow]:
 
     def linear(name: str, layer: int | None, n: int, k: int, b: int, *, kind: OpKind = OpKind.LINEAR, stored: int | None = None) -> OpRow:
         """y = x W^T: 2nk FLOPs a token; the weights (stored bytes, LUTs included) are read once per step or chunk."""
-        weight_bytes = matrix_bytes(n, k, b, group_size=g, embedding=kind == OpKind.HEAD, row_scale=plan.embed_row_scale)
+        head = kind == OpKind.HEAD
+        weight_bytes = matrix_bytes(n, k, b, group_size=g, embedding=head, row_scale=plan.embed_row_scale if head else plan.row_scale)
         # act8 runs where the kernels take it: a palettized matrix whose rows hold whole 64-activation blocks, or
         # the int8 head (rows a multiple of 32); dense weights compute in float.
         block = INT8_HEAD_BLOCK if kind == OpKind.HEAD and b == 8 else ACT8_BLOCK
         int8 = plan.act8 and b not in DENSE_BITS and k % block == 0
         # What the act8 kernel reads: the indices as stored at 2 and 4 bits, widened to 4-bit nibbles at 3, expanded to a
-        # byte per weight at 6 and 8 (PalettizedLinear.act8_weights); a 16-byte int8 LUT and an fp32 scale per group.
+        # byte per weight at 6 and 8 (PalettizedLinear.act8_weights); a 16-byte int8 LUT per group, and an fp32 output
+        # scale per row (the group's LUT scale times the row scale; the kernels take them per row).
         read = weight_bytes
         if int8 and kind == OpKind.LINEAR:
-            read = n * k * ACT8_READ_BITS[b] // 8 + (n // g) * (4 + (16 if b <= 4 else 0))
+            read = n * k * ACT8_READ_BITS[b] // 8 + (n // g) * (16 if b <= 4 else 0) + n * 4
         row = OpRow(
             name=name,
             kind=kind,

@@ -38,6 +38,8 @@ class Plan:
     """Rows sharing one fp16 LUT (palettized linears and embedding)."""
     embed_row_scale: bool = True
     """A palettized embedding keeps an fp16 scale per row."""
+    row_scale: bool = True
+    """Palettized linears keep an fp16 scale per output row (`pippin compress`'s default)."""
     act8: bool = False
     """Dynamic 8-bit activations: palettized linears and the compressed head compute in int8."""
     rotated: bool = False
@@ -123,14 +125,18 @@ def plan_from_model(model: Transformer, *, kv_bits: int = 32, act_bits: int = 32
     bits: dict[str, int] = {}
     groups: set[int] = set()
     act8 = False
-    row_scale = True
+    embed_row_scale, row_scale = True, None
     for name in weight_names(cfg):
         m = modules.get(name)
         if isinstance(m, PalettizedLinear):  # PalettizedEmbedding too
             bits[name], act8 = m.bits, act8 or m.act8
             groups.add(m.group_size)
             if isinstance(m, PalettizedEmbedding):
+                embed_row_scale = m.row_scale is not None
+            elif row_scale is None:
                 row_scale = m.row_scale is not None
+            elif row_scale != (m.row_scale is not None):
+                raise PippinError(f"Some palettized linears have row scales and some not ({name}); Talaria prices one kind.")
         elif isinstance(m, Int8Embedding):
             bits[name] = 8
         elif isinstance(m, (nn.Linear, nn.Embedding, RMSNorm)):
@@ -147,7 +153,8 @@ def plan_from_model(model: Transformer, *, kv_bits: int = 32, act_bits: int = 32
     return Plan(
         bits=bits,
         group_size=groups.pop() if groups else 16,
-        embed_row_scale=row_scale,
+        embed_row_scale=embed_row_scale,
+        row_scale=row_scale is not False,
         act8=act8,
         rotated=isinstance(model.lm_head, RotatedHead),
         kv_bits=kv_bits,
@@ -163,6 +170,7 @@ def plan_from_config(
     embed_bits: int | None = None,
     group_size: int = 16,
     embed_row_scale: bool = True,
+    row_scale: bool = True,
     act8: bool = False,
     rotated: bool = False,
     kv_bits: int = 32,
@@ -176,6 +184,7 @@ def plan_from_config(
         bits={n: dense_bits for n in weight_names(cfg)},
         group_size=group_size,
         embed_row_scale=embed_row_scale,
+        row_scale=row_scale,
         act8=act8,
         rotated=rotated,
         kv_bits=kv_bits,

@@ -145,6 +145,7 @@ def quantization_record(plan: Plan) -> dict[str, Any]:
         "plan": plan.compress_plan(),
         "embedding": {8: "int8", 4: "palette4", 6: "palette6"}.get(embed, "dense"),
         "embedding_row_scale": plan.embed_row_scale,
+        "row_scale": plan.row_scale,
         "act8": plan.act8,
         "kv8": plan.kv_bits == 8,
         "rotation": {"method": "hadamard", "seed": 0} if plan.rotated else None,

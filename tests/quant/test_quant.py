@@ -18,7 +18,7 @@ from pippin.quant.allocate import LayerChoice, allocate
 from pippin.quant.compress import CompressConfig, compress_, quantization_meta, stored_bits
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedLinear
 from pippin.quant.pack import SUPPORTED_BITS, pack, unpack
-from pippin.quant.palettize import error_feedback, fit_palette, output_error
+from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
 from tests.conftest import fused_block_calls, kernel_variants, tiny_model, use_variant
 
 CALIB = list(range(3, 250)) * 4  # 988 tokens of "text" for the tiny 256-token vocabulary
@@ -78,6 +78,29 @@ def test_error_feedback_lowers_output_error_with_the_same_luts(bits):
         error_feedback(w, nearest, H[:40, :40])
 
 
+def test_row_scales_lower_the_output_error_and_are_least_squares_after_error_feedback():
+    # Rows of one LUT group that differ in norm by 30x (as a rotation leaves them): one shared LUT wastes its entries
+    # on the largest rows, unit-RMS rows with an fp16 scale each do not.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    H = x.T @ x / len(x)
+    w = torch.randn(32, 64, generator=g) * torch.logspace(-1.5, 0, 32)[torch.randperm(32, generator=g), None]
+    plain = error_feedback(w, fit_palette(w, bits=3, importance=H.diagonal()), H)
+    fitted = fit_palette(w, bits=3, importance=H.diagonal(), row_scale=True)
+    assert fitted.row_scale.dtype == torch.float16
+    torch.testing.assert_close(fitted.row_scale.float(), w.pow(2).mean(1).sqrt(), rtol=1e-3, atol=0)  # RMS before EF
+    scaled = error_feedback(w, fitted, H)
+    assert torch.equal(scaled.lut, fitted.lut)
+    torch.testing.assert_close(scaled.dequantize(), scaled.unscaled() * scaled.row_scale.float()[:, None])
+    assert float(output_error(w, scaled, H).sum()) < 0.6 * float(output_error(w, plain, H).sum())
+    # After error feedback each row's scale minimises its output error for the chosen indices: moving it 1 % either
+    # way (20x fp16's step here) costs more.
+    base = output_error(w, scaled, H)
+    for f in (0.99, 1.01):
+        moved = Palette(idx=scaled.idx, lut=scaled.lut, bits=3, group_size=16, row_scale=(scaled.row_scale.float() * f).half())
+        assert bool((output_error(w, moved, H) > base).all())
+
+
 def test_compress_with_error_feedback_lands_closer_to_the_original_model():
     x = torch.tensor([CALIB[:64]])
     with torch.no_grad():
@@ -97,13 +120,17 @@ def test_compress_with_error_feedback_lands_closer_to_the_original_model():
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("m,n,k,group", [(1, 96, 136, 16), (3, 32, 576, 16), (16, 48, 8, 4), (2, 7, 24, 1)])
-def test_lut_kernel_matches_dequantize_linear(bits, m, n, k, group):
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_lut_kernel_matches_dequantize_linear(bits, m, n, k, group, row_scale):
     g = torch.Generator().manual_seed(bits * 100 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
-    lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
+    p = fit_palette(w, bits=bits, group_size=group, row_scale=row_scale)
+    lin = PalettizedLinear.from_palette(p)
+    assert (lin.row_scale is not None) == row_scale
     ref = F.linear(x, lin.dequantize())
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)  # the kernel (m <= 16 rows)
-    assert torch.equal(ops().lut_dequant(lin.packed, lin.lut, bits, group), fit_palette(w, bits=bits, group_size=group).dequantize())
+    assert torch.equal(lin.dequantize(), p.dequantize())
+    assert torch.equal(ops().lut_dequant(lin.packed, lin.lut, bits, group), p.unscaled())
 
 
 def test_int8_embedding_and_head():
@@ -194,19 +221,19 @@ def test_compress_bad_inputs():
         compress_(tiny_model(), CALIB, CompressConfig(bpw=1.0, seq_len=128, n_seqs=2))
 
 
-def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
+@pytest.mark.parametrize("row_scale", [True, False])
+def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch, row_scale):
     from pippin.api import load_any
     from pippin.model.checkpoint import LoadedModel, save_pippin
 
     model = tiny_model()
     plan = {f"layers.{i}.{m}": b for i in range(2) for m, b in [("mlp.up_proj", 2), ("self_attn.q_proj", 4)]}
-    cfg = CompressConfig(plan=plan, seq_len=128, n_seqs=2, kv8=True)
+    cfg = CompressConfig(plan=plan, seq_len=128, n_seqs=2, kv8=True, row_scale=row_scale)
     report = compress_(model, CALIB, cfg)
-    save_pippin(
-        LoadedModel(model=model, tokenizer=None, path=tmp_path, meta={}),
-        tmp_path / "ck",
-        extra_meta={"quantization": quantization_meta(report, cfg)},
-    )
+    meta = quantization_meta(report, cfg)
+    if not row_scale:
+        del meta["row_scale"]  # as checkpoints written before linears had row scales
+    save_pippin(LoadedModel(model=model, tokenizer=None, path=tmp_path, meta={}), tmp_path / "ck", extra_meta={"quantization": meta})
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["quantization"]["plan"] == plan
     import pippin.quant.compress as comp
 
@@ -215,6 +242,7 @@ def test_compressed_checkpoint_roundtrip_needs_no_kmeans(tmp_path, monkeypatch):
     from pippin.api import uses_kv8
 
     assert uses_kv8(loaded)  # the checkpoint asks for an 8-bit KV cache; load_engine follows it
+    assert (loaded.model.layers[0].mlp.up_proj.row_scale is not None) == row_scale
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens), model(tokens))
@@ -282,7 +310,8 @@ def test_act8_kernel_matches_its_reference_and_the_fused_block():
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
-def test_fused_decoder_built_after_lut_and_act8_changes_follows_them():
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_fused_decoder_built_after_lut_and_act8_changes_follows_them(row_scale):
     # The decoder's plan keeps its arguments in C++: one built after a LUT or its indices change in place, or an
     # act8 flag switches, must read the new weights (the act8 kernels' cached LUTs and expanded bytes follow).
     model = tiny_model()
@@ -294,7 +323,7 @@ def test_fused_decoder_built_after_lut_and_act8_changes_follows_them():
         "layers.1.mlp.down_proj": 6,
         "layers.1.self_attn.o_proj": 2,
     }
-    compress_(model, CALIB, CompressConfig(plan=plan, act8=True, seq_len=128, n_seqs=2))
+    compress_(model, CALIB, CompressConfig(plan=plan, act8=True, seq_len=128, n_seqs=2, row_scale=row_scale))
     tokens = torch.tensor([[5, 6, 7, 8, 9]])
 
     def decode(kernels: bool) -> torch.Tensor:
@@ -313,9 +342,14 @@ def test_fused_decoder_built_after_lut_and_act8_changes_follows_them():
         with torch.no_grad():  # new indices in place: the expanded bytes of a 6-bit layer must follow
             down.packed.copy_(down.packed.roll(1, dims=0))
         torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
-        gate.act8 = False
+        if row_scale:  # new row scales in place: the act8 kernels' output scales must follow
+            with torch.no_grad():
+                down.row_scale.mul_(torch.linspace(0.5, 2.0, down.out_features).half())
+            torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
+        gate.act8 = False  # and gate's fp32 LUT kernel takes its row scales
         torch.testing.assert_close(decode(True), decode(False), atol=1e-4, rtol=1e-4)
-    assert len(calls) == 4 * 2 * 2  # every prefill and decode step ran fused, on both blocks
+    assert (down.row_scale is not None) == row_scale
+    assert len(calls) == (5 if row_scale else 4) * 2 * 2  # every prefill and decode step ran fused, on both blocks
 
 
 @pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable")
@@ -323,17 +357,19 @@ def test_fused_decoder_built_after_lut_and_act8_changes_follows_them():
 @pytest.mark.parametrize(
     ("n", "k", "group", "rows"), [(48, 64, 16, 1), (33, 192, 1, 1), (80, 128, 16, 3), (7, 64, 1, 16), (32, 128, 16, 45)]
 )
-def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows, row_scale):
     # The integer kernel reads 2-, 3- and 4-bit indices straight from the packed bitstream (each width in
     # its own byte order, with x quantized to match), and 6- and 8-bit layers from their expanded bytes: it must
     # equal the PyTorch reference of the same numerics for odd row counts (the two-rows-at-a-time loop's tail),
     # per-row LUTs and batched rows (45: a prefill, which runs on the kernel too).
     g = torch.Generator().manual_seed(bits * 100 + n)
     w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
-    lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group))
+    lin = PalettizedLinear.from_palette(fit_palette(w, bits=bits, group_size=group, row_scale=row_scale))
     lin.act8 = True
     assert lin.uses_act8_kernel()
     ref = lin._act8_reference(x)
+    rs = lin.row_scale.float() if row_scale else torch.ones(n)
     torch.testing.assert_close(lin(x), ref, atol=1e-4, rtol=1e-4)
     w_k, lut_k, scale_k, bits_k = lin.act8_kernel_args()
     outs = []
@@ -352,7 +388,9 @@ def test_act8_kernel_every_bit_width_and_odd_shapes(bits, n, k, group, rows):
     lut_i8, lut_scale = lin.lut_int8()
     assert lut_i8.abs().max() == 127
     w = (lut_i8.float() * lut_scale[:, None]).repeat_interleave(group, 0).gather(1, unpack(lin.packed, bits, k))
-    torch.testing.assert_close(ref, xq @ w.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, xq @ w.T * rs, atol=1e-5, rtol=1e-5)
+    if row_scale:  # the kernels take one output scale per row: the group's LUT scale times the row's own
+        torch.testing.assert_close(lin.act8_kernel_args()[2], lut_scale.repeat_interleave(group) * rs)
     if bits == 3:  # 3-bit layers run the 4-bit kernel on their indices widened to nibbles (a copy in memory)
         nibbles, _, _, kernel_bits = lin.act8_kernel_args()
         assert kernel_bits == 4 and torch.equal(unpack(nibbles, 4, k), unpack(lin.packed, 3, k))

@@ -56,7 +56,8 @@ def test_smollm2_preset_with_rules_without_weights(capsys):
     linear = next(r for r in data["rows"] if r["name"] == "linear")
     assert linear["params"] == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) and linear["bits"] == 4
     rows = 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)  # output rows of every linear
-    assert linear["stored_bytes"] == linear["params"] // 2 + rows // 16 * 16 * 2  # 4-bit indices, a 16-entry fp16 LUT per 16 rows
+    # 4-bit indices, a 16-entry fp16 LUT per 16 rows, an fp16 scale per row
+    assert linear["stored_bytes"] == linear["params"] // 2 + rows // 16 * 16 * 2 + rows * 2
     assert t["size_bytes"] == linear["stored_bytes"] + (49152 * 576 + 49152 * 4) + (61 * 576) * 4
     assert 0 < t["predicted_kl"] < 1 and t["decode_tok_s"] > 0
 

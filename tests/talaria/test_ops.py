@@ -58,8 +58,9 @@ def test_palettized_and_int8_storage_is_counted_with_luts_and_scales():
     plan = plan_from_config(cfg, {"layers.0.self_attn.q_proj": 3, "layers.0.mlp.up_proj": 2}, embed_bits=8, act8=True, kv_bits=8)
     rows = by_name(ops_table(cfg, plan, context=10, prefill=4))
     q, up = rows["layers.0.self_attn.q_proj"], rows["layers.0.mlp.up_proj"]
-    assert q.stored_bytes == D * D * 3 // 8 + (D // 16) * 8 * 2  # indices + one fp16 LUT of 8 entries per 16 rows
-    assert up.stored_bytes == F * D * 2 // 8 + (F // 16) * 4 * 2
+    # indices + one fp16 LUT of 8 entries per 16 rows + an fp16 scale per row
+    assert q.stored_bytes == D * D * 3 // 8 + (D // 16) * 8 * 2 + D * 2
+    assert up.stored_bytes == F * D * 2 // 8 + (F // 16) * 4 * 2 + F * 2
     assert (q.compute, q.weights_decoded) == ("int8", D * D)
     assert rows["layers.0.self_attn.k_proj"].compute == "float"  # dense stays float under act8
     emb, head = rows["embed_tokens"], rows["lm_head"]
@@ -128,8 +129,9 @@ def test_a_compress_plan_applies_over_a_model_and_bad_plans_are_refused():
 
 @pytest.mark.parametrize(("bits", "read_bits"), [(2, 2), (3, 4), (4, 4), (6, 8), (8, 8)])
 def test_act8_linears_move_what_the_kernel_reads(bits, read_bits):
-    """Under act8 a 3-bit layer is read as 4-bit nibbles and 6/8-bit ones as a byte per weight, plus a 4-byte scale per
-    group and (at most 4 bits) a 16-byte int8 LUT; without act8 the stored indices and fp16 LUTs."""
+    """Under act8 a 3-bit layer is read as 4-bit nibbles and 6/8-bit ones as a byte per weight, plus a 4-byte output
+    scale per row and (at most 4 bits) a 16-byte int8 LUT per group; without act8 the stored indices, fp16 LUTs and
+    fp16 row scales."""
     cfg = get_preset("tiny")
     name = "layers.0.mlp.up_proj"
     n, k = cfg.ffn_dim, cfg.dim
@@ -137,6 +139,6 @@ def test_act8_linears_move_what_the_kernel_reads(bits, read_bits):
         plan = plan_from_config(cfg, {name: bits}, act8=act8)
         row = next(r for r in ops_table(cfg, plan, context=8, prefill=4) if r.name == name)
         groups = n // plan.group_size
-        weights = n * k * read_bits // 8 + groups * (4 + (16 if bits <= 4 else 0)) if act8 else row.stored_bytes
+        weights = n * k * read_bits // 8 + groups * (16 if bits <= 4 else 0) + n * 4 if act8 else row.stored_bytes
         assert row.decode_bytes == weights + (n + k) * 4
-        assert row.stored_bytes == n * k * bits // 8 + groups * 2**bits * 2
+        assert row.stored_bytes == n * k * bits // 8 + groups * 2**bits * 2 + n * 2

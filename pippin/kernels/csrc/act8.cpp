@@ -233,8 +233,11 @@ Act8Proj act8_proj(const at::Tensor& packed, const at::Tensor& lut_i8, const at:
   TORCH_CHECK(packed.size(1) * 8 / bits == K && K % ACT8_BLOCK == 0, "lut_gemv_act8: K must be a multiple of 64 and match x");
   TORCH_CHECK(bits == 8 || (lut_i8.scalar_type() == at::kChar && lut_i8.dim() == 2 && lut_i8.size(1) == 16 && lut_i8.size(0) * group == N),
               "lut_gemv_act8: LUT must be int8 (N / group, 16)");
-  TORCH_CHECK(group > 0 && N % group == 0 && lut_scale.numel() == N / group, "lut_gemv_act8: one LUT scale per group");
-  return {packed, lut_i8.contiguous(), lut_scale.to(at::kFloat).contiguous(), bits, group, N};
+  TORCH_CHECK(group > 0 && N % group == 0 && (lut_scale.numel() == N / group || lut_scale.numel() == N),
+              "lut_gemv_act8: one output scale per group or per row");
+  auto scale = lut_scale.to(at::kFloat).reshape({-1});
+  scale = scale.numel() == N ? scale.contiguous() : scale.repeat_interleave(group).contiguous();
+  return {packed, lut_i8.contiguous(), scale, bits, group, N};
 }
 
 // y[:, offset_j : offset_j + N_j] = x @ W_j^T for projections j that share their input x (M, K) fp32 (q, k and v;

@@ -47,13 +47,15 @@ struct Act8View {
 void quantize_act8_into(const float* xp, int64_t M, int64_t K, int64_t bits, int8_t* qp, float* sp, float* shift_out);
 
 // Rows [n0, n1) of y (row stride ldy) = x @ W^T for 2-, 3-, 4-bit or expanded (8) act8 weights, on the kernel
-// variant the CPU and set_kernel_variant pick (defined in act8.cpp for BITS 2, 3, 4 and 8).
+// variant the CPU and set_kernel_variant pick (defined in act8.cpp for BITS 2, 3, 4 and 8). lsc holds one output
+// scale per weight row (N,): its group's int8-LUT scale, times the row's own scale where the layer has row scales.
 template <int BITS>
 void act8_rows(const Act8View& a, const uint8_t* packed, const int8_t* luts, const float* lsc, float* y, int64_t ldy, int64_t M,
                int64_t K, int64_t group, int64_t n0, int64_t n1);
 
 // One act8 projection: packed indices, its int8 LUT (G, 16) in [-127, 127] (entries past 2^bits unused) and the
-// LUT scales (G,); or, for bits 8, the expanded (N, K) uint8 weights (the LUT is not read). K % 64 == 0.
+// output scales, one per row (N,) (act8_proj also takes one per group, (G,), and repeats them); or, for bits 8, the
+// expanded (N, K) uint8 weights (the LUT is not read). K % 64 == 0.
 struct Act8Proj {
   at::Tensor packed, lut, scale;
   int64_t bits, group, N;

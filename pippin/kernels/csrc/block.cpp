@@ -24,8 +24,8 @@ at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     return gemv(x, w);
   }
   TORCH_CHECK(lut.has_value(), "decode_block: a palettized projection needs its LUT");
-  if (lut_scale.has_value()) return lut_gemv_act8(x, w, *lut, *lut_scale, bits, group);  // int8 LUT: act8 path
-  return lut_gemv(x, w, *lut, bits, group);
+  if (lut->scalar_type() == at::kChar) return lut_gemv_act8(x, w, *lut, *lut_scale, bits, group);  // int8 LUT: act8 path
+  return lut_gemv(x, w, *lut, bits, group, lut_scale);  // fp32 LUT, with the row scales if any
 }
 
 at::Tensor decode_block_impl(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, const Proj7& weights,
@@ -70,7 +70,8 @@ at::Tensor decode_block_impl(const at::Tensor& x_in, const at::Tensor& attn_norm
   // and none has an adapter (lora_add_ wants each output on its own).
   auto fusable = [&](std::initializer_list<int> idx) {
     for (int i : idx)
-      if (!lut_scales[i].has_value() || (lora && (*lora_a)[i].has_value())) return false;
+      if (!luts[i].has_value() || luts[i]->scalar_type() != at::kChar || !lut_scales[i].has_value() || (lora && (*lora_a)[i].has_value()))
+        return false;
     return true;
   };
   auto multi = [&](const at::Tensor& in, std::initializer_list<int> idx) {

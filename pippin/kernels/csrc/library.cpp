@@ -12,7 +12,7 @@ TORCH_LIBRARY(pippin, m) {
   m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor g, Tensor u) -> Tensor");
-  m.def("lut_gemv(Tensor x, Tensor packed, Tensor lut, int bits, int group) -> Tensor");
+  m.def("lut_gemv(Tensor x, Tensor packed, Tensor lut, int bits, int group, Tensor? row_scale=None) -> Tensor");
   m.def("lut_dequant(Tensor packed, Tensor lut, int bits, int group) -> Tensor");
   m.def("gemv_i8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("gemv_i8_act8(Tensor x, Tensor w, Tensor scale) -> Tensor");

@@ -4,7 +4,8 @@
 
 namespace pippin {
 
-at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group) {
+at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group,
+                    const c10::optional<at::Tensor>& row_scale) {
   TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte, "lut_gemv: packed must be contiguous uint8 (N, K*bits/8)");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 6 || bits == 8, "lut_gemv: bits must be 2, 3, 4, 6 or 8");
   const int64_t N = packed.size(0), K = packed.size(1) * 8 / bits;
@@ -14,6 +15,9 @@ at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::
   const int64_t M = x.size(0);
   TORCH_CHECK(M <= 16, "lut_gemv: at most 16 rows (use the reference path for prefill)");
   TORCH_CHECK(lut.size(0) * group == N && lut.size(1) == (1 << bits), "lut_gemv: LUT shape does not match");
+  TORCH_CHECK(!row_scale.has_value() || row_scale->numel() == N, "lut_gemv: one row scale per output row");
+  const auto rs = row_scale.has_value() ? row_scale->to(at::kFloat).contiguous() : at::Tensor();
+  const float* rp = rs.defined() ? rs.data_ptr<float>() : nullptr;
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
   auto y = at::empty({M, N}, x.options());
@@ -23,11 +27,11 @@ at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::
   const int64_t grain = std::max<int64_t>(16, 262144 / std::max<int64_t>(K * bits, 1));
   at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
     switch (bits) {
-      case 2: lut_rows<2>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
-      case 3: lut_rows<3>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
-      case 4: lut_rows<4>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
-      case 6: lut_rows<6>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
-      case 8: lut_rows<8>(xp, pp, lp, yp, N, M, N, K, group, a, b); break;
+      case 2: lut_rows<2>(xp, pp, lp, yp, N, M, N, K, group, a, b, rp); break;
+      case 3: lut_rows<3>(xp, pp, lp, yp, N, M, N, K, group, a, b, rp); break;
+      case 4: lut_rows<4>(xp, pp, lp, yp, N, M, N, K, group, a, b, rp); break;
+      case 6: lut_rows<6>(xp, pp, lp, yp, N, M, N, K, group, a, b, rp); break;
+      case 8: lut_rows<8>(xp, pp, lp, yp, N, M, N, K, group, a, b, rp); break;
       default: TORCH_CHECK(false, "lut_gemv: bits must be 2, 3, 4, 6 or 8");
     }
   });

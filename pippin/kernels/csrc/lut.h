@@ -32,9 +32,10 @@ inline __m256 lut_lookup8(const uint8_t* p, const float* lut, __m256 l0, __m256 
   }
 }
 
+// Rows [n0, n1) of y = x @ W^T, W's rows looked up in their group's fp32 LUT, times rs[n] where rs (N,) is given.
 template <int BITS>
 void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K,
-              int64_t group, int64_t n0, int64_t n1) {
+              int64_t group, int64_t n0, int64_t n1, const float* rs = nullptr) {
   constexpr int64_t MAXM = 16;
   const int64_t row_bytes = K * BITS / 8, L = 1 << BITS;
   for (int64_t n = n0; n < n1; ++n) {
@@ -58,7 +59,7 @@ void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y
         a1 = _mm256_fmadd_ps(lut_lookup8<BITS>(row + (k + 8) / 8 * BITS, lut, l0, l1, full_b), _mm256_loadu_ps(x + k + 8), a1);
       }
       if (k < K) a0 = _mm256_fmadd_ps(lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1), _mm256_loadu_ps(x + k), a0);
-      y[n] = hsum(_mm256_add_ps(a0, a1));
+      y[n] = rs ? hsum(_mm256_add_ps(a0, a1)) * rs[n] : hsum(_mm256_add_ps(a0, a1));
       continue;
     }
     __m256 acc[MAXM];
@@ -67,11 +68,12 @@ void lut_rows(const float* x, const uint8_t* packed, const float* luts, float* y
       const __m256 w8 = lut_lookup8<BITS>(row + k / 8 * BITS, lut, l0, l1);
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(x + m * K + k), acc[m]);
     }
-    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = hsum(acc[m]);
+    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = rs ? hsum(acc[m]) * rs[n] : hsum(acc[m]);
   }
 }
 
-at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group);
+at::Tensor lut_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group,
+                    const c10::optional<at::Tensor>& row_scale);
 at::Tensor lut_dequant(const at::Tensor& packed, const at::Tensor& lut_in, int64_t bits, int64_t group);
 
 }  // namespace pippin

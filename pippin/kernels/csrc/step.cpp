@@ -44,11 +44,11 @@ inline void proj_rows(const StepProj& p, const float* x, const Act8View& a, floa
     case 2: gemv_rows(x, static_cast<const c10::BFloat16*>(p.w), y, M, ldy, p.K, n0, n1); return;
     case 3:
       switch (p.bits) {
-        case 2: lut_rows<2>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
-        case 3: lut_rows<3>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
-        case 4: lut_rows<4>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
-        case 6: lut_rows<6>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
-        default: lut_rows<8>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1); return;
+        case 2: lut_rows<2>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1, p.lscale); return;
+        case 3: lut_rows<3>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1, p.lscale); return;
+        case 4: lut_rows<4>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1, p.lscale); return;
+        case 6: lut_rows<6>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1, p.lscale); return;
+        default: lut_rows<8>(x, pk, p.lut32, y, ldy, M, p.N, p.K, p.group, n0, n1, p.lscale); return;
       }
     default:
       switch (p.bits) {
@@ -73,12 +73,16 @@ StepProj step_proj(const at::Tensor& w, const Opt& lut, const Opt& lut_scale, in
   if (w.scalar_type() != at::kByte || !lut.has_value()) return p;
   p.N = w.size(0), p.K = w.size(1) * 8 / bits, p.w = w.data_ptr();
   if (p.N % p.group != 0) return p;
-  if (lut_scale.has_value()) {  // act8
-    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8) || p.K % ACT8_BLOCK != 0 || lut_scale->numel() != p.N / p.group) return p;
-    if (bits != 8 && !(lut->scalar_type() == at::kChar && lut->is_contiguous() && lut->dim() == 2 && lut->size(1) == 16 && lut->size(0) * p.group == p.N))
-      return p;
-    keep.push_back(lut_scale->to(at::kFloat).contiguous());
+  // Output scales, one per row (act8's per-group LUT scales are repeated): act8's own, or an fp32 LUT's row scales.
+  if (lut_scale.has_value()) {
+    if (lut_scale->numel() != p.N && lut_scale->numel() != p.N / p.group) return p;
+    auto s = lut_scale->to(at::kFloat).reshape({-1});
+    keep.push_back(s.numel() == p.N ? s.contiguous() : s.repeat_interleave(p.group).contiguous());
     p.lscale = keep.back().data_ptr<float>();
+  }
+  if (lut->scalar_type() == at::kChar) {  // act8: an int8 LUT
+    if (!(bits == 2 || bits == 3 || bits == 4 || bits == 8) || p.K % ACT8_BLOCK != 0 || p.lscale == nullptr) return p;
+    if (bits != 8 && !(lut->is_contiguous() && lut->dim() == 2 && lut->size(1) == 16 && lut->size(0) * p.group == p.N)) return p;
     p.lut8 = bits == 8 ? nullptr : lut->data_ptr<int8_t>();
     p.kind = 4;
     return p;

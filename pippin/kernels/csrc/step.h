@@ -13,7 +13,7 @@ struct StepProj {
   const void* w = nullptr;
   const float* lut32 = nullptr;
   const int8_t* lut8 = nullptr;
-  const float* lscale = nullptr;
+  const float* lscale = nullptr;  // (N,) output scales: act8's (required), the fp32 LUT's row scales (optional)
 };
 
 // Every decoder block of a model for one decode step, in one call: the per-layer arguments of decode_block_impl
