@@ -211,6 +211,8 @@ def plan_record(result: WhatIf, *, profile: DeviceProfile, model: str, target: T
     if embed in (4, 6, 8):
         flags.append(f"--embed-bits {embed}")
     flags += [flag for flag, on in (("--act8", p.act8), ("--rotate", p.rotated), ("--kv8", p.kv_bits == 8)) if on]
+    if p.rotated and not p.rotated_inputs:
+        flags.append("--no-rotate-down")
     dense = sorted(n for n, b in p.bits.items() if is_linear(n) and b in DENSE_BITS)  # compress leaves them fp32
     record = {
         "plan": p.compress_plan(),
