@@ -168,7 +168,7 @@ def r4(path: str, batch: int, threads: int, rounds: int = 7) -> None:
     width = model.config.ffn_dim
     t, x = HadamardTransform(random_signs(width, 0)), torch.randn(1, width)
     torch.set_num_threads(1)
-    ns = median_ms(lambda: ops().hadamard_rows(x, t.signs, t.block), 2000) * 1e6
+    ns = median_ms(lambda: ops().hadamard_rows(x, t.sign_bits, t.block), 2000) * 1e6
     print(f"r4: hadamard_rows, 1 x {width}: {ns:.0f} ns per row (one thread, the op's call included)")
     torch.set_num_threads(threads)
     decoders = {}

@@ -153,9 +153,9 @@ class PalettizedLinear(nn.Module):
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, tuple[torch.Tensor, torch.Tensor] | None]:
         """(weights, LUT, int8-LUT scales or None, kernel bits, group, input rotation) for pippin.kernels' FusedDecoder:
         the act8 kernel's arguments where act8 runs on the kernels, else the packed indices and the fp32 LUT; the
-        rotation as (fp32 signs (K,), fp32 Paley block) for `hadamard_rows`, or None."""
+        rotation as (sign bits (ceil(K / 8),) uint8, fp32 Paley block) for `hadamard_rows`, or None."""
         rot = self.input_rotation()
-        rotation = None if rot is None else (rot.signs, rot.block)
+        rotation = None if rot is None else (rot.sign_bits, rot.block)
         if self.uses_act8_kernel():
             w, lut_i8, scale, bits = self.act8_kernel_args()
             return w, lut_i8, scale, bits, self.group_size, rotation

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pippin.errors import PippinError
@@ -92,8 +93,12 @@ class HadamardTransform:
         n = signs.numel()
         a, p = hadamard_factors(n)
         self.n, self.p = n, p
-        self.signs = signs.detach().float().contiguous()
-        """(n,) fp32 ±1, as the kernels read them."""
+        self.signs = signs.detach().float()
+        """(n,) fp32 ±1."""
+        negative = F.pad((self.signs < 0).to(torch.uint8), (0, -n % 8)).view(-1, 8)
+        self.sign_bits = (negative << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8).contiguous()
+        """(ceil(n / 8),) uint8, bit i % 8 of byte i // 8 set where signs[i] = -1: the kernels' form (3 cache lines at
+        n = 1536 where fp32 signs take 96, which a decode step reads cold)."""
         self.block = (a / math.sqrt(n)).float().contiguous()
         """(m, m) fp32: the Paley part with 1/sqrt(n) folded in."""
         # S_p = kron(S_64, S_64, ..., S_rest): factors of at most 64 keep the PyTorch path's matrices small.
@@ -106,7 +111,7 @@ class HadamardTransform:
         """x R (rows), or x R^T with inverse (R^T = H^T diag(signs) / sqrt(n), H^T = kron(A^T, S_p))."""
         k = ops()
         if not inverse and k is not None and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-            return k.hadamard_rows(x, self.signs, self.block)
+            return k.hadamard_rows(x, self.sign_bits, self.block)
         mats = [f.to(x.dtype) for f in self._factors]
         if inverse:
             mats[0] = mats[0].T

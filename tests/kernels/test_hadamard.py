@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailabl
 
 
 # 1536 = 12 x 128 (down_proj's input in SmolLM2-135M), 2048 = 2^11, 576 = 144 x 4 (two Paley blocks, a scalar Walsh
-# transform), 24 = 12 x 2.
-@pytest.mark.parametrize("n", [1536, 2048, 576, 24])
+# transform), 24 = 12 x 2, 12 (signs in a byte and a half).
+@pytest.mark.parametrize("n", [1536, 2048, 576, 24, 12])
 def test_hadamard_rows_equal_the_dense_rotation(n):
     signs = random_signs(n, n)
     t = HadamardTransform(signs)
@@ -34,7 +34,7 @@ def test_hadamard_rows_equal_the_dense_rotation(n):
             outs = []
             for n_threads in (1, 2):
                 torch.set_num_threads(n_threads)
-                outs.append(ops().hadamard_rows(x, t.signs, t.block))
+                outs.append(ops().hadamard_rows(x, t.sign_bits, t.block))
             assert torch.equal(outs[0], outs[1])
             torch.testing.assert_close(outs[0].double(), want, atol=1e-5, rtol=1e-5)
             # The PyTorch path (taken for gradients) and the inverse x -> x R^T, factor by factor.

@@ -4,13 +4,14 @@
 namespace pippin {
 
 InputRotation input_rotation(const at::Tensor& signs, const at::Tensor& block, int64_t n) {
-  TORCH_CHECK(signs.scalar_type() == at::kFloat && block.scalar_type() == at::kFloat && signs.is_contiguous() && block.is_contiguous(),
-              "hadamard: signs and block must be contiguous fp32");
+  TORCH_CHECK(signs.scalar_type() == at::kByte && block.scalar_type() == at::kFloat && signs.is_contiguous() && block.is_contiguous(),
+              "hadamard: the sign bits must be contiguous uint8 and the block contiguous fp32");
   const int64_t m = block.dim() == 2 ? block.size(0) : 0;
-  TORCH_CHECK(signs.numel() == n && m > 0 && block.size(1) == m && n % m == 0, "hadamard: need signs (", n, ",) and a square block dividing ", n);
+  TORCH_CHECK(signs.numel() == (n + 7) / 8 && m > 0 && block.size(1) == m && n % m == 0, "hadamard: need ", (n + 7) / 8,
+              " bytes of sign bits and a square block whose order divides ", n);
   const int64_t p = n / m;
   TORCH_CHECK((p & (p - 1)) == 0, "hadamard: the width over the block's order must be a power of 2, got ", p);
-  return {signs.data_ptr<float>(), block.data_ptr<float>(), m, p};
+  return {signs.data_ptr<uint8_t>(), block.data_ptr<float>(), m, p};
 }
 
 at::Tensor hadamard_rows(const at::Tensor& x_in, const at::Tensor& signs, const at::Tensor& block) {

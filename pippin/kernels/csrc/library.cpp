@@ -19,7 +19,7 @@ TORCH_LIBRARY(pippin, m) {
   m.def("gemv_i8_act8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("lut_gemv_act8(Tensor x, Tensor packed, Tensor lut_i8, Tensor lut_scale, int bits, int group) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int n_heads, int head_dim) -> ()");
-  m.def("hadamard_rows(Tensor x, Tensor signs, Tensor block) -> Tensor");
+  m.def("hadamard_rows(Tensor x, Tensor sign_bits, Tensor block) -> Tensor");
   m.def("lora_add_(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor idx) -> ()");
   m.def("kernel_variant", &kernel_variant);
   m.def("set_kernel_variant", &set_kernel_variant);
