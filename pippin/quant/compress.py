@@ -2,8 +2,8 @@
 
 `compress_(model, calib_tokens, config)` optionally folds rotations into the weights (`pippin.quant.rotate`) and
 rotates each down_proj's input online (R4: the layer stores W R and rotates x itself; its statistics are rotated as
-R^T H R, no new pass), measures calibration statistics, fits LUTs for every candidate bit width (k-means, then GPTQ-style error feedback
-choosing the indices), allocates bits to hit the budget at least estimated loss (or takes a given plan), and swaps
+R^T H R, no new pass), measures calibration statistics, fits LUTs for every candidate bit width (k-means, then
+GPTQ-style error feedback choosing the indices), allocates bits to hit the budget at least estimated loss (or takes a given plan), and swaps
 the modules in place, optionally block by block on the quantized model's own inputs (GPTQ's sequential order).
 `apply_structure_` rebuilds the same module layout empty (on the meta device) so a compressed checkpoint
 loads without any k-means. Every stored byte counts in the bpw.

@@ -7,7 +7,9 @@ same function, but outlier channels are spread over all channels, which is what 
 activations need. The rotations are randomized Hadamard matrices (QuaRot): exact ±1 entries, so the same seed gives the
 same weights on any machine. The tied head is the one place that pays at run time: the final norm's weight cannot be
 folded into an embedding that is also the input, so `RotatedHead` maps the head's input back through
-M = R^T diag(gamma) R, one dim x dim matmul per token (0.3 % of this model's decode work).
+M = R^T diag(gamma) R, one dim x dim matmul per token (0.3 % of this model's decode work). down_proj's input
+(silu(gate) * up) has nothing linear before it to fold a rotation into: R4 is applied online by the palettized layer
+itself (`HadamardTransform`, `PalettizedLinear.in_signs`), which stores W R and rotates x with a fast transform.
 Acts on Hugging Face module names (`layers.{i}.self_attn.q_proj`, ...); never imports the model.
 """
 
@@ -92,13 +94,12 @@ class HadamardTransform:
     def __init__(self, signs: torch.Tensor) -> None:
         n = signs.numel()
         a, p = hadamard_factors(n)
-        self.n, self.p = n, p
         self.signs = signs.detach().float()
         """(n,) fp32 ±1."""
         negative = F.pad((self.signs < 0).to(torch.uint8), (0, -n % 8)).view(-1, 8)
         self.sign_bits = (negative << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8).contiguous()
-        """(ceil(n / 8),) uint8, bit i % 8 of byte i // 8 set where signs[i] = -1: the kernels' form (3 cache lines at
-        n = 1536 where fp32 signs take 96, which a decode step reads cold)."""
+        """(ceil(n / 8),) uint8, bit i % 8 of byte i // 8 set where signs[i] = -1: the kernels' form (192 bytes at
+        n = 1536, read cold every decode step, where fp32 signs take 6 KB)."""
         self.block = (a / math.sqrt(n)).float().contiguous()
         """(m, m) fp32: the Paley part with 1/sqrt(n) folded in."""
         # S_p = kron(S_64, S_64, ..., S_rest): factors of at most 64 keep the PyTorch path's matrices small.

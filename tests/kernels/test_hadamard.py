@@ -46,9 +46,10 @@ def test_hadamard_rows_equal_the_dense_rotation(n):
 
 
 def _rotated_model(*, act8: bool) -> torch.nn.Module:
-    """tiny_model with every projection palettized at 4 bits; down_proj, and in layer 0 q, o and gate too (each beside
-    an unrotated projection that reads the same input), store W R and rotate their input."""
-    model = tiny_model(seed=7)
+    """tiny_model (ffn 192 = 12 x 16: a Paley block in down_proj's rotation) with every projection palettized at 4 bits;
+    down_proj, and in layer 0 q, o and gate too (each beside an unrotated projection that reads the same input), store
+    W R and rotate their input."""
+    model = tiny_model(seed=7, ffn_dim=192)
     for i, block in enumerate(model.layers):
         projections = [(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         projections += [(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]

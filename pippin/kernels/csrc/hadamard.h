@@ -53,30 +53,34 @@ inline __m256 flip8(__m256 v, uint8_t bits) {
 
 inline bool sign_bit(const uint8_t* bits, int64_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
 
-// y[ja, j:j+8] = sum_ia A[ia, ja] * (x * signs)[ia, j:j+8] for the m = MM rows of X: the 12 (or 1) input vectors of
-// a column block stay in registers, and each output is written once.
+// y[ja, j:j+8] = sum_ia A[ia, ja] * (x * signs)[ia, j:j+8] for ja in [ja0, ja1) of the m = MM rows of X: the 12 (or
+// 1) input vectors of a column block stay in registers, and each output is written once.
 template <int MM>
-inline void mix_block(const float* x, const uint8_t* signs, const float* A, int64_t p, int64_t j, float* y) {
+inline void mix_block(const float* x, const uint8_t* signs, const float* A, int64_t p, int64_t j, int64_t ja0, int64_t ja1, float* y) {
   __m256 t[MM];
   for (int ia = 0; ia < MM; ++ia) t[ia] = flip8(_mm256_loadu_ps(x + ia * p + j), signs[(ia * p + j) / 8]);
-  for (int ja = 0; ja < MM; ++ja) {
+  for (int64_t ja = ja0; ja < ja1; ++ja) {
     __m256 acc = _mm256_mul_ps(_mm256_broadcast_ss(A + ja), t[0]);
     for (int ia = 1; ia < MM; ++ia) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(A + ia * MM + ja), t[ia], acc);
     _mm256_storeu_ps(y + ja * p + j, acc);
   }
 }
 
-// One row: y (n = m p) = ((x * signs) kron(A, S_p)), A (m, m) row-major with 1/sqrt(n) folded in. y must not alias x.
-inline void hadamard_row(const float* x, const uint8_t* signs, const float* A, int64_t m, int64_t p, float* y) {
+// One row: y (n = m p) = ((x * signs) kron(A, S_p)), A (m, m) row-major with 1/sqrt(n) folded in; only the output
+// rows [ja0, ja1) of Y (m, p) (a share of one row's work for a thread). y must not alias x.
+inline void hadamard_row(const float* x, const uint8_t* signs, const float* A, int64_t m, int64_t p, float* y, int64_t ja0 = 0,
+                         int64_t ja1 = -1) {
+  ja1 = ja1 < 0 ? m : ja1;
   if ((m == 12 || m == 1) && p % 8 == 0) {
-    for (int64_t j = 0; j < p; j += 8) m == 12 ? mix_block<12>(x, signs, A, p, j, y) : mix_block<1>(x, signs, A, p, j, y);
+    for (int64_t j = 0; j < p; j += 8)
+      m == 12 ? mix_block<12>(x, signs, A, p, j, ja0, ja1, y) : mix_block<1>(x, signs, A, p, j, ja0, ja1, y);
   } else {  // other orders (m = 144, or p < 8: widths no model here rotates), plainly
-    std::fill(y, y + m * p, 0.0f);
+    std::fill(y + ja0 * p, y + ja1 * p, 0.0f);
     for (int64_t ia = 0; ia < m; ++ia)  // y[ja, :] += A[ia, ja] * (x * signs)[ia, :]
       for (int64_t j = 0; j < p; ++j)
-        for (int64_t ja = 0; ja < m; ++ja) y[ja * p + j] += A[ia * m + ja] * (sign_bit(signs, ia * p + j) ? -x[ia * p + j] : x[ia * p + j]);
+        for (int64_t ja = ja0; ja < ja1; ++ja) y[ja * p + j] += A[ia * m + ja] * (sign_bit(signs, ia * p + j) ? -x[ia * p + j] : x[ia * p + j]);
   }
-  for (int64_t ja = 0; ja < m; ++ja) fwht(y + ja * p, p);
+  for (int64_t ja = ja0; ja < ja1; ++ja) fwht(y + ja * p, p);
 }
 
 // A projection's input rotation resolved to raw pointers (the caller keeps the tensors alive); signs == nullptr: none.
