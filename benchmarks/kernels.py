@@ -13,8 +13,9 @@ figures in docs/benchmarks.md that explain it:
 - --prefill-profile: a 512-token prefill's wall time, and its time by operator (torch.profiler);
 - --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code;
 - --r4: what down_proj's online input rotation (QuaRot's R4) costs: ns per `hadamard_rows` row at the model's ffn
-  width (one thread), and the blocks and whole decode step of the same model with and without a rotation on every
-  down_proj (random signs on the same LUTs: the timing of an R4 model, not its logits), in alternating rounds.
+  width (one thread), and the blocks and whole decode step of the model against a copy whose down_projs are
+  re-palettized as W R at their widths (k-means, no calibration: the same kernel work plus the transform, and sane
+  activations in both, since garbage ones can hit denormal slow paths), in alternating rounds.
 It only calls public entry points (the FusedDecoder's `features` and `head`, `decode_step`), so a checkout of an older commit times the
 same way. Usage:
   python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--prefill-profile]
@@ -163,41 +164,51 @@ def thread(model: str, threads: int) -> None:
 
 
 def r4(path: str, batch: int, threads: int, rounds: int = 7) -> None:
-    model = load_any(os.path.expanduser(path)).model
-    set_act8_(model, True)
-    width = model.config.ffn_dim
+    # Three copies: "a" and "b" as stored (their difference is this machine's noise between two copies of a model,
+    # memory layout included), "r4" with its down_projs re-palettized as W R.
+    models = {name: load_any(os.path.expanduser(path)).model for name in ("a", "r4", "b")}
+    width = models["a"].config.ffn_dim
     t, x = HadamardTransform(random_signs(width, 0)), torch.randn(1, width)
     torch.set_num_threads(1)
     ns = median_ms(lambda: ops().hadamard_rows(x, t.sign_bits, t.block), 2000) * 1e6
     print(f"r4: hadamard_rows, 1 x {width}: {ns:.0f} ns per row (one thread, the op's call included)")
     torch.set_num_threads(threads)
+    for i, block in enumerate(models["r4"].layers):
+        down, signs = block.mlp.down_proj, random_signs(width, i)
+        w = HadamardTransform(signs)(down.dequantize().double()).float()  # W R
+        block.mlp.down_proj = PalettizedLinear.from_palette(fit_palette(w, bits=down.bits, group_size=down.group_size), in_signs=signs)
+    for name in ("a", "b"):  # their down_projs in fresh memory too, as the new ones are (not pages of the loaded file)
+        for block in models[name].layers:
+            down = block.mlp.down_proj
+            down.packed, down.lut = down.packed.clone(), down.lut.clone()
     decoders = {}
-    for on in (False, True):  # the plan keeps its own arguments: two decoders over one model
-        for i, block in enumerate(model.layers):
-            block.mlp.down_proj.in_signs = random_signs(width, i) if on else None
-        decoders[on] = FusedDecoder.from_model(model)
-    cache = KVCache(model.config, batch_size=batch, max_len=256)
-    prefill(decoders[False], torch.arange(100, 124).repeat(batch, 1), torch.full((batch,), 24), cache)
+    for name, m in models.items():
+        set_act8_(m, True)
+        decoders[name] = FusedDecoder.from_model(m)
+    cache = KVCache(models["a"].config, batch_size=batch, max_len=256)
+    prefill(decoders["a"], torch.arange(100, 124).repeat(batch, 1), torch.full((batch,), 24), cache)
     tok = torch.full((batch,), 200)
-    times: dict[tuple[bool, str], list[float]] = {}
+    times: dict[tuple[str, str], list[float]] = {}
     with torch.inference_mode():
         positions = cache.lengths.unsqueeze(1)
         cache.begin(positions)  # every timed call writes the same slot
         for _ in range(rounds):
-            for on, dec in decoders.items():
+            for name, dec in decoders.items():
                 blocks = median_ms(lambda: dec.features(tok.unsqueeze(1), positions=positions, cache=cache))  # noqa: B023
 
                 def one_step() -> None:
                     decode_step(dec, tok, cache)  # noqa: B023
                     cache.lengths = cache.lengths - 1  # the same slot again
 
-                times.setdefault((on, "blocks"), []).append(blocks)
-                times.setdefault((on, "step"), []).append(median_ms(one_step))
+                times.setdefault((name, "blocks"), []).append(blocks)
+                times.setdefault((name, "step"), []).append(median_ms(one_step))
     med = {k: statistics.median(v) for k, v in times.items()}
     for part in ("blocks", "step"):
-        off, on = med[False, part], med[True, part]
-        change = (on / off - 1) * 100
-        print(f"r4: {path} batch {batch}, {threads} threads, {part}: {off:.3f} ms without, {on:.3f} ms with R4 ({change:+.1f} %)")
+        a, r, b = med["a", part], med["r4", part], med["b", part]
+        change = (r / ((a + b) / 2) - 1) * 100
+        print(
+            f"r4: batch {batch}, {threads} threads, {part}: {a:.3f} / {b:.3f} ms without (two copies), {r:.3f} ms with R4 ({change:+.1f} %)"
+        )
 
 
 def _times(fn, n: int) -> list[float]:  # noqa: ANN001
