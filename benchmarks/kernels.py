@@ -11,11 +11,15 @@ figures in docs/benchmarks.md that explain it:
 - --prefill-rows: ms for one act8 layer (576 -> 1536) at 16-512 rows, on the integer kernel (each variant this CPU runs)
   against dequantizing the weights for a GEMM (the reference path prefill took before);
 - --prefill-profile: a 512-token prefill's wall time, and its time by operator (torch.profiler);
-- --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code.
+- --thread: ms per decode step on the main thread and on a second thread (the server's worker), same code;
+- --r4: what down_proj's online input rotation (QuaRot's R4) costs: ns per `hadamard_rows` row at the model's ffn
+  width (one thread), and the blocks and whole decode step of the model against a copy whose down_projs are
+  re-palettized as W R at their widths (k-means, no calibration: the same kernel work plus the transform, and sane
+  activations in both, since garbage ones can hit denormal slow paths), in alternating rounds.
 It only calls public entry points (the FusedDecoder's `features` and `head`, `decode_step`), so a checkout of an older commit times the
 same way. Usage:
   python benchmarks/kernels.py [--model PATH] [--batch 1,8] [--threads 2] [--rows] [--loop S] [--prefill-rows] [--prefill-profile]
-  [--thread]
+  [--thread] [--r4]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pippin.kernels.decoder import FusedDecoder
 from pippin.quant.compress import set_act8_
 from pippin.quant.linear import PalettizedLinear
 from pippin.quant.palettize import fit_palette
+from pippin.quant.rotate import HadamardTransform, random_signs
 
 MODEL = "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw-rot"
 
@@ -158,6 +163,54 @@ def thread(model: str, threads: int) -> None:
         th.join()
 
 
+def r4(path: str, batch: int, threads: int, rounds: int = 7) -> None:
+    # Three copies: "a" and "b" as stored (their difference is this machine's noise between two copies of a model,
+    # memory layout included), "r4" with its down_projs re-palettized as W R.
+    models = {name: load_any(os.path.expanduser(path)).model for name in ("a", "r4", "b")}
+    width = models["a"].config.ffn_dim
+    t, x = HadamardTransform(random_signs(width, 0)), torch.randn(1, width)
+    torch.set_num_threads(1)
+    ns = median_ms(lambda: ops().hadamard_rows(x, t.sign_bits, t.block), 2000) * 1e6
+    print(f"r4: hadamard_rows, 1 x {width}: {ns:.0f} ns per row (one thread, the op's call included)")
+    torch.set_num_threads(threads)
+    for i, block in enumerate(models["r4"].layers):
+        down, signs = block.mlp.down_proj, random_signs(width, i)
+        w = HadamardTransform(signs)(down.dequantize().double()).float()  # W R
+        block.mlp.down_proj = PalettizedLinear.from_palette(fit_palette(w, bits=down.bits, group_size=down.group_size), in_signs=signs)
+    for name in ("a", "b"):  # their down_projs in fresh memory too, as the new ones are (not pages of the loaded file)
+        for block in models[name].layers:
+            down = block.mlp.down_proj
+            down.packed, down.lut = down.packed.clone(), down.lut.clone()
+    decoders = {}
+    for name, m in models.items():
+        set_act8_(m, True)
+        decoders[name] = FusedDecoder.from_model(m)
+    cache = KVCache(models["a"].config, batch_size=batch, max_len=256)
+    prefill(decoders["a"], torch.arange(100, 124).repeat(batch, 1), torch.full((batch,), 24), cache)
+    tok = torch.full((batch,), 200)
+    times: dict[tuple[str, str], list[float]] = {}
+    with torch.inference_mode():
+        positions = cache.lengths.unsqueeze(1)
+        cache.begin(positions)  # every timed call writes the same slot
+        for _ in range(rounds):
+            for name, dec in decoders.items():
+                blocks = median_ms(lambda: dec.features(tok.unsqueeze(1), positions=positions, cache=cache))  # noqa: B023
+
+                def one_step() -> None:
+                    decode_step(dec, tok, cache)  # noqa: B023
+                    cache.lengths = cache.lengths - 1  # the same slot again
+
+                times.setdefault((name, "blocks"), []).append(blocks)
+                times.setdefault((name, "step"), []).append(median_ms(one_step))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for part in ("blocks", "step"):
+        a, r, b = med["a", part], med["r4", part], med["b", part]
+        change = (r / ((a + b) / 2) - 1) * 100
+        print(
+            f"r4: batch {batch}, {threads} threads, {part}: {a:.3f} / {b:.3f} ms without (two copies), {r:.3f} ms with R4 ({change:+.1f} %)"
+        )
+
+
 def _times(fn, n: int) -> list[float]:  # noqa: ANN001
     fn()
     out = []
@@ -178,7 +231,12 @@ def main() -> None:
     ap.add_argument("--prefill-rows", action="store_true", help="only the act8 layer at prefill row counts")
     ap.add_argument("--thread", action="store_true", help="only a decode step on the main thread against a second one")
     ap.add_argument("--prefill-profile", action="store_true", help="only a 512-token prefill's time by operator")
+    ap.add_argument("--r4", action="store_true", help="only the cost of down_proj's online input rotation (R4)")
     args = ap.parse_args()
+    if args.r4:
+        for b in (int(x) for x in args.batch.split(",")):
+            r4(args.model, b, args.threads)
+        return
     if args.prefill_profile:
         prefill_profile(args.model, args.threads)
         return

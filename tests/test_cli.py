@@ -80,9 +80,11 @@ def test_compress_with_rotations_in_sequential_order_keeps_what_the_model_says(t
     r = pippin("compress", "--calib", readme, "--plan", str(plan), "--rotate", "--sequential", "--hessian-seqs", "2",
                "--calib-seqs", "2", "--no-fidelity", "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "config.json").read_text())["quantization"]["rotation"] == {"method": "hadamard", "seed": 0}
+    rotation = json.loads((out / "config.json").read_text())["quantization"]["rotation"]
+    assert rotation == {"method": "hadamard", "seed": 0, "down_input": True}
     model, ref = load_any(out).model, load_any(None)
     assert isinstance(model.lm_head, RotatedHead)
+    assert model.layers[3].mlp.down_proj.in_signs.shape == (1536,)  # R4: 12 x 128
     assert not torch.allclose(model.layers[0].self_attn.k_proj.weight, ref.model.layers[0].self_attn.k_proj.weight)
     ids = torch.tensor([ref.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])])
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """`pippin compress MODEL --bpw 3.5 --calib FILE`: palettize to a bit budget and save the compressed model.
 
 Indices are chosen with GPTQ-style error feedback on the calibration inputs unless `--no-error-feedback`;
-`--rotate` folds Hadamard rotations into the weights first, `--sequential` fits each block on the inputs of the
+`--rotate` folds Hadamard rotations into the weights first (and rotates down_proj's input online, unless
+`--no-rotate-down`), `--sequential` fits each block on the inputs of the
 model as already quantized.
 Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
 next to the checkpoint, and the allocator's per-layer estimates as sensitivity.json (`pippin talaria` reads them);
@@ -46,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", action="store_true", help="fold randomized Hadamard rotations into the weights first (QuaRot)")
     p.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotations' random signs")
     p.add_argument(
+        "--no-rotate-down",
+        dest="rotate_down",
+        action="store_false",
+        help="with --rotate, leave down_proj's input unrotated (no online Hadamard transform per token: QuaRot's R4)",
+    )
+    p.add_argument(
         "--sequential", action="store_true", help="quantize block by block on the inputs of the model as already quantized (GPTQ)"
     )
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         error_feedback=args.error_feedback,
         rotate=args.rotate,
         rotate_seed=args.rotate_seed,
+        rotate_down=args.rotate_down,
         sequential=args.sequential,
         act8=args.act8,
         kv8=args.kv8,

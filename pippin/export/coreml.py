@@ -9,7 +9,9 @@ Weights are fp16. A palettized layer's dense weight has at most 2^b distinct val
 (pippin stores fp16 LUTs), so coremltools' `palettize_weights`, per_grouped_channel, with a LUT of each group's
 distinct values ("unique" at pippin's width, see `unique_lut`) rebuilds pippin's LUTs exactly; a palettized
 embedding with row scales is converted as its unit-RMS rows (palettized) times the scales.
-Full-precision weights, the int8 embedding and a rotated model's head mix M are stored as dense fp16 (rounded).
+Full-precision weights, the int8 embedding and a rotated model's head mix M are stored as dense fp16 (rounded), and so
+is a palettized layer that rotates its input online (R4): its LUTs hold W R, and the graph has no fast Hadamard op, so
+its weight W = W' R^T is folded dense (larger: 16 bits a weight; `pippin compress --no-rotate-down` for a Core ML target).
 `verify_coreml` reads the saved mlpackage's MIL program back (no prediction: Core ML does not run on Linux) and
 compares every weight with pippin's: each `constexpr_lut_to_dense` op's LUT and indices, each dense const's values.
 """

@@ -289,6 +289,11 @@ def _notes(loaded: LoadedModel, tensors: list[ExportTensor], fallbacks: dict[str
             "rotated model: every rotation is folded into the weights; the head's M = R^T diag(gamma) R is folded into "
             "an untied output matrix (E M): a plain llama that needs no runtime rotation."
         )
+    if any(t.rotated_input for t in tensors):
+        notes.append(
+            "down_proj's online input rotation (R4) has no llama.cpp op: those layers are written as their dense weight "
+            "W = W' R^T (the LUTs hold W' = W R), re-quantized to the type above."
+        )
     if q.get("embedding_row_scale") or q.get("row_scale"):
         notes.append("palettized weights with row scales: written as the scaled rows (dequantized), re-quantized to the types above.")
     if q.get("act8"):

@@ -4,7 +4,9 @@ Each tensor keeps its compression record: a palettized linear or embedding its b
 int8 embedding its width. A rotated model (`pippin compress --rotate`) has every rotation folded into its weights
 except one: the tied head reads the final norm's output through M = R^T diag(gamma) R (`RotatedHead`). No plain Llama
 runtime has that step, so it is folded into an untied head, lm_head.weight = E M (E the rotated embedding, M
-symmetric): the model becomes a plain Llama with an output matrix of its own. Anything else that is not a plain
+symmetric): the model becomes a plain Llama with an output matrix of its own. A palettized layer that rotates its input
+online (R4: its LUTs hold W R) is exported as its dense weight W = W' R^T, without a palette (no runtime pippin
+exports to has the transform). Anything else that is not a plain
 linear, embedding or norm (LoRA wrappers, unknown modules) is refused with what to do.
 """
 
@@ -39,6 +41,9 @@ class ExportTensor:
     """(rows,) fp16 scale of each row of a palettized tensor: weight = row_scale[:, None] * palette.dequantize()."""
     derived: str | None = None
     """How a tensor that pippin does not store was made (the untied head of a rotated model)."""
+    rotated_input: bool = False
+    """A palettized linear with an online input rotation (R4): `weight` is W = W' R^T, and `palette` is None (the LUTs
+    hold W' = W R, which no exported graph computes with)."""
 
 
 def _palettized(name: str, m: PalettizedLinear) -> ExportTensor:
@@ -49,6 +54,8 @@ def _palettized(name: str, m: PalettizedLinear) -> ExportTensor:
 
 
 def _linear(name: str, m: nn.Module) -> ExportTensor:
+    if type(m) is PalettizedLinear and m.in_signs is not None:
+        return ExportTensor(name=name, weight=m.dequantize(), bits=m.bits, rotated_input=True)
     if type(m) is PalettizedLinear:
         return _palettized(name, m)
     if type(m) is nn.Linear and m.bias is None:

@@ -9,9 +9,10 @@ The model stays plain and is the reference path: the decoder runs it for anythin
 a model it cannot run (QK-norm, a block or projection it does not know, mixed group sizes): `fused` says which.
 
 Projections are dense `nn.Linear` (fp32 / fp16 / bf16), or palettized modules that offer `kernel_args()` (pippin.quant's
-PalettizedLinear: this package sits below quant); a LoRA wrapper offers `kernel_lora()` (pippin.adapters'
-LoRALinear: its fp16 slot banks, or None for trainable adapters) and `routing` (which slot each row uses, read
-per call). Build a new decoder when the model's modules, LUTs or act8 switches change; loading an adapter into an
+PalettizedLinear: this package sits below quant), which may carry an online input rotation (the plan rotates that
+projection's input into a buffer of its own; a LoRA on it still reads the unrotated input); a LoRA wrapper offers
+`kernel_lora()` (pippin.adapters' LoRALinear: its fp16 slot banks, or None for trainable adapters) and `routing` (which
+slot each row uses, read per call). Build a new decoder when the model's modules, LUTs or act8 switches change; loading an adapter into an
 existing slot needs none (the plan reads the banks in place).
 """
 
@@ -30,10 +31,11 @@ _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))  # fmt: skip
 
 
-def _projection(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, int] | None:
-    """(weight or packed indices, LUT, output scales, bits, group) of a projection; None if the kernels cannot run it."""
+def _projection(m: nn.Module) -> tuple | None:
+    """(weight or packed indices, LUT, output scales, bits, group, input rotation (signs, block) or None) of a
+    projection; None if the kernels cannot run it."""
     if type(m) is nn.Linear:
-        return (m.weight, None, None, 0, 0) if m.bias is None else None
+        return (m.weight, None, None, 0, 0, None) if m.bias is None else None
     kernel_args = getattr(type(m), "kernel_args", None)
     return kernel_args(m) if kernel_args is not None else None
 
@@ -64,6 +66,7 @@ def _layer_args(block: nn.Module) -> tuple[list, list] | None:
     args = [
         block.input_layernorm.weight, block.post_attention_layernorm.weight,
         [p[0] for p in projs], [p[1] for p in projs], [p[2] for p in projs], [p[3] for p in projs], groups.pop() if groups else 1,
+        [p[5] and p[5][0] for p in projs], [p[5] and p[5][1] for p in projs],
     ]  # fmt: skip
     return args, [(bank, wrapped) for _, bank, wrapped in split]
 
@@ -101,6 +104,7 @@ class FusedDecoder:
             [b for a, _ in per_layer for b in a[5]], [a[6] for a, _ in per_layer],
             attn.n_heads, attn.n_kv_heads, layers[0].input_layernorm.eps,
             [b and b[0] for b, _ in banks], [b and b[1] for b, _ in banks], [b and b[2] for b, _ in banks],
+            [s for a, _ in per_layer for s in a[7]], [r for a, _ in per_layer for r in a[8]],
         )  # fmt: skip
         routing = next((m.routing for m in model.modules() if _split_lora(m)[2]), None)
         routes = plan.routes_adapters() and all(bank is not None for bank, is_lora in banks if is_lora)

@@ -1,8 +1,9 @@
 """Compress a model: palettize its linears to a mixed-bit plan under a bpw budget, embeddings to 8 bits (or a LUT).
 
-`compress_(model, calib_tokens, config)` optionally folds rotations into the weights (`pippin.quant.rotate`),
-measures calibration statistics, fits LUTs for every candidate bit width (k-means, then GPTQ-style error feedback
-choosing the indices), allocates bits to hit the budget at least estimated loss (or takes a given plan), and swaps
+`compress_(model, calib_tokens, config)` optionally folds rotations into the weights (`pippin.quant.rotate`) and
+rotates each down_proj's input online (R4: the layer stores W R and rotates x itself; its statistics are rotated as
+R^T H R, no new pass), measures calibration statistics, fits LUTs for every candidate bit width (k-means, then
+GPTQ-style error feedback choosing the indices), allocates bits to hit the budget at least estimated loss (or takes a given plan), and swaps
 the modules in place, optionally block by block on the quantized model's own inputs (GPTQ's sequential order).
 `apply_structure_` rebuilds the same module layout empty (on the meta device) so a compressed checkpoint
 loads without any k-means. Every stored byte counts in the bpw.
@@ -32,7 +33,7 @@ from pippin.quant.calibrate import (
 from pippin.quant.linear import Int8Embedding, Int8TiedHead, PalettizedEmbedding, PalettizedLinear, PalettizedTiedHead
 from pippin.quant.pack import SUPPORTED_BITS
 from pippin.quant.palettize import Palette, error_feedback, fit_palette, output_error
-from pippin.quant.rotate import RotatedHead, rotate_
+from pippin.quant.rotate import HadamardTransform, RotatedHead, down_input_signs, rotate_, rotate_moment, rotates_down_input
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SENSITIVITY_FILE = "sensitivity.json"
@@ -73,6 +74,9 @@ class CompressConfig:
     (`pippin.quant.rotate`): the same function, with outliers spread over all channels."""
     rotate_seed: int = 0
     """Seed of the rotations' random signs."""
+    rotate_down: bool = True
+    """With rotate, also rotate each down_proj's input online (QuaRot's R4: the layer stores W R and computes x R at
+    run time, one fast Hadamard transform per token); widths `hadamard` cannot build stay unrotated."""
     sequential: bool = False
     """Quantize block by block, each layer's LUTs and indices fitted to its inputs on the model as already quantized
     (GPTQ's order; needs error_feedback): later layers correct the error of earlier ones. The bit plan is still
@@ -154,6 +158,13 @@ def compress_(
     if config.rotate:
         rotate_(model, seed=config.rotate_seed)
         modules = dict(model.named_modules())
+    # R4: these layers are palettized as W R (their statistics rotated to match); the model's own weights stay W.
+    r4 = {}
+    if config.rotate and config.rotate_down:
+        for n in names:
+            signs = down_input_signs(n, modules[n].in_features, config.rotate_seed)
+            if signs is not None:
+                r4[n] = (signs, HadamardTransform(signs))
     n_seqs = max(config.n_seqs, config.hessian_seqs if config.error_feedback else 0)
     batches = calibration_batches(calib_tokens, seq_len=config.seq_len, n_seqs=n_seqs)
     fisher_batches = batches[: config.n_seqs]
@@ -171,24 +182,35 @@ def compress_(
         moments = {n: h.diagonal().float() for n, h in hessians.items()}
     elif not config.error_feedback:
         moments = input_moments(model, batches, stat_names, progress=progress)
+        if r4:  # diag(R^T H R) needs the whole H of these inputs
+            hessians = input_second_moments(model, list(batches), list(r4), progress=progress)
+    for name in r4:  # the rotated input x R has the second moment R^T H R (exact)
+        if name in hessians:
+            hessians[name] = rotate_moment(hessians[name], r4[name][1])
+            moments[name] = hessians[name].diagonal().float()
     palettes: dict[tuple[str, int], Palette] = {}
+
+    def weight(name: str) -> torch.Tensor:
+        """The weight to palettize: W, or W R for an R4 layer."""
+        w = modules[name].weight.detach()
+        return r4[name][1](w.double()).to(w.dtype) if name in r4 else w
 
     def palette(name: str, bits: int) -> Palette:
         if (name, bits) not in palettes:
-            w = modules[name].weight
+            w = weight(name)
             p = fit_palette(w, bits=bits, group_size=config.group_size, importance=moments[name], row_scale=config.row_scale)
             palettes[name, bits] = error_feedback(w, p, hessians[name]) if config.error_feedback else p
         return palettes[name, bits]
 
     def palettize(name: str) -> None:
         """Swap in the palettized layer of the plan's width, and report its errors."""
-        w = modules[name].weight.detach()
+        w = weight(name)
         p = palette(name, plan[name])
         row = {"name": name, "bits": plan[name], "rel_error": float(((p.dequantize() - w) ** 2).sum() / (w**2).sum())}
         if config.error_feedback:
             H = hessians[name]
             row["rel_output_error"] = float(output_error(w, p, H).sum() / ((w.double() @ H.double()) * w.double()).sum())
-        new = PalettizedLinear.from_palette(p)
+        new = PalettizedLinear.from_palette(p, in_signs=r4[name][0] if name in r4 else None)
         new.act8 = config.act8
         _set_module(model, name, new)
         layers.append(row)
@@ -196,10 +218,11 @@ def compress_(
     def cost(name: str, bits: int, fisher: torch.Tensor) -> float:
         """Estimated loss increase: the Fisher-weighted squared weight error, or with error feedback each row's output
         error scaled by that row's Fisher mass per unit of input energy (equal when H is diagonal)."""
-        w = modules[name].weight.detach()
-        if not config.error_feedback:
-            return float((fisher * (palette(name, bits).dequantize() - w) ** 2).sum())
-        H = hessians[name]
+        if not config.error_feedback:  # in the original basis, where the Fisher diagonal was measured
+            w, w_hat = modules[name].weight.detach(), palette(name, bits).dequantize()
+            w_hat = r4[name][1](w_hat.double(), inverse=True).float() if name in r4 else w_hat
+            return float((fisher * (w_hat - w) ** 2).sum())
+        w, H = weight(name), hessians[name]  # the Fisher row sums and trace(H) are unchanged by R4
         row_scale = fisher.sum(1).double() / H.diagonal().sum().clamp_min(1e-30)
         return float((row_scale * output_error(w, palette(name, bits), H)).sum())
 
@@ -222,6 +245,7 @@ def compress_(
         linear_params = sum(modules[n].weight.numel() for n in names)
         embed_params = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
         fixed = embed_bits + (n_params - linear_params - embed_params) * 32  # norms (and anything else) stay fp32
+        fixed += sum(modules[n].in_features * 8 for n in r4)  # R4's int8 signs
         plan = allocate(choices, budget_bits=config.bpw * n_params, fixed_bits=fixed)
     layers: list[dict[str, Any]] = []
     if config.sequential:
@@ -230,7 +254,8 @@ def compress_(
         stats = sequential_second_moments(model, batches, head=head_name if lut_embed else None, progress=progress)
         for group, H in stats:
             for name in group:
-                hessians[name], moments[name] = H, H.diagonal().float()
+                hessians[name] = rotate_moment(H, r4[name][1]) if name in r4 else H
+                moments[name] = hessians[name].diagonal().float()
                 if name in plan:
                     palettize(name)
     else:
@@ -323,7 +348,7 @@ def quantization_meta(report: CompressReport, config: CompressConfig) -> dict[st
         "act8": config.act8,
         "kv8": config.kv8,
         "error_feedback": config.error_feedback,
-        "rotation": {"method": "hadamard", "seed": config.rotate_seed} if config.rotate else None,
+        "rotation": {"method": "hadamard", "seed": config.rotate_seed, "down_input": config.rotate_down} if config.rotate else None,
         "bpw": report.bpw,
     }
 
@@ -349,8 +374,10 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
     if rot is not None and (not isinstance(rot, dict) or rot.get("method") != "hadamard"):
         raise PippinError(f"Unknown rotation {rot!r} in this checkpoint's quantization record.")
     modules = dict(model.named_modules())
+    down_input = rot is not None and bool(rot.get("down_input"))  # R4; records from before it have no such key
     for name, bits in plan.items():
         lin = modules[name]
+        r4 = down_input and rotates_down_input(name, lin.in_features)
         new = PalettizedLinear(
             lin.in_features,
             lin.out_features,
@@ -358,6 +385,7 @@ def apply_structure_(model: nn.Module, meta: dict[str, Any]) -> None:
             group_size=meta["group_size"],
             act8=bool(meta.get("act8")),
             row_scale=bool(meta.get("row_scale")),
+            rotate_input=r4,
         )
         _set_module(model, name, new)
     emb = str(meta.get("embedding", ""))

@@ -3,7 +3,8 @@
 Each keeps only the compressed tensors (packed indices + fp16 LUTs; int8 rows + scales) and has a slow
 reference forward (dequantize, then F.linear / lookup) and a fast one through pippin's C++ kernels for
 decode-sized inputs (the dense matrix is never built). They are swapped in from outside by module
-name (see pippin.quant.compress); quant never imports the model.
+name (see pippin.quant.compress); quant never imports the model. A palettized linear may carry an online input
+rotation (QuaRot's R4): it stores W R and computes (x R)(W R)^T, the same function as W.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from pippin.kernels import ops
 from pippin.quant.pack import pack, unpack
 from pippin.quant.palettize import Palette
+from pippin.quant.rotate import HadamardTransform
 
 FAST_MAX_ROWS = 16
 ACT8_BLOCK = 64
@@ -26,10 +28,22 @@ class PalettizedLinear(nn.Module):
 
     Row scales (pippin.quant.palettize) let the rows that share a LUT differ in norm; they cost one fp16 per row and,
     in the kernels, nothing: they are multiplied into the per-row output scale the act8 kernels apply anyway (the
-    int8 LUT's scale), or into the fp32 LUT kernel's outputs."""
+    int8 LUT's scale), or into the fp32 LUT kernel's outputs.
+
+    With `in_signs` (int8 ±1, (in_features,)) the LUTs hold W' = W R, R = rotation(in_signs) (pippin.quant.rotate), and
+    y = (x R) W'^T = x W^T: every forward path rotates x first, and `dequantize()` returns W = W' R^T, the weight in
+    the input's own basis, for whatever reads the dense weight (adapters' residual start, export, the reference)."""
 
     def __init__(
-        self, in_features: int, out_features: int, *, bits: int, group_size: int, act8: bool = False, row_scale: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        act8: bool = False,
+        row_scale: bool = False,
+        rotate_input: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
@@ -46,12 +60,17 @@ class PalettizedLinear(nn.Module):
         self._lut_src_i8: tuple[int, int] | None = None
         self._w_kernel: torch.Tensor | None = None
         self._w_kernel_src: tuple[int, ...] | None = None
+        self.register_buffer("in_signs", torch.ones(in_features, dtype=torch.int8) if rotate_input else None)
+        self._rotation: tuple[tuple[int, int], HadamardTransform] | None = None
 
     @classmethod
-    def from_palette(cls, p: Palette) -> PalettizedLinear:
+    def from_palette(cls, p: Palette, *, in_signs: torch.Tensor | None = None) -> PalettizedLinear:
+        """The layer of a palette; with in_signs, a palette of W R (R = rotation(in_signs)) for an input-rotated layer."""
         N, K = p.idx.shape
-        m = cls(K, N, bits=p.bits, group_size=p.group_size, row_scale=p.row_scale is not None)
+        m = cls(K, N, bits=p.bits, group_size=p.group_size, row_scale=p.row_scale is not None, rotate_input=in_signs is not None)
         m._load_palette(p)
+        if in_signs is not None:
+            m.in_signs.copy_(in_signs)
         return m
 
     def _load_palette(self, p: Palette) -> None:
@@ -60,8 +79,23 @@ class PalettizedLinear(nn.Module):
         if p.row_scale is not None:
             self.row_scale.copy_(p.row_scale)
 
+    def input_rotation(self) -> HadamardTransform | None:
+        """x -> x R for `in_signs` (cached; rebuilt if the buffer changes), or None for a layer without one."""
+        if self.in_signs is None:
+            return None
+        key = (id(self.in_signs), self.in_signs._version)
+        if self._rotation is None or self._rotation[0] != key:
+            self._rotation = (key, HadamardTransform(self.in_signs))
+        return self._rotation[1]
+
     def dequantize(self) -> torch.Tensor:
-        """The dense (N, K) fp32 weight (reference path; kernels never build it during decode)."""
+        """The dense (N, K) fp32 weight in the input's own basis (reference path; kernels never build it in decode)."""
+        rot = self.input_rotation()
+        w = self.stored_weight()
+        return w if rot is None else rot(w, inverse=True)
+
+    def stored_weight(self) -> torch.Tensor:
+        """The LUT weight as stored (W R for an input-rotated layer), dense (N, K) fp32."""
         k = ops()
         if k is not None:
             w = k.lut_dequant(self.packed, self.lut, self.bits, self.group_size)
@@ -150,14 +184,17 @@ class PalettizedLinear(nn.Module):
             return self.packed, lut_i8, scale, self.bits
         return self.act8_weights(), lut_i8, scale, 4 if self.bits == 3 else 8
 
-    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int]:
-        """(weights, LUT, output scales or None, kernel bits, group) for pippin.kernels' FusedDecoder: the act8
-        kernel's arguments (an int8 LUT) where act8 runs on the kernels, else the packed indices, the fp32 LUT and
-        the row scales (None without)."""
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(weights, LUT, output scales or None, kernel bits, group, input rotation) for pippin.kernels' FusedDecoder:
+        the act8 kernel's arguments (an int8 LUT) where act8 runs on the kernels, else the packed indices, the fp32 LUT
+        and the row scales (None without); the rotation as (sign bits (ceil(K / 8),) uint8, fp32 Paley block) for
+        `hadamard_rows`, or None."""
+        rot = self.input_rotation()
+        rotation = None if rot is None else (rot.sign_bits, rot.block)
         if self.uses_act8_kernel():
             w, lut_i8, scale, bits = self.act8_kernel_args()
-            return w, lut_i8, scale, bits, self.group_size
-        return self.packed, self.lut32(), self.row_scale32(), self.bits, self.group_size
+            return w, lut_i8, scale, bits, self.group_size, rotation
+        return self.packed, self.lut32(), self.row_scale32(), self.bits, self.group_size, rotation
 
     def row_scale32(self) -> torch.Tensor | None:
         return None if self.row_scale is None else self.row_scale.float()
@@ -171,6 +208,9 @@ class PalettizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = ops()
+        rot = self.input_rotation()
+        if rot is not None:
+            x = rot(x)  # the LUTs hold W R
         if self.act8_applies():
             # The integer kernel for any row count (prefill included: it beats dequantizing for a GEMM up to 512
             # rows); the differentiable reference when gradients must flow through x (adapter training).
@@ -180,7 +220,7 @@ class PalettizedLinear(nn.Module):
             return self._act8_reference(x)
         if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
             return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size, self.row_scale32())
-        return F.linear(x, self.dequantize())
+        return F.linear(x, self.stored_weight())
 
     def _act8_reference(self, x: torch.Tensor) -> torch.Tensor:
         """act8 numerics in plain PyTorch: 7-bit activations with one scale per 64 times the int8 LUT (as the kernel)."""
@@ -195,11 +235,13 @@ class PalettizedLinear(nn.Module):
         return F.linear(xq, w if self.row_scale is None else w * self.row_scale.float()[:, None])
 
     def nbytes(self) -> int:
-        return self.packed.numel() + self.lut.numel() * 2 + (0 if self.row_scale is None else self.row_scale.numel() * 2)
+        rows = 0 if self.row_scale is None else self.row_scale.numel() * 2
+        return self.packed.numel() + self.lut.numel() * 2 + rows + (0 if self.in_signs is None else self.in_signs.numel())
 
     def extra_repr(self) -> str:
         rows = ", row_scale" if self.row_scale is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, act8={self.act8}{rows}"
+        rot = ", rotate_input=True" if self.in_signs is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, act8={self.act8}{rows}{rot}"
 
 
 class PalettizedEmbedding(PalettizedLinear):

@@ -7,7 +7,9 @@ same function, but outlier channels are spread over all channels, which is what 
 activations need. The rotations are randomized Hadamard matrices (QuaRot): exact ±1 entries, so the same seed gives the
 same weights on any machine. The tied head is the one place that pays at run time: the final norm's weight cannot be
 folded into an embedding that is also the input, so `RotatedHead` maps the head's input back through
-M = R^T diag(gamma) R, one dim x dim matmul per token (0.3 % of this model's decode work).
+M = R^T diag(gamma) R, one dim x dim matmul per token (0.3 % of this model's decode work). down_proj's input
+(silu(gate) * up) has nothing linear before it to fold a rotation into: R4 is applied online by the palettized layer
+itself (`HadamardTransform`, `PalettizedLinear.in_signs`), which stores W R and rotates x with a fast transform.
 Acts on Hugging Face module names (`layers.{i}.self_attn.q_proj`, ...); never imports the model.
 """
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pippin.errors import PippinError
+from pippin.kernels import ops
 
 
 def _paley(q: int) -> torch.Tensor:
@@ -32,17 +36,40 @@ def _paley(q: int) -> torch.Tensor:
     return s + torch.eye(q + 1, dtype=torch.float64)
 
 
+def hadamard_factors(n: int) -> tuple[torch.Tensor, int]:
+    """(A, p) with hadamard(n) = kron(A, S_p): A the Paley part (12^b x 12^b, float64 ±1, kron of Paley blocks) and S_p
+    the Sylvester matrix of order p = 2^a (kron of [[1, 1], [1, -1]]), which a fast Walsh-Hadamard transform applies."""
+    a, m = torch.ones(1, 1, dtype=torch.float64), n
+    while m % 12 == 0:
+        a, m = torch.kron(a, _paley(11)), m // 12
+    p = 1
+    while m > 1 and m % 2 == 0:
+        p, m = p * 2, m // 2
+    if m != 1 or n < 1:
+        raise PippinError(f"No Hadamard matrix of order {n} is built in (orders 2^a * 12^b are); this width cannot be rotated.")
+    return a, p
+
+
+def _sylvester(p: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return h
+
+
 def hadamard(n: int) -> torch.Tensor:
     """An n x n matrix of ±1 (float64) with H H^T = n I, for n = 2^a * 12^b (Sylvester and Paley blocks)."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    m = n
-    while m % 12 == 0:
-        h, m = torch.kron(h, _paley(11)), m // 12
-    while m > 1 and m % 2 == 0:
-        h, m = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)), m // 2
-    if m != 1:
-        raise PippinError(f"No Hadamard matrix of order {n} is built in (orders 2^a * 12^b are); this width cannot be rotated.")
-    return h
+    a, p = hadamard_factors(n)
+    return torch.kron(a, _sylvester(p))
+
+
+def can_rotate(n: int) -> bool:
+    """Whether `hadamard` builds order n."""
+    try:
+        hadamard_factors(n)
+    except PippinError:
+        return False
+    return True
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -55,6 +82,78 @@ def rotation(signs: torch.Tensor) -> torch.Tensor:
     """The orthogonal R = diag(signs) H / sqrt(n) (float64); a row vector x goes to x R."""
     n = signs.numel()
     return signs.double()[:, None] * hadamard(n) / math.sqrt(n)
+
+
+class HadamardTransform:
+    """The online rotation x -> x R, R = rotation(signs), without building R (QuaRot's R4 on down_proj's input, where
+    nothing linear comes before it to fold into). H = kron(A, S_p) (`hadamard_factors`), so with x viewed as an
+    (m, p) matrix X, x H is A^T X S_p: an m x m mix of rows, then a fast Walsh-Hadamard transform of each row. The C++
+    op (`hadamard_rows`, csrc/hadamard.cpp) runs the forward map for fp32 rows; PyTorch runs it factor by factor
+    (small dense factors, differentiable) for gradients, other dtypes and the inverse x -> x R^T."""
+
+    def __init__(self, signs: torch.Tensor) -> None:
+        n = signs.numel()
+        a, p = hadamard_factors(n)
+        self.signs = signs.detach().float()
+        """(n,) fp32 ±1."""
+        negative = F.pad((self.signs < 0).to(torch.uint8), (0, -n % 8)).view(-1, 8)
+        self.sign_bits = (negative << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8).contiguous()
+        """(ceil(n / 8),) uint8, bit i % 8 of byte i // 8 set where signs[i] = -1: the kernels' form (192 bytes at
+        n = 1536, read cold every decode step, where fp32 signs take 6 KB)."""
+        self.block = (a / math.sqrt(n)).float().contiguous()
+        """(m, m) fp32: the Paley part with 1/sqrt(n) folded in."""
+        # S_p = kron(S_64, S_64, ..., S_rest): factors of at most 64 keep the PyTorch path's matrices small.
+        self._factors, log_p = [a / math.sqrt(n)], p.bit_length() - 1
+        while log_p > 0:
+            self._factors.append(_sylvester(1 << min(6, log_p)))
+            log_p -= min(6, log_p)
+
+    def __call__(self, x: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+        """x R (rows), or x R^T with inverse (R^T = H^T diag(signs) / sqrt(n), H^T = kron(A^T, S_p))."""
+        k = ops()
+        if not inverse and k is not None and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            return k.hadamard_rows(x, self.sign_bits, self.block)
+        mats = [f.to(x.dtype) for f in self._factors]
+        if inverse:
+            mats[0] = mats[0].T
+        else:
+            x = x * self.signs.to(x.dtype)
+        y = x.unflatten(-1, [f.shape[0] for f in mats])
+        for i, f in enumerate(mats):  # each factor along its own axis of the (m, p_1, p_2, ...) view
+            axis = y.dim() - len(mats) + i
+            y = (y.movedim(axis, -1) @ f).movedim(-1, axis)
+        y = y.flatten(-len(mats))
+        return y * self.signs.to(x.dtype) if inverse else y
+
+
+R4_SEED_OFFSET = 100_000
+"""Layer i's R4 signs use seed + R4_SEED_OFFSET + i: apart from R1 (seed) and R2 (seed + 1 + i) for any real depth."""
+
+
+def rotates_down_input(name: str, in_features: int) -> bool:
+    """Whether compression rotates this layer's input (R4): every down_proj whose width `hadamard` builds."""
+    return name.rsplit(".", 1)[-1] == "down_proj" and can_rotate(in_features)
+
+
+def down_input_signs(name: str, in_features: int, seed: int) -> torch.Tensor | None:
+    """R4's signs for layer `name` (`layers.{i}.mlp.down_proj`), or None where `rotates_down_input` says no."""
+    if not rotates_down_input(name, in_features):
+        return None
+    layer = int(name.split("layers.", 1)[1].split(".", 1)[0]) if "layers." in name else 0
+    return random_signs(in_features, seed + R4_SEED_OFFSET + layer)
+
+
+def hadamard_flops(n: int) -> int:
+    """FLOPs of x -> x R for one row of width n = m p (a multiply-add is 2): the signs (n), the m x m mix (2 m n) and
+    the Walsh-Hadamard transform (n log2 p)."""
+    a, p = hadamard_factors(n)
+    return n * (1 + 2 * a.shape[0] + p.bit_length() - 1)
+
+
+def rotate_moment(h: torch.Tensor, transform: HadamardTransform) -> torch.Tensor:
+    """R^T H R (float64) of a symmetric second moment H = E[x^T x]: the second moment of the rotated input x R."""
+    hr = transform(h.double())  # H R, row by row
+    return transform(hr.T.contiguous())  # (H R)^T R = R^T H R
 
 
 class RotatedHead(nn.Module):

@@ -23,6 +23,7 @@ from pippin.model.config import ModelConfig
 from pippin.model.transformer import Transformer
 from pippin.quant.linear import ACT8_BLOCK
 from pippin.quant.pack import SUPPORTED_BITS
+from pippin.quant.rotate import hadamard_flops, rotates_down_input
 from pippin.talaria.plan import DENSE_BITS, Plan, is_linear, linear_shape, plan_from_config, plan_from_model, weight_names
 
 INT8_HEAD_BLOCK = 32
@@ -271,7 +272,13 @@ def _rows(cfg: ModelConfig, plan: Plan, L: int, N: int) -> list[OpRow]:
             )
         )
         name = f"{pre}.mlp.down_proj"
-        linear(name, i, *linear_shape(cfg, name), plan.bits[name])
+        down = linear(name, i, *linear_shape(cfg, name), plan.bits[name])
+        if plan.rotated_inputs and down.bits in SUPPORTED_BITS and rotates_down_input(name, F):
+            # R4: x -> x R before the LUT matvec (in cache: FLOPs only), and the int8 signs stored with the layer
+            t = hadamard_flops(F)
+            down.stored_bytes += F
+            down.decode_flops, down.prefill_flops = down.decode_flops + t, down.prefill_flops + t * N
+            down.decode_bytes, down.prefill_bytes = down.decode_bytes + F, down.prefill_bytes + F
     # The final norm and the head run on the last position only in a prefill (the engine's logits_at).
     norm("norm", None, d, 1, tokens=1)
     if plan.rotated:

@@ -44,6 +44,9 @@ class Plan:
     """Dynamic 8-bit activations: palettized linears and the compressed head compute in int8."""
     rotated: bool = False
     """Hadamard rotations folded into the weights: the tied head pays one dim x dim fp32 matmul per token."""
+    rotated_inputs: bool = False
+    """R4: each palettized down_proj whose width `hadamard` builds rotates its input online (`hadamard_flops` a token)
+    and stores int8 signs, one per input."""
     kv_bits: int = 32
     """KV-cache width: 32 (pippin's CPU engine), 16, or 8 (int8 with an fp32 scale per token and head)."""
     act_bits: int = 32
@@ -157,6 +160,7 @@ def plan_from_model(model: Transformer, *, kv_bits: int = 32, act_bits: int = 32
         row_scale=row_scale is not False,
         act8=act8,
         rotated=isinstance(model.lm_head, RotatedHead),
+        rotated_inputs=any(isinstance(m, PalettizedLinear) and m.in_signs is not None for m in modules.values()),
         kv_bits=kv_bits,
         act_bits=act_bits,
     )
@@ -173,11 +177,13 @@ def plan_from_config(
     row_scale: bool = True,
     act8: bool = False,
     rotated: bool = False,
+    rotated_inputs: bool | None = None,
     kv_bits: int = 32,
     act_bits: int = 32,
 ) -> Plan:
     """A plan from a config alone: every weight dense at `dense_bits`, the linears of `compress_plan` palettized, and
-    the embedding at `embed_bits` (default dense)."""
+    the embedding at `embed_bits` (default dense). rotated_inputs (R4) defaults to `rotated`, as `pippin compress
+    --rotate` does."""
     if dense_bits not in DENSE_BITS:
         raise PippinError(f"Dense weights are {DENSE_BITS} bits, not {dense_bits}.")
     plan = Plan(
@@ -187,6 +193,7 @@ def plan_from_config(
         row_scale=row_scale,
         act8=act8,
         rotated=rotated,
+        rotated_inputs=rotated if rotated_inputs is None else rotated_inputs,
         kv_bits=kv_bits,
         act_bits=act_bits,
     )

@@ -148,7 +148,7 @@ def quantization_record(plan: Plan) -> dict[str, Any]:
         "row_scale": plan.row_scale,
         "act8": plan.act8,
         "kv8": plan.kv_bits == 8,
-        "rotation": {"method": "hadamard", "seed": 0} if plan.rotated else None,
+        "rotation": {"method": "hadamard", "seed": 0, "down_input": plan.rotated_inputs} if plan.rotated else None,
     }
 
 

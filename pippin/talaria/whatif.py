@@ -212,6 +212,8 @@ def plan_record(result: WhatIf, *, profile: DeviceProfile, model: str, target: T
         flags.append(f"--embed-bits {embed}")
     switches = (("--act8", p.act8), ("--rotate", p.rotated), ("--kv8", p.kv_bits == 8), ("--no-row-scale", not p.row_scale))
     flags += [flag for flag, on in switches if on]
+    if p.rotated and not p.rotated_inputs:
+        flags.append("--no-rotate-down")
     dense = sorted(n for n, b in p.bits.items() if is_linear(n) and b in DENSE_BITS)  # compress leaves them fp32
     record = {
         "plan": p.compress_plan(),

@@ -30,10 +30,13 @@ def test_prefill_graph_computes_pippins_logits(compressed_tiny):
 def test_palettized_weights_are_pippins_luts_and_indices(tmp_path, compressed_tiny):
     model, plan = compressed_tiny
     report = export_coreml(loaded(model), tmp_path / "m.mlpackage", seq_len=16)
-    assert report.all_equal and report.palettized == len(plan) + 1  # every linear and the embedding
+    # Every linear and the embedding, but the down_projs that rotate their input (R4): folded dense, W = W' R^T.
+    r4 = [n for n in plan if model.get_submodule(n).in_signs is not None]
+    assert len(r4) == 2 and report.all_equal and report.palettized == len(plan) + 1 - len(r4)
+    assert {c["name"] for c in report.checks if c["kind"] == "dense"} >= {n + ".weight" for n in r4}
     ops = read_program(tmp_path / "m.mlpackage")
     luts = {n: op for n, op in ops.items() if op.op_type == "constexpr_lut_to_dense"}
-    assert len(luts) == len(plan) + 1
+    assert len(luts) == len(plan) + 1 - len(r4)
     # One layer by hand: Core ML's LUT (G, 1, 2^b, 1) and indices are pippin's arrays (sorted, distinct LUT entries).
     name = "layers.1.mlp.up_proj"
     layer = model.get_submodule(name)

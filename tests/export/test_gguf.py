@@ -60,6 +60,11 @@ def test_compressed_tensors_get_the_nearest_types_and_the_report_measures_the_lo
     stored = by_name["blk.0.attn_q.weight"]
     assert stored.tensor_type == want_type
     assert np.array_equal(np.asarray(stored.data), gguf.quants.quantize(w, want_type))
+    # A down_proj that rotates its input online (R4) is written as its weight in the input's own basis, W = W' R^T.
+    down = model.layers[0].mlp.down_proj
+    assert down.in_signs is not None and any("R4" in n for n in report.notes)
+    stored = by_name["blk.0.ffn_down.weight"]
+    assert np.array_equal(np.asarray(stored.data), gguf.quants.quantize(down.dequantize().numpy(), stored.tensor_type))
     records = {r.name: r for r in report.tensors}
     assert {r.source for r in report.tensors} >= {f"palette{b}" for b in PLAN_BITS} | {"palette4", "fp32"}
     for r in report.tensors:

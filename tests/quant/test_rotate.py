@@ -1,9 +1,11 @@
-"""Rotations folded into the weights (pippin.quant.rotate) and sequential quantization (GPTQ order)."""
+"""Rotations folded into the weights (pippin.quant.rotate), down_proj's online input rotation (R4, a property of the
+palettized layer) and sequential quantization (GPTQ order)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pippin.engine.generate import decode_step, prefill
 from pippin.engine.kv_cache import KVCache
@@ -11,10 +13,10 @@ from pippin.errors import PippinError
 from pippin.kernels import ops
 from pippin.kernels.decoder import FusedDecoder
 from pippin.quant.calibrate import BLOCK_GROUPS, input_second_moments, sequential_second_moments
-from pippin.quant.compress import CompressConfig, compress_, quantization_meta
+from pippin.quant.compress import CompressConfig, apply_structure_, compress_, quantization_meta
 from pippin.quant.linear import PalettizedLinear
 from pippin.quant.palettize import fit_palette
-from pippin.quant.rotate import RotatedHead, hadamard, rotate_
+from pippin.quant.rotate import HadamardTransform, RotatedHead, down_input_signs, hadamard, random_signs, rotate_, rotate_moment, rotation
 from tests.conftest import tiny_model
 
 CALIB = list(torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(1)).tolist())
@@ -104,9 +106,26 @@ def test_rotated_sequential_model_reloads_decodes_fused_and_is_reproducible(tmp_
     )
     loaded = load_any(tmp_path / "ck").model
     assert isinstance(loaded.lm_head, RotatedHead)
+    assert quantization_meta(report, cfg)["rotation"] == {"method": "hadamard", "seed": 0, "down_input": True}
+    for i in range(2):  # R4: each down_proj stores W R with its own signs, and the checkpoint carries them
+        name = f"layers.{i}.mlp.down_proj"
+        signs = down_input_signs(name, 128, seed=0)
+        assert torch.equal(model.get_submodule(name).in_signs, signs) and torch.equal(loaded.get_submodule(name).in_signs, signs)
+        assert loaded.get_submodule(f"layers.{i}.mlp.up_proj").in_signs is None
+    assert not torch.equal(model.layers[0].mlp.down_proj.in_signs, model.layers[1].mlp.down_proj.in_signs)
     tokens = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model(tokens))
+        if not act8:  # the R4 layers compute their dequantized weight (original basis): a dense copy gives the logits
+            dense = tiny_model()
+            dense.load_state_dict(model.state_dict(), strict=False)
+            dense.lm_head = model.lm_head
+            for name, m in model.named_modules():
+                if isinstance(m, PalettizedLinear) and name.startswith("layers."):
+                    dense.set_submodule(name, nn.Linear(m.in_features, m.out_features, bias=False))
+                    dense.get_submodule(name).weight.copy_(m.dequantize())
+            dense.embed_tokens = model.embed_tokens
+            torch.testing.assert_close(dense(tokens), model(tokens), atol=1e-4, rtol=1e-4)
     if ops() is None:
         return
     fused = FusedDecoder.from_model(loaded)
@@ -117,3 +136,51 @@ def test_rotated_sequential_model_reloads_decodes_fused_and_is_reproducible(tmp_
         for t in range(8, 12):
             a, b = (decode_step(f, tokens[:, t], cache[n]) for n, f in (("fused", fused), ("model", loaded)))
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_rotated_second_moment_is_exact():
+    """R4 needs no new calibration pass: the rotated input's second moment is R^T H R."""
+    x = torch.randn(300, 96, dtype=torch.float64) * torch.linspace(0.1, 5, 96, dtype=torch.float64)  # outlier channels
+    signs = random_signs(96, 4)
+    h, r = x.T @ x / 300, rotation(signs)
+    rotated = rotate_moment(h, HadamardTransform(signs))
+    torch.testing.assert_close(rotated, (x @ r).T @ (x @ r) / 300, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(rotated, r.T @ h @ r, atol=1e-10, rtol=1e-10)
+    assert rotated.diagonal().std() < 0.2 * h.diagonal().std()  # the point: the channels' energy is spread
+
+
+@pytest.mark.parametrize("act8", [False, True])
+def test_input_rotated_layer_computes_its_dequantized_weight(act8):
+    """A layer that stores W' = W R: dequantize() is W' R^T (the input's own basis), and every forward path rotates x
+    first (one and several rows: the LUT kernel or act8; 40 rows: the dense reference)."""
+    signs = random_signs(128, 2)
+    r = rotation(signs)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    lin = PalettizedLinear.from_palette(fit_palette((w.double() @ r).float(), bits=3, group_size=16), in_signs=signs)
+    lin.act8 = act8
+    torch.testing.assert_close(lin.dequantize().double(), lin.stored_weight().double() @ r.T, atol=1e-5, rtol=1e-5)
+    assert (lin.dequantize() - w).norm() < 0.3 * w.norm()  # W's 3-bit approximation, in W's basis
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+        want = lin._act8_reference((x.double() @ r).float()) if act8 else x @ lin.dequantize().T
+        torch.testing.assert_close(lin(x), want, atol=1e-4, rtol=1e-4)
+        # with gradients through x (an adapter below it in training), the PyTorch rotation
+        torch.testing.assert_close(lin(x.clone().requires_grad_(True)), want, atol=1e-4, rtol=1e-4)
+    assert lin.nbytes() == 32 * 128 * 3 // 8 + 2 * 8 * 2 + 128
+
+
+@pytest.mark.parametrize("ffn_dim", [128, 80])
+def test_r4_rotates_down_proj_where_the_width_allows_and_old_records_load_unrotated(ffn_dim):
+    """No Hadamard matrix of order 80 is built in: that down_proj stays unrotated instead of failing. Without error
+    feedback the rotated input's k-means importance comes from its full second moment. A record from before R4
+    (no "down_input") rebuilds layers without the signs buffer; one with it, with."""
+    model = tiny_model(ffn_dim=ffn_dim)
+    plan = {f"layers.{i}.mlp.{n}": 4 for i in range(2) for n in ("up_proj", "down_proj")}
+    compress_(model, CALIB, CompressConfig(plan=plan, rotate=True, error_feedback=False, seq_len=128, n_seqs=2))
+    down = model.layers[1].mlp.down_proj
+    assert (down.in_signs is not None) == (ffn_dim == 128)
+    assert model.layers[1].mlp.up_proj.in_signs is None
+    for record, rotated in (({"method": "hadamard", "seed": 0}, False), ({"method": "hadamard", "seed": 0, "down_input": True}, True)):
+        shell = tiny_model(ffn_dim=ffn_dim)
+        apply_structure_(shell, {"method": "palettize", "group_size": 16, "plan": plan, "rotation": record})
+        assert (shell.layers[1].mlp.down_proj.in_signs is not None) == (rotated and ffn_dim == 128)

@@ -95,6 +95,9 @@ def test_stored_bytes_equal_the_compressed_modules_tensors(config):
     # The same storage read from the config.json record on the meta device (what `pippin talaria MODEL_DIR` does).
     meta = quantization_meta(report, _config(config))
     assert plan_from_model(skeleton(model.config, meta)).bits == plan.bits
+    assert plan_from_model(skeleton(model.config, meta)).rotated_inputs == plan.rotated_inputs == bool(config.get("rotate"))
+    if plan.rotated_inputs:  # R4 on down_proj (width 128 = 2^7): signs, no Paley mix (m = 1: 2 FLOPs), 7 butterflies
+        assert by_name(rows)["layers.0.mlp.down_proj"].decode_flops == 2 * 64 * 128 + 128 * (1 + 2 + 7)
 
 
 def _config(overrides):

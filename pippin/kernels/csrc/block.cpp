@@ -3,6 +3,7 @@
 #include "block.h"
 #include "act8.h"
 #include "attention.h"
+#include "hadamard.h"
 #include "lora.h"
 #include "lut.h"
 #include "matvec.h"
@@ -13,8 +14,9 @@ namespace pippin {
 // pre-norm attention (q, k, v projections, RoPE, in-place KV-cache write, causal GQA attention over the
 // cache, o-projection, residual), then the pre-norm SwiGLU MLP and residual. Each of the 7 projections
 // [q, k, v, o, gate, up, down] is dense (bits 0: fp32/fp16/bf16 matvec) or palettized (bits > 0: packed
-// indices + LUT, never dequantized; with an int8 LUT and its scale, the 4-bit x 8-bit-activation kernel). Replaces ~40 eager ops per layer with one call; equals the module
-// path (tested).
+// indices + LUT, never dequantized; with an int8 LUT and its scale, the 4-bit x 8-bit-activation kernel), and may
+// rotate its input first (rot_signs / rot_blocks: hadamard_rows; its LoRA reads the unrotated input). Replaces ~40
+// eager ops per layer with one call; equals the module path (tested).
 at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& lut,
                         const c10::optional<at::Tensor>& lut_scale, int64_t bits, int64_t group) {
   if (bits == 0) {
@@ -29,7 +31,8 @@ at::Tensor apply_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 }
 
 at::Tensor decode_block_impl(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm, const Proj7& weights,
-                             const Opt7& luts, const Opt7& lut_scales, const std::array<int64_t, 7>& bits, int64_t group,
+                             const Opt7& luts, const Opt7& lut_scales, const Opt7& rot_signs, const Opt7& rot_blocks,
+                             const std::array<int64_t, 7>& bits, int64_t group,
                              const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, int64_t start,
                              int64_t n_heads, int64_t n_kv_heads, double eps, const Opt7* lora_a, const Opt7* lora_b,
                              const Opt7* lora_scale, const Opt& lora_idx, const Opt& row_starts, const Opt& k_scale,
@@ -62,15 +65,17 @@ at::Tensor decode_block_impl(const at::Tensor& x_in, const at::Tensor& attn_norm
               "decode_block: cache must be (B, H_kv, S, D) for both k and v");
   const bool lora = lora_idx.has_value() && lora_a != nullptr;
   auto lin = [&](const at::Tensor& in, int i) {
-    auto y = apply_linear(in, weights[i], luts[i], lut_scales[i], bits[i], group);
+    const auto rin = rot_signs[i].has_value() ? hadamard_rows(in, *rot_signs[i], *rot_blocks[i]) : in;
+    auto y = apply_linear(rin, weights[i], luts[i], lut_scales[i], bits[i], group);
     if (lora && (*lora_a)[i].has_value()) lora_add_(y, in, *(*lora_a)[i], *(*lora_b)[i], *(*lora_scale)[i], *lora_idx);
     return y;
   };
   // Projections that share an input run as one act8_multi call, straight into one buffer, when all are act8
-  // and none has an adapter (lora_add_ wants each output on its own).
+  // and none has an adapter (lora_add_ wants each output on its own) or an input rotation (an input of its own).
   auto fusable = [&](std::initializer_list<int> idx) {
     for (int i : idx)
-      if (!luts[i].has_value() || luts[i]->scalar_type() != at::kChar || !lut_scales[i].has_value() || (lora && (*lora_a)[i].has_value()))
+      if (!luts[i].has_value() || luts[i]->scalar_type() != at::kChar || !lut_scales[i].has_value() || (lora && (*lora_a)[i].has_value()) ||
+          rot_signs[i].has_value())
         return false;
     return true;
   };

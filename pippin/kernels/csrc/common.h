@@ -15,6 +15,8 @@
 //            activations.
 // attention.cpp (the attention over the KV cache and the int8 KV store: attention.h)
 // rope_:     rotate-half RoPE in place over the q and k heads of a fused q|k|v row.
+// hadamard.cpp
+// hadamard_rows: x -> ((x * signs) H) / sqrt(n) per row (signs as a bitmask), a layer's online input rotation (R4).
 // lora.cpp
 // lora_add_: y += scale[s] * (x A[s]^T) B[s]^T per row, with each row's adapter slot s (fp16 A/B stacks):
 //            mixed-adapter batches in one call (S-LoRA / punica's gathered LoRA, for a few rows).

@@ -1,6 +1,7 @@
 #include "step.h"
 #include "act8.h"
 #include "attention.h"
+#include "hadamard.h"
 #include "lut.h"
 #include "matvec.h"
 
@@ -23,13 +24,14 @@ struct ActBufs {
   ActBufs(int64_t m, int64_t kmax) : M(m), K(kmax), q(4 * m * kmax), scale(4 * m * (kmax / ACT8_BLOCK + 1)), shift(4 * m) {}
   static int slot(int64_t bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits == 4 ? 2 : 3; }
   void reset() { std::fill(ready, ready + 4, false); }
-  Act8View get(const StepProj& p, const float* x) {
+  // once: x is a projection's own rotated input, quantized for it alone (the slot then holds no phase input).
+  Act8View get(const StepProj& p, const float* x, bool once = false) {
     if (p.kind != 4) return {nullptr, nullptr, nullptr};
     const int i = slot(p.bits);
     int8_t* qp = q.data() + i * M * K;
     float* sp = scale.data() + i * M * (K / ACT8_BLOCK + 1);
     float* hp = shift.data() + i * M;
-    if (!ready[i]) quantize_act8_into(x, M, p.K, p.bits, qp, sp, hp), ready[i] = true;
+    if (!ready[i] || once) quantize_act8_into(x, M, p.K, p.bits, qp, sp, hp), ready[i] = !once;
     return {qp, sp, hp};
   }
 };
@@ -133,12 +135,14 @@ struct SpinBarrier {
 DecodePlan::DecodePlan(std::vector<at::Tensor> attn_norms, std::vector<at::Tensor> mlp_norms, std::vector<at::Tensor> w,
                        c10::List<c10::optional<at::Tensor>> lut, c10::List<c10::optional<at::Tensor>> lut_scale, std::vector<int64_t> b,
                        std::vector<int64_t> group, int64_t heads, int64_t kv_heads, double norm_eps, c10::List<c10::optional<at::Tensor>> la,
-                       c10::List<c10::optional<at::Tensor>> lb, c10::List<c10::optional<at::Tensor>> ls)
+                       c10::List<c10::optional<at::Tensor>> lb, c10::List<c10::optional<at::Tensor>> ls, c10::List<c10::optional<at::Tensor>> rs,
+                       c10::List<c10::optional<at::Tensor>> rb)
     : norm1(std::move(attn_norms)), norm2(std::move(mlp_norms)), groups(std::move(group)), n_heads(heads), n_kv_heads(kv_heads), eps(norm_eps) {
   const size_t L = norm1.size();
   TORCH_CHECK(norm2.size() == L && groups.size() == L && w.size() == 7 * L && lut.size() == 7 * L && lut_scale.size() == 7 * L && b.size() == 7 * L,
               "DecodePlan: need 7 projections, LUTs, scales and bits per layer");
   TORCH_CHECK(la.size() == 7 * L && lb.size() == 7 * L && ls.size() == 7 * L, "DecodePlan: need 7 LoRA entries (or None) per layer");
+  TORCH_CHECK(rs.size() == 7 * L && rb.size() == 7 * L, "DecodePlan: need 7 input rotations (or None) per layer");
   for (size_t l = 0; l < L; ++l) {
     Proj7 wl;
     std::array<int64_t, 7> bl;
@@ -150,6 +154,18 @@ DecodePlan::DecodePlan(std::vector<at::Tensor> attn_norms, std::vector<at::Tenso
     lora_a.push_back(opt7(la, 7 * l));
     lora_b.push_back(opt7(lb, 7 * l));
     lora_s.push_back(opt7(ls, 7 * l));
+    rot_signs.push_back(opt7(rs, 7 * l));
+    rot_blocks.push_back(opt7(rb, 7 * l));
+    std::array<InputRotation, 7> rl;
+    for (int i = 0; i < 7; ++i) {
+      const Opt &S = rot_signs[l][i], &R = rot_blocks[l][i];
+      TORCH_CHECK(S.has_value() == R.has_value(), "DecodePlan: an input rotation needs its signs and its block");
+      if (!S.has_value()) continue;
+      const int64_t K = bl[i] ? weights[l][i].size(1) * 8 / bl[i] : weights[l][i].size(1);  // K * bits / 8 bytes a row
+      rl[i] = input_rotation(*S, *R, K);
+      has_rot = true;
+    }
+    rot.push_back(rl);
   }
   // The fused step needs every projection on a row kernel, one model width, and q|k|v / gate|up sharing inputs.
   fused = L > 0;
@@ -200,6 +216,7 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
   const int64_t Kmax = std::max({Dm, Wq, F});
   const bool use_lora = !slot.empty();
   std::vector<float> qkv(M * W), attn(M * Wq), tmp(M * Dm), gu(M * 2 * F), act(M * F), lh(use_lora ? 7 * M * lora_rank : 0);
+  std::vector<float> rot_rows(has_rot ? M * std::max(Wq, F) : 0);  // o / down inputs rotated, split over the threads
   float* xp = x.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
   KT *kc = k.data_ptr<KT>(), *vc = v.data_ptr<KT>();
@@ -211,8 +228,17 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
 #pragma omp parallel num_threads(threads)
   {
     const int64_t tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    std::vector<float> h(M * Kmax), p(S_max);
+    std::vector<float> h(M * Kmax), p(S_max), rx(has_rot ? M * Kmax : 0);
     ActBufs ab(M, Kmax);
+    // Projection j's input: `in` (M rows of width K), or its rotation into this thread's own buffer (every thread
+    // rotates all rows, as it normalizes and quantizes them; with several rows the o- and down-projections split the
+    // work over the threads instead, at the price of a barrier: a row of 1536 takes 1.4 us, and a barrier in a
+    // one-row step cost more than the half row it saved on a busy machine).
+    auto rotated = [&](const InputRotation& r, const float* in, int64_t K) -> const float* {
+      if (r.signs == nullptr) return in;
+      for (int64_t m = 0; m < M; ++m) hadamard_row(in + m * K, r.signs, r.block, r.m, r.p, rx.data() + m * K);
+      return rx.data();
+    };
     // The adapters' A x of projections js (input x, width K), split over the threads; a barrier when any ran.
     auto lora_phase = [&](const std::array<StepLora, 7>& lo, std::initializer_list<int> js, const float* in, int64_t K) {
       if (!use_lora) return;
@@ -230,12 +256,28 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
     auto lora_rows = [&](const StepLora& lo, int j, float* y, int64_t ldy, int64_t n0, int64_t n1) {
       if (use_lora && lo.A != nullptr && n0 < n1) lora_up(lo, slot.data(), lh.data() + j * M * lora_rank, y, ldy, M, n0, n1);
     };
-    // x += in @ W_j^T (+ its adapter), each thread on its own output rows: the o- and down-projections.
-    auto residual = [&](const std::array<StepProj, 7>& P, const std::array<StepLora, 7>& LO, int j, const float* in, int64_t K) {
+    // x += in @ W_j^T (+ its adapter, on the unrotated input), each thread on its own output rows: the o- and
+    // down-projections.
+    auto residual = [&](const std::array<StepProj, 7>& P, const std::array<StepLora, 7>& LO, const std::array<InputRotation, 7>& R, int j,
+                        const float* in, int64_t K) {
       ab.reset();
       lora_phase(LO, {j}, in, K);
       const auto [a, b] = share(Dm, nt, tid, 2);
-      proj_rows(P[j], in, ab.get(P[j], in), tmp.data(), Dm, M, a, b);
+      const float* pin = in;
+      if (R[j].signs != nullptr && nt > 1 && M > 1) {  // each thread its share of the M x m output rows (of p), for all
+        const InputRotation& r = R[j];
+        const auto [u0, u1] = share(M * r.m, nt, tid, 1);
+        for (int64_t u = u0; u < u1;) {
+          const int64_t row = u / r.m, ja0 = u % r.m, ja1 = std::min(r.m, ja0 + u1 - u);
+          hadamard_row(in + row * K, r.signs, r.block, r.m, r.p, rot_rows.data() + row * K, ja0, ja1);
+          u += ja1 - ja0;
+        }
+        bar.wait(int(nt));
+        pin = rot_rows.data();
+      } else {
+        pin = rotated(R[j], in, K);
+      }
+      proj_rows(P[j], pin, ab.get(P[j], pin, pin != in), tmp.data(), Dm, M, a, b);
       lora_rows(LO[j], j, tmp.data(), Dm, a, b);
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = a; n < b; ++n) xp[m * Dm + n] += tmp[m * Dm + n];
@@ -243,6 +285,7 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
     for (int64_t l = 0; l < L; ++l) {
       const auto& P = step[l];
       const auto& LO = lora[l];
+      const auto& RO = rot[l];
       // q | k | v from the normed input
       for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm1[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
       ab.reset();
@@ -252,7 +295,9 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
         const int64_t off[4] = {0, Wq, Wq + Wk, W};
         for (int j = 0; j < 3; ++j) {
           const int64_t n0 = std::max(a, off[j]) - off[j], n1 = std::min(b, off[j + 1]) - off[j];
-          proj_rows(P[j], h.data(), ab.get(P[j], h.data()), qkv.data() + off[j], W, M, n0, n1);
+          if (n0 >= n1) continue;
+          const float* in = rotated(RO[j], h.data(), Dm);
+          proj_rows(P[j], in, ab.get(P[j], in, in != h.data()), qkv.data() + off[j], W, M, n0, n1);
           lora_rows(LO[j], j, qkv.data() + off[j], W, n0, n1);
         }
       }
@@ -288,7 +333,7 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
                          vsc ? vsc + l * layer_kv : nullptr, attn.data(), starts.data(), 1, H, Hkv, hd, S_max, p.data(), a, b);
       }
       bar.wait(int(nt));
-      residual(P, LO, 3, attn.data(), Wq);
+      residual(P, LO, RO, 3, attn.data(), Wq);
       bar.wait(int(nt));
       // SwiGLU: gate and up rows of the same features on the same thread, then silu(gate) * up there
       for (int64_t m = 0; m < M; ++m) rms_norm_row(xp + m * Dm, norm2[l].data_ptr<float>(), h.data() + m * Dm, Dm, eps);
@@ -296,14 +341,16 @@ at::Tensor DecodePlan::fused_step(const at::Tensor& x_in, const at::Tensor& cos_
       lora_phase(LO, {4, 5}, h.data(), Dm);
       {
         const auto [a, b] = share(F, nt, tid, 2);
-        proj_rows(P[4], h.data(), ab.get(P[4], h.data()), gu.data(), 2 * F, M, a, b);
-        proj_rows(P[5], h.data(), ab.get(P[5], h.data()), gu.data() + F, 2 * F, M, a, b);
+        for (int j = 4; j < 6 && a < b; ++j) {
+          const float* in = rotated(RO[j], h.data(), Dm);
+          proj_rows(P[j], in, ab.get(P[j], in, in != h.data()), gu.data() + (j - 4) * F, 2 * F, M, a, b);
+        }
         lora_rows(LO[4], 4, gu.data(), 2 * F, a, b);
         lora_rows(LO[5], 5, gu.data() + F, 2 * F, a, b);
         for (int64_t m = 0; m < M; ++m) silu_mul_range(gu.data() + m * 2 * F, gu.data() + m * 2 * F + F, act.data() + m * F, a, b);
       }
       bar.wait(int(nt));
-      residual(P, LO, 6, act.data(), F);
+      residual(P, LO, RO, 6, act.data(), F);
       bar.wait(int(nt));
     }
   }
@@ -356,7 +403,7 @@ at::Tensor DecodePlan::forward(at::Tensor x, const at::Tensor& cos, const at::Te
   }
   const bool lo = lora_idx.has_value();
   for (int64_t l = 0; l < L; ++l)
-    x = decode_block_impl(x, norm1[l], norm2[l], weights[l], luts[l], scales[l], bits[l], groups[l], cos, sin, k.select(0, l),
+    x = decode_block_impl(x, norm1[l], norm2[l], weights[l], luts[l], scales[l], rot_signs[l], rot_blocks[l], bits[l], groups[l], cos, sin, k.select(0, l),
                           v.select(0, l), start, n_heads, n_kv_heads, eps, lo ? &lora_a[l] : nullptr, lo ? &lora_b[l] : nullptr,
                           lo ? &lora_s[l] : nullptr, lora_idx, row_starts, kv8 ? Opt(k_scale->select(0, l)) : c10::nullopt,
                           kv8 ? Opt(v_scale->select(0, l)) : c10::nullopt);

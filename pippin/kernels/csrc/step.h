@@ -2,6 +2,7 @@
 #pragma once
 
 #include "block.h"
+#include "hadamard.h"
 #include "lora.h"
 
 namespace pippin {
@@ -24,21 +25,23 @@ struct StepProj {
 struct DecodePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> norm1, norm2;
   std::vector<Proj7> weights;
-  std::vector<Opt7> luts, scales, lora_a, lora_b, lora_s;
+  std::vector<Opt7> luts, scales, lora_a, lora_b, lora_s, rot_signs, rot_blocks;
   std::vector<std::array<int64_t, 7>> bits;
   std::vector<int64_t> groups;
   int64_t n_heads, n_kv_heads;
   double eps;
   std::vector<std::array<StepProj, 7>> step;
   std::vector<std::array<StepLora, 7>> lora;
+  std::vector<std::array<InputRotation, 7>> rot;  // each projection's input rotation (signs == nullptr: none)
   std::vector<at::Tensor> keep;  // converted LUTs and scales the step's raw pointers point into
-  bool fused = false, dense_fp32 = false, has_lora = false, lora_ok = true;
+  bool fused = false, dense_fp32 = false, has_lora = false, lora_ok = true, has_rot = false;
   int64_t lora_slots = 0, lora_rank = 0;
 
   DecodePlan(std::vector<at::Tensor> attn_norms, std::vector<at::Tensor> mlp_norms, std::vector<at::Tensor> w,
              c10::List<c10::optional<at::Tensor>> lut, c10::List<c10::optional<at::Tensor>> lut_scale, std::vector<int64_t> b,
              std::vector<int64_t> group, int64_t heads, int64_t kv_heads, double norm_eps, c10::List<c10::optional<at::Tensor>> la,
-             c10::List<c10::optional<at::Tensor>> lb, c10::List<c10::optional<at::Tensor>> ls);
+             c10::List<c10::optional<at::Tensor>> lb, c10::List<c10::optional<at::Tensor>> ls, c10::List<c10::optional<at::Tensor>> rs,
+             c10::List<c10::optional<at::Tensor>> rb);
 
   // One token per row through every layer in one parallel region (see "a whole decode step" in step.cpp). slot: each
   // row's LoRA slot (empty: no adapter).
