@@ -13,7 +13,7 @@ rows for N=8, an N-bit LUT otherwise; no error feedback, no row scales), emb4-ef
 now), linears=PLAN (a plan.json, e.g. the 3.5 bpw model's), uniform=B (every linear at B bits). Options as suffixes:
 +rot folds the rotations of `pippin.quant.rotate` into the weights first, +seq quantizes block by block on the
 quantized model's inputs, +gN gives each N rows one LUT (16 by default), +norows drops the linears' row scales (on by
-default). llama=TYPE (Q4_0, Q3_K_M, Q2_K...) scores
+default), +nor4 drops +rot's online Hadamard on down_proj's input. llama=TYPE (Q4_0, Q3_K_M, Q2_K...) scores
 llama.cpp's own quantization of the shipped model through llama-cpp-python (`make bench-setup`) on the same sample.
 """
 
@@ -47,6 +47,8 @@ def variant_config(name: str, linears: list[str]) -> CompressConfig:
             extra["sequential"] = True
         elif o == "norows":
             extra["row_scale"] = False
+        elif o == "nor4":
+            extra["rotate_down"] = False
     kind, _, arg = name.partition("=")
     if kind == "bpw":  # the whole model under a budget, as `make compressed-3.5` builds it
         return CompressConfig(bpw=float(arg), embed_bits=4, **extra)
