@@ -6,7 +6,7 @@ Engines, all on the default model with the same thread count, measured in one pr
   pippin-fp32-ref    pippin's plain PyTorch reference path (no kernels), fp32 weights
   transformers-fp32  transformers LlamaForCausalLM with the same fp32 weights (sdpa, DynamicCache)
   pippin-4bit-act8   pippin's 4-bit palette (one LUT per 16 rows, 8-bit embedding), 8-bit activations (integer kernels)
-  pippin-6bit-act8   what `make run` serves: 6-bit LUTs on every linear (expanded bytes), the int8 embedding
+  pippin-served-act8 what `make run` serves: 4/6-bit LUTs with row scales, a 6-bit embedding, rotations (5.4 bpw)
   ...-avx2           the same on the AVX2 kernel variant (where the CPU also runs AVX-512 VNNI, which is the default)
   pippin-5.4bpw-4/6-act8  the mixed 4/6-bit model at 5.4 bpw (8-bit embedding), 8-bit activations (6-bit layers
                      run on expanded bytes)
@@ -201,8 +201,8 @@ def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
 
 COMPRESSED = os.environ.get("PIPPIN_BENCH_COMPRESSED", "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw-rot")
 """The 3.5 bpw checkpoint (`make compressed-3.5`); the 4-bit one is `make bench-models`' bench-4bit."""
-SERVED = os.environ.get("PIPPIN_BENCH_SERVED", "~/.cache/pippin/models/smollm2-135m-instruct-6bit")
-"""What `make run` serves (`make compressed`): 6-bit LUTs on every linear, the int8 embedding (6.5 bpw)."""
+SERVED = os.environ.get("PIPPIN_BENCH_SERVED", "~/.cache/pippin/models/smollm2-135m-instruct-5.4bpw")
+"""What `make run` serves (`make compressed`): 4/6-bit LUTs, a 6-bit embedding, rotations (5.4 bpw)."""
 FOUR_BIT = os.environ.get("PIPPIN_BENCH_4BIT", "~/.cache/pippin/models/bench-4bit")
 MIXED_46 = os.environ.get("PIPPIN_BENCH_46", "~/.cache/pippin/models/bench-5.4bpw-46")
 """The 5.4 bpw mixed 4/6-bit model (`make bench-models`): the one whose perplexity beats llama.cpp's Q3_K_M."""
@@ -210,8 +210,8 @@ MIXED_46 = os.environ.get("PIPPIN_BENCH_46", "~/.cache/pippin/models/bench-5.4bp
 ENGINES = {
     "pippin-fp32": lambda th: pippin_engine(True),
     "pippin-fp32-ref": lambda th: pippin_engine(False),
-    "pippin-6bit-act8": lambda th: pippin_engine(True, SERVED, act8=True),
-    "pippin-6bit-act8-avx2": lambda th: pippin_engine(True, SERVED, act8=True, kernel_variant="avx2-fma"),
+    "pippin-served-act8": lambda th: pippin_engine(True, SERVED, act8=True),
+    "pippin-served-act8-avx2": lambda th: pippin_engine(True, SERVED, act8=True, kernel_variant="avx2-fma"),
     "pippin-3.5bpw-act8-avx2": lambda th: pippin_engine(True, COMPRESSED, act8=True, kernel_variant="avx2-fma"),
     "pippin-5.4bpw-4/6-act8": lambda th: pippin_engine(True, MIXED_46, act8=True),
     "pippin-4bit-act8": lambda th: pippin_engine(True, FOUR_BIT, act8=True),
