@@ -113,6 +113,22 @@ def use_variant(name: str) -> Iterator[None]:
         ops().set_kernel_variant(before)
 
 
+def assert_fused_like_reference(run, reference, fused) -> list[torch.Tensor]:  # noqa: ANN001 - run(forward) -> logits
+    """The fused decoder's logits equal the reference's (1e-4), and the same on one thread as on several (1e-6): the
+    plan's phases are split over the threads. Returns the fused run's logits."""
+    want, got = run(reference), run(fused)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for a, b in zip(run(fused), got, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    return got
+
+
 _BROWSER: dict[str, int] = {}
 
 

@@ -14,7 +14,7 @@ from pippin.quant.linear import PalettizedLinear
 from pippin.quant.palettize import fit_palette
 from pippin.quant.rotate import HadamardTransform, random_signs, rotation
 from tests.adapters.test_lora import random_adapter
-from tests.conftest import tiny_model
+from tests.conftest import assert_fused_like_reference, tiny_model
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
 
@@ -92,18 +92,9 @@ def test_fused_decoder_runs_input_rotations_like_the_model(act8, kv8, lora):
                 out.append(decode_step(fwd, tokens[torch.arange(3), lengths + t], cache))
         return out
 
-    want, got = run(model), run(fast)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for a, b in zip(run(fast), got):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    finally:
-        torch.set_num_threads(threads)
+    got = assert_fused_like_reference(run, model, fast)
     # The rotation matters: the same LUTs read without it give other logits.
     for m in model.modules():
         if isinstance(m, PalettizedLinear):
             m.in_signs = None
-    assert not torch.allclose(run(FusedDecoder.from_model(model))[-1], want[-1], atol=1e-2)
+    assert not torch.allclose(run(FusedDecoder.from_model(model))[-1], got[-1], atol=1e-2)

@@ -13,7 +13,7 @@ from pippin.engine.sampling import SamplingParams
 from pippin.kernels import ops
 from pippin.kernels.decoder import FusedDecoder
 from pippin.model.transformer import Block, Transformer
-from tests.conftest import fused_block_calls, tiny_model
+from tests.conftest import assert_fused_like_reference, fused_block_calls, tiny_model
 
 pytestmark = pytest.mark.skipif(ops() is None, reason="pippin kernels unavailable (no AVX2 or no compiler)")
 
@@ -128,16 +128,7 @@ def test_decode_plan_fused_step_equals_the_reference_for_ragged_rows_and_any_thr
             out.append(decode_step(model, tokens[torch.arange(3), lengths + t], cache))
         return out
 
-    want, got = run(ref), run(fast)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for a, b in zip(run(fast), got):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    finally:
-        torch.set_num_threads(threads)
+    assert_fused_like_reference(run, ref, fast)
 
 
 @pytest.mark.parametrize("kv8", [False, True])
