@@ -11,10 +11,13 @@ Not here: the steps themselves (filters, pii, decontamination_steps, packing) an
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from datatrove.data import DocumentsPipeline
+from datatrove.executor import RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
@@ -162,6 +165,30 @@ def build_stages(config: PipelineConfig) -> list[tuple[str, list[PipelineStep], 
     return stages
 
 
+_fork_hook_registered = False
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class RayExecutor(RayPipelineExecutor):
+    """datatrove's Ray executor, with forked children that die on SIGTERM.
+
+    Each Ray task runs its ranks in a pool forked from the Ray worker, and closing the pool SIGTERMs its processes. A
+    fork inherits Ray's SIGTERM handler, which raises SystemExit and runs Ray's atexit shutdown in the child; a child
+    caught waiting on the pool's queue lock then never exits and the task hangs. Unpickling the executor in the worker
+    registers a fork hook that restores the default action in the children.
+    """
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        global _fork_hook_registered
+        self.__dict__.update(state)
+        if not _fork_hook_registered:
+            os.register_at_fork(after_in_child=_default_sigterm)
+            _fork_hook_registered = True
+
+
 def make_executors(config: PipelineConfig) -> list[Any]:
     """One datatrove executor per stage, each depending on the one before; the last one's run() runs them all."""
     executors: list[Any] = []
@@ -185,9 +212,7 @@ def make_executors(config: PipelineConfig) -> list[Any]:
                 SlurmPipelineExecutor(**common, job_name=f"pippin-data-{name}", workers=config.workers, **config.executor_args)
             )
         else:
-            from datatrove.executor import RayPipelineExecutor
-
-            executors.append(RayPipelineExecutor(**common, workers=config.workers, **config.executor_args))
+            executors.append(RayExecutor(**common, workers=config.workers, **config.executor_args))
     return executors
 
 

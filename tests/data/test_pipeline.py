@@ -4,8 +4,11 @@ keep too (near-duplicates at Jaccard 0.3), PII is redacted in the shards, 1 and 
 run resumes from datatrove's completion markers."""
 
 import json
+import os
+import pickle
 import random
 import shutil
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +20,7 @@ from pippin.cli import main
 from pippin.data.pipeline import config_from_dict, default_eval_data
 from pippin.data.planted import english_doc, eval_passages, near_duplicate
 from pippin.data.shards import read_shards
-from pippin.data.stages import run_pipeline
+from pippin.data.stages import RayExecutor, run_pipeline
 
 EMAIL, CARD = "ann.lee7@mail.com", "4111 1111 1111 1111"
 
@@ -129,6 +132,34 @@ def test_ray_executor_gives_the_same_shards(corpus, runs):
     assert [np.asarray(x).tolist() for x in a.arrays] == [np.asarray(x).tolist() for x in b.arrays]
     strip = lambda r: [{k: v for k, v in s.items() if k not in ("seconds", "docs_per_s")} for s in r["steps"]]  # noqa: E731
     assert strip(report) == strip(runs[1])
+
+
+def test_forks_of_a_ray_worker_die_on_sigterm(tmp_path):
+    """A Ray worker handles SIGTERM in Python, and the pool datatrove forks from it inherits that; closing the pool
+    then hung on a child that ran Ray's exit path. Once the executor is unpickled (as in the worker), forks take the
+    default action again, and the worker's own handler is kept."""
+
+    def rays_handler(signum, frame):  # like Ray's: raise SystemExit
+        raise SystemExit(1)
+
+    old = signal.signal(signal.SIGTERM, rays_handler)
+    try:
+        pickle.loads(pickle.dumps(RayExecutor(pipeline=[], tasks=1, logging_dir=str(tmp_path))))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child reports its handler, then waits to be terminated
+            os.write(w, b"1" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"0")
+            signal.pause()
+            os._exit(0)
+        assert os.read(r, 1) == b"1"
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is rays_handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        os.close(r)
+        os.close(w)
 
 
 def test_a_killed_run_resumes(corpus, runs, capsys):
