@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from pippin.serve.config import ServeConfig
+
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
     "Explain how rainbows form.",
@@ -243,10 +245,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--stream-interval-ms", type=float, default=None, help="the server's --stream-interval-ms (default: its own)")
     ap.add_argument("--single", type=int, default=0, help="rounds of one streamed request against `pippin generate` (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    proc, url = start_server(["--model", f"bench={args.model}", "--threads", str(args.threads), "--max-batch", str(args.max_batch)])
+    flags = ["--model", f"bench={args.model}", "--threads", str(args.threads), "--max-batch", str(args.max_batch)]
+    if args.stream_interval_ms is not None:
+        flags += ["--stream-interval-ms", str(args.stream_interval_ms)]
+    proc, url = start_server(flags)
     try:
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"].startswith("bench")]
         print(f"models: {models}", file=sys.stderr)
@@ -264,6 +270,7 @@ def main() -> None:
         proc.wait(timeout=30)
     report = {
         **run_header(args.threads),
+        "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None else ServeConfig().stream_interval_ms,
         "models": models,
         "single_stream": single,
         "runs": runs,

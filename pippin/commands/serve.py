@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("PIPPIN_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every /v1 request (default: $PIPPIN_API_KEY; none when unset)",
     )
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=d.stream_interval_ms,
+        help=f"send a stream's text at most this often; 0: one chunk per token (default {d.stream_interval_ms:g})",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -86,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raw_special_tokens=args.raw_special_tokens,
         api_key=args.api_key or None,
         request_timeout_s=args.request_timeout or None,
+        stream_interval_ms=args.stream_interval_ms,
         kernels=not args.no_kernels,
         threads=args.threads,
     )

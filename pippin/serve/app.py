@@ -44,6 +44,7 @@ from pippin.serve.protocol import (
     LoadAdapterRequest,
     ModelCard,
     ModelList,
+    StreamOptions,
     UnloadAdapterRequest,
     Usage,
     new_id,
@@ -266,8 +267,8 @@ def create_app(service: Service) -> FastAPI:
         gen = await service.generate(job)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(gen, req.model, rid, created, usage), media_type="text/event-stream", headers=SSE_HEADERS)
+            stream = _chat_stream(gen, req.model, rid, created, req.stream_options)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
         texts, reasons = await _collect(gen, request)
         choices = [
             ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))
@@ -280,9 +281,8 @@ def create_app(service: Service) -> FastAPI:
         gen = await service.generate(job)
         rid, created = new_id("cmpl"), now()
         if req.stream:
-            usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _completion_stream(gen, req.model, rid, created, usage), media_type="text/event-stream", headers=SSE_HEADERS
+                _completion_stream(gen, req.model, rid, created, req.stream_options), media_type="text/event-stream", headers=SSE_HEADERS
             )
         texts, reasons = await _collect(gen, request)
         choices = [CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -301,16 +301,26 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-async def _event_stream(gen: Generation, *, chunk, text, done, include_usage: bool, opening: list[str] = ()):  # noqa: ANN001, ANN202
+async def _event_stream(gen: Generation, *, chunk, text, done, options: StreamOptions | None, opening: list[str] = ()):  # noqa: ANN001, ANN202
     """SSE lines for one streamed generation: `text(index, str)` and `done(index, reason)` make a chunk's choice."""
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+    counts = [0] * gen.n_choices
+
+    def usage() -> Usage:
+        c = sum(counts)
+        return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=c, total_tokens=gen.prompt_tokens + c)
+
     try:
         for line in opening:
             yield line
         async for ev in gen.events():
             if isinstance(ev, TextDelta):
-                yield chunk([text(ev.index, ev.text)])
+                counts[ev.index] = ev.tokens
+                yield chunk([text(ev.index, ev.text)], usage() if continuous else None)
             elif isinstance(ev, ChoiceDone):
-                yield chunk([done(ev.index, _finish(ev.finish_reason))])
+                counts[ev.index] = gen.completion_tokens[ev.index]
+                yield chunk([done(ev.index, _finish(ev.finish_reason))], usage() if continuous else None)
             elif isinstance(ev, Failed):
                 yield _sse(json.loads(_exception_response(ev.error).body))
                 break
@@ -322,7 +332,7 @@ async def _event_stream(gen: Generation, *, chunk, text, done, include_usage: bo
         gen.close()
 
 
-def _chat_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
+def _chat_stream(gen: Generation, model: str, rid: str, created: int, options: StreamOptions | None):  # noqa: ANN202 - SSE lines
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
@@ -331,12 +341,12 @@ def _chat_stream(gen: Generation, model: str, rid: str, created: int, include_us
         chunk=chunk,
         text=lambda i, t: ChunkChoice(index=i, delta=Delta(content=t)),
         done=lambda i, r: ChunkChoice(index=i, delta=Delta(), finish_reason=r),
-        include_usage=include_usage,
+        options=options,
         opening=[chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(gen.n_choices)])],
     )
 
 
-def _completion_stream(gen: Generation, model: str, rid: str, created: int, include_usage: bool):  # noqa: ANN202 - SSE lines
+def _completion_stream(gen: Generation, model: str, rid: str, created: int, options: StreamOptions | None):  # noqa: ANN202 - SSE lines
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         return _sse(Completion(id=rid, created=created, model=model, choices=choices, usage=usage))
 
@@ -345,5 +355,5 @@ def _completion_stream(gen: Generation, model: str, rid: str, created: int, incl
         chunk=chunk,
         text=lambda i, t: CompletionChoice(index=i, text=t, finish_reason=None),
         done=lambda i, r: CompletionChoice(index=i, text="", finish_reason=r),
-        include_usage=include_usage,
+        options=options,
     )

@@ -52,6 +52,10 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)
     """When set, every /v1 request must send `Authorization: Bearer <api_key>` (401 otherwise), as vLLM's and llama.cpp's
     servers do; the page, /health and /metrics stay open. None: no key (fine on loopback, not on a shared network)."""
+    stream_interval_ms: float = 20.0
+    """A streamed choice sends its text at most this often (the first text and the end go at once): fewer, larger
+    chunks cost the server and the client less per token, which on a shared CPU the model's threads get back (vLLM's
+    stream_interval, in time). 0: one chunk per token."""
     kernels: bool = True
     """Use pippin's CPU kernels."""
     threads: int | None = None
@@ -70,6 +74,7 @@ class ServeConfig:
             (0 < self.port < 65536 or self.port == 0, "port must be in 0..65535"),
             (self.api_key is None or len(self.api_key) >= 8, "an API key needs at least 8 characters"),
             (self.request_timeout_s is None or self.request_timeout_s > 0, "request_timeout_s must be > 0 (None: no deadline)"),
+            (0 <= self.stream_interval_ms <= 1000, "stream_interval_ms must be in 0..1000"),
         ]
         for ok, msg in checks:
             if not ok:

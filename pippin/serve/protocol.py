@@ -27,6 +27,8 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     """Send a last chunk with the token counts (OpenAI's stream_options)."""
+    continuous_usage_stats: bool = False
+    """Also put the counts so far on every chunk (vLLM's extension): a chunk may carry several tokens' text."""
 
 
 class SamplingRequest(_Request):

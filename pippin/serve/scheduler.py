@@ -1,6 +1,7 @@
 """The serving loop: one background thread owns the models and runs continuous batching; requests wait on asyncio queues.
 
-`Worker` is the only thread that touches a model, its KV cache or its adapter slots. It steps every
+`Worker` is the only thread that touches a model, its KV cache or its adapter slots (`pippin serve` loads the models on
+it too: one thread making OpenMP calls keeps libgomp's barriers spinning; see Service.from_config). It steps every
 base model's `BatchScheduler` (pippin.engine.scheduler) while any has work, and sleeps on a condition
 variable otherwise; control calls (adapter load/unload) run on it between steps. An unexpected error in
 a step fails the requests of that step and the loop goes on.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 class TextDelta:
     index: int
     text: str
+    tokens: int
+    """The choice's completion tokens so far, this text's included."""
 
 
 @dataclass(kw_only=True)
@@ -65,13 +69,17 @@ class Generation:
         n: int,
         prompt_tokens: list[int],
         metrics: Metrics,
+        interval_s: float = 0.0,
     ) -> None:
         self.loop = loop
+        self.interval_s = interval_s
         self.n = n
         self.n_choices = n * len(prompt_tokens)
         self.prompt_tokens = sum(prompt_tokens)
         self.streams = [TextStream(tokenizer, stop) for _ in range(self.n_choices)]
         self.completion_tokens = [0] * self.n_choices
+        self.held = [""] * self.n_choices  # text not sent yet (stream_interval_ms)
+        self.sent_at = [-math.inf] * self.n_choices
         self.finish_reasons: list[str | None] = [None] * self.n_choices
         self.metrics = metrics
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -137,15 +145,19 @@ class _PromptSink:
         g.completion_tokens[i] += 1
         g.metrics.tokens(1)
         stream = g.streams[i]
-        text = stream.push(token)
-        if text:
-            g._post(TextDelta(index=i, text=text))
+        if text := stream.push(token):
+            g.held[i] += text
+            now = time.perf_counter()
+            if now - g.sent_at[i] >= g.interval_s:
+                g._post(TextDelta(index=i, text=g.held[i], tokens=g.completion_tokens[i]))
+                g.held[i], g.sent_at[i] = "", now
         return not stream.stopped
 
     def finish(self, index: int, reason: str) -> None:
         g, i = self.gen, self.base + index
-        if reason != "cancelled" and (rest := g.streams[i].flush()):
-            g._post(TextDelta(index=i, text=rest))
+        rest = g.held[i] + (g.streams[i].flush() if reason != "cancelled" else "")
+        if rest:
+            g._post(TextDelta(index=i, text=rest, tokens=g.completion_tokens[i]))
         g.finish_reasons[i] = reason
         g._post(ChoiceDone(index=i, finish_reason=reason))
 
@@ -164,6 +176,12 @@ class Worker:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+
+    def serve(self, schedulers: Sequence[BatchScheduler]) -> None:
+        """The schedulers to step from now on (a worker may start first, to load the models on its own thread)."""
+        with self._cv:
+            self.schedulers = list(schedulers)
+            self._cv.notify_all()
 
     def start(self) -> None:
         if self._thread is None:

@@ -100,7 +100,7 @@ def load_base(spec: str, config: ServeConfig, *, adapters_dir: str | os.PathLike
 
 
 class Service:
-    def __init__(self, config: ServeConfig, bases: list[Base]) -> None:
+    def __init__(self, config: ServeConfig, bases: list[Base], *, worker: Worker | None = None) -> None:
         if not bases:
             raise PippinError("The server needs at least one model.")
         names = [b.name for b in bases]
@@ -110,18 +110,37 @@ class Service:
         self.bases = {b.name: b for b in bases}
         self.default = bases[0]
         self.metrics = Metrics(self.gauges)
-        self.worker = Worker([b.scheduler for b in bases], request_timeout_s=config.request_timeout_s)
+        self.worker = worker or Worker([], request_timeout_s=config.request_timeout_s)
+        self.worker.serve([b.scheduler for b in bases])
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> Service:
-        bases = [load_base(spec, config, adapters_dir=config.adapters_dir if i == 0 else None) for i, spec in enumerate(config.models)]
-        return cls(config, bases)
+        """Load every model on the worker thread, which then runs them. All of the models' OpenMP work then comes from
+        one thread, so libgomp keeps one team of threads, as many as the cores, and its barriers spin. Loading on the
+        main thread made a second team: libgomp then manages more threads than cores, sleeps at every barrier of the
+        ops outside the fused step, and served decode lost about a tenth (docs/benchmarks.md)."""
+
+        def load() -> list[Base]:
+            return [load_base(m, config, adapters_dir=config.adapters_dir if i == 0 else None) for i, m in enumerate(config.models)]
+
+        worker = Worker([], request_timeout_s=config.request_timeout_s)
+        worker.start()
+        try:
+            bases = worker.call(load).result()
+            return cls(config, bases, worker=worker)
+        except BaseException:
+            worker.stop()
+            raise
 
     def warm_up(self) -> None:
-        """One short chat request per base model, before the worker starts and the port opens: the first client
-        gets the served speed, not the kernels' first-call costs."""
-        for b in self.bases.values():
-            b.scheduler.warm_up(b.tokenizer.encode_chat([{"role": "user", "content": "Say hello in one short sentence."}]))
+        """One short chat request per base model, on the worker before the port opens: the first client gets the served
+        speed, not the kernels' first-call costs."""
+
+        def run() -> None:
+            for b in self.bases.values():
+                b.scheduler.warm_up(b.tokenizer.encode_chat([{"role": "user", "content": "Say hello in one short sentence."}]))
+
+        self.worker.call(run).result()
 
     def start(self) -> None:
         self.worker.start()
@@ -256,6 +275,7 @@ class Service:
             n=job.n,
             prompt_tokens=[len(p) for p in job.prompts],
             metrics=self.metrics,
+            interval_s=self.config.stream_interval_ms / 1000,
         )
         self.worker.submit(job.base.scheduler, job.prompts, job.params, adapter=job.adapter, n=job.n, gen=gen)
         return gen

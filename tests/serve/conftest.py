@@ -109,7 +109,8 @@ def start_uvicorn(app) -> tuple[str, object, threading.Thread]:  # noqa: ANN001 
 
 
 def tiny_config(**overrides) -> ServeConfig:
-    kw = dict(max_batch=4, max_queue=4, max_len=256, max_new_tokens=200, default_max_tokens=16, runtime_adapters=True)
+    """One chunk per token (stream_interval_ms=0): the tiny model is fast enough to finish inside the default interval."""
+    kw = dict(max_batch=4, max_queue=4, max_len=256, max_new_tokens=200, default_max_tokens=16, runtime_adapters=True, stream_interval_ms=0)
     kw.update(overrides)
     return ServeConfig(**kw)
 

@@ -93,6 +93,40 @@ def test_chat_streaming_deltas_add_up_to_the_whole_reply(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # really streamed
 
 
+def test_continuous_usage_counts_the_tokens_on_every_chunk(client):
+    """stream_options.continuous_usage_stats (vLLM's): each chunk carries the counts so far, so a client can count
+    tokens when a chunk holds several; the counts climb to the final usage."""
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=CHAT,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].delta.content]
+    assert counts == list(range(1, 21))  # one token per chunk here (stream_interval_ms=0), every token has text
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].usage.completion_tokens == 20
+    assert chunks[-1].usage.prompt_tokens == chunks[-2].usage.prompt_tokens > 0
+
+
+def test_a_stream_interval_sends_the_first_text_at_once_and_holds_the_rest(tiny_dir):
+    """stream_interval_ms: the first text goes out at once (TTFT), later text at most that often, the end at once."""
+    srv = start_server(tiny_config(stream_interval_ms=1000), [str(tiny_dir)])
+    try:
+        client = openai.OpenAI(base_url=srv.api, api_key="unused", max_retries=0, timeout=30)
+        whole = client.chat.completions.create(model="tiny:polite", messages=CHAT, max_tokens=20, temperature=0)
+        chunks = list(client.chat.completions.create(model="tiny:polite", messages=CHAT, max_tokens=20, temperature=0, stream=True))
+        content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(content) == 2 and len(content[0]) <= 2  # one token's text, then the rest with the end
+        assert "".join(content) == whole.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        srv.stop()
+
+
 def test_stop_string_cuts_the_reply_in_plain_and_streaming_mode(client):
     full = client.completions.create(model="tiny", prompt="the cat", max_tokens=30, temperature=0.9, seed=3).choices[0].text
     stop = full[8:10]

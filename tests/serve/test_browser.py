@@ -70,6 +70,7 @@ def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
         updates = page.evaluate("window.__updates")
         ttft = page.inner_text("#ttft")
         toks = page.inner_text("#toks")
+        ntok = page.inner_text("#ntok")
         assert not errors, errors
     want = httpx.post(
         live.api + "/chat/completions",
@@ -79,6 +80,7 @@ def test_playground_streams_a_reply_with_an_adapter(live, monkeypatch):
     assert reply == want and len(reply) > 10
     assert updates > 5  # streamed, not one final paint
     assert ttft.endswith(" ms") and float(toks) > 0
+    assert ntok == "40"  # counted from the usage on each chunk, not from the chunks
 
 
 def test_playground_asks_for_the_api_key_and_then_chats(tiny_dir):

@@ -35,6 +35,41 @@ def test_flags_become_the_config():
     assert serve.config_from_args(parse()).models == ["default"]
     with pytest.raises(PippinError, match="max_batch"):
         serve.config_from_args(parse("--max-batch", "0"))
+    assert serve.config_from_args(parse("--stream-interval-ms", "15")).stream_interval_ms == 15
+    with pytest.raises(PippinError, match="stream_interval_ms"):
+        serve.config_from_args(parse("--stream-interval-ms", "-1"))
+
+
+def test_the_models_load_and_warm_up_on_the_worker_thread(tiny_dir, monkeypatch):
+    """Service.from_config loads on the thread that runs the models (one OpenMP team), and a model that fails to load
+    leaves no worker thread behind."""
+    import threading
+
+    from pippin.serve import service as service_mod
+    from tests.serve.conftest import tiny_config
+
+    seen = []
+    real = service_mod.load_base
+
+    def recording(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(service_mod, "load_base", recording)
+    with pytest.raises(PippinError):
+        service_mod.Service.from_config(tiny_config(models=[str(tiny_dir / "missing")]))
+    assert seen == ["pippin-worker"]
+    assert not [t for t in threading.enumerate() if t.name == "pippin-worker"]
+    svc = service_mod.Service.from_config(tiny_config(models=[f"tiny={tiny_dir}"]))
+    try:
+        assert seen == ["pippin-worker"] * 2 and svc.worker.alive and list(svc.bases) == ["tiny"]
+        sched = svc.default.scheduler
+        warm = sched.warm_up
+        monkeypatch.setattr(sched, "warm_up", lambda *a, **kw: (seen.append(threading.current_thread().name), warm(*a, **kw)))
+        svc.warm_up()
+        assert seen == ["pippin-worker"] * 3
+    finally:
+        svc.close()
 
 
 def test_serve_prints_its_url_and_answers(tiny_dir):

@@ -80,7 +80,7 @@ async function send(text) {
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...history);
-  const body = { model: $("model").value, messages, stream: true, stream_options: { include_usage: true }, ...settings() };
+  const body = { model: $("model").value, messages, stream: true, stream_options: { include_usage: true, continuous_usage_stats: true }, ...settings() };
   controller = new AbortController();
   $("send").disabled = true;
   $("stop").disabled = false;
@@ -88,7 +88,7 @@ async function send(text) {
   $("ttft").textContent = "…";
   const t0 = performance.now();
   let tFirst = null;
-  let nDeltas = 0;
+  let nFirst = 0;
   let reply = "";
   try {
     const r = await fetch("/v1/chat/completions", {
@@ -118,19 +118,21 @@ async function send(text) {
         if (data === "[DONE]") continue;
         const ev = JSON.parse(data);
         if (ev.error) throw new Error(ev.error.message);
-        if (ev.usage) showStats({ ntok: ev.usage.completion_tokens });
+        // a chunk may carry several tokens' text: count tokens from the usage on every chunk
+        const ntok = ev.usage ? ev.usage.completion_tokens : undefined;
+        if (ntok !== undefined) showStats({ ntok });
         for (const c of ev.choices || []) {
           if (c.delta && c.delta.content) {
             if (tFirst === null) {
               tFirst = performance.now();
+              nFirst = ntok || 1;
               showStats({ ttft: tFirst - t0 });
             }
-            nDeltas += 1;
             reply += c.delta.content;
             out.textContent = reply;
             out.parentElement.scrollIntoView({ block: "end" });
             const secs = (performance.now() - tFirst) / 1000;
-            if (secs > 0) showStats({ toks: nDeltas / secs, ntok: nDeltas });
+            if (secs > 0 && ntok > nFirst) showStats({ toks: (ntok - nFirst) / secs });
           }
           if (c.finish_reason) showStats({ finish: c.finish_reason });
         }
