@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d.stream_interval_ms,
         help=f"send a stream's text at most this often; 0: one chunk per token (default {d.stream_interval_ms:g})",
     )
+    p.add_argument(
+        "--no-prefix-cache", action="store_true", help="prefill every prompt whole (default: reuse the prefix a cache row holds)"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--no-kernels", action="store_true", help="use the plain PyTorch reference path")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -93,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         api_key=args.api_key or None,
         request_timeout_s=args.request_timeout or None,
         stream_interval_ms=args.stream_interval_ms,
+        prefix_cache=not args.no_prefix_cache,
         kernels=not args.no_kernels,
         threads=args.threads,
     )

@@ -10,6 +10,11 @@ is in. Then one decode step runs over every decoding row, each at its own positi
 samples each row with its own parameters. A finished or cancelled row frees its slot at once. Tokens and endings
 go to the request's `Sink`, on the thread that calls `step()`.
 
+With `reuse_prefix`, a prompt starts from the longest prefix of it that some row's cache already holds (a chat's
+earlier turns, a shared system prompt, under the same adapter): those slots are copied into its row and only the rest
+is prefilled, as llama.cpp's server reuses a slot's prompt. A freed row keeps its slots and remembers their tokens
+until another request takes the row.
+
 Token ids only: text, stop strings and chat templates belong to the caller (pippin.serve), which can end a
 sample from its sink. There are no threads here: the caller runs `step()` in a loop. `submit` and `cancel`
 are thread-safe. Follows Orca's iteration-level scheduling (Yu et al., OSDI 2022) and vLLM's scheduler,
@@ -24,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -94,6 +99,8 @@ class _Row:
     """Prompt plus output, kept only when a repetition penalty needs it."""
     last: int = 0
     """The token to feed at the next decode step."""
+    out: list[int] = field(default_factory=list)
+    """Tokens sampled so far (all but the last are in the cache)."""
     n_generated: int = 0
     ready: bool = False
     """The prompt is in the cache: the row decodes (before: its prefill runs in chunks)."""
@@ -121,6 +128,8 @@ class SchedulerStats:
     """Rows in the last decode step."""
     busy_s: float = 0.0
     """Time spent in prefill and decode forwards."""
+    reused_tokens: int = 0
+    """Prompt tokens taken from a cached prefix instead of prefilled (reuse_prefix)."""
 
 
 class BatchScheduler:
@@ -140,6 +149,7 @@ class BatchScheduler:
         kernels: bool = True,
         compile: bool = False,
         prefill_chunk: int = 512,
+        reuse_prefix: bool = False,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise PippinError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
@@ -164,6 +174,13 @@ class BatchScheduler:
         self.lengths = torch.zeros(max_batch, dtype=torch.long)
         """Filled cache slots per row (0 for a free row)."""
         self.rows: list[_Row | None] = [None] * max_batch
+        self.reuse_prefix = reuse_prefix
+        """Start each prompt from the longest prefix of it already in a row's cache (module docstring)."""
+        self._kept: list[tuple[str | None, list[int]] | None] = [None] * max_batch
+        """Per free row, with reuse_prefix: (adapter, the tokens its slots hold); their count is its `lengths` entry, so
+        a decode step that rides the row along writes its dummy after them."""
+        self._kept_at = [0] * max_batch  # when each kept prefix was freed (oldest goes first)
+        self._clock = 0
         self.stats = SchedulerStats()
         self._waiting: deque[Ticket] = deque()
         self._prefilling: list[_Prefill] = []
@@ -326,14 +343,78 @@ class BatchScheduler:
             for k in range(ticket.n):
                 _call(ticket, ticket.sink.finish, k, "length")
             return
+        src, reused = self._longest_prefix(ticket) if self.reuse_prefix else (None, 0)
+        if self._kept[rows[0]] is not None and src != rows[0]:
+            self._shelve(rows[0], avoid={src, *rows})
+        if reused and src != rows[0]:
+            self.cache.copy_row(src, rows[0], reused)
+        self.stats.reused_tokens += reused
         for k, i in enumerate(rows):
             # Each row owns its generator: seeded rows reproduce, others draw fresh entropy (the global RNG
             # would repeat the same "random" replies after every restart).
             gen = torch.Generator().manual_seed(p.seed + k if p.seed is not None else secrets.randbits(63))
             history = list(ticket.prompt) if p.repetition_penalty != 1.0 else None
             self.rows[i] = _Row(ticket=ticket, index=k, generator=gen, history=history)
+            self._kept[i] = None
             self.lengths[i] = 0
-        self._prefilling.append(_Prefill(ticket=ticket, rows=rows))
+        self.lengths[rows[0]] = reused
+        self._prefilling.append(_Prefill(ticket=ticket, rows=rows, done=reused))
+
+    def _held(self, i: int) -> tuple[str | None, list[int]] | None:
+        """(adapter, tokens) whose keys and values row i's slots hold, or None."""
+        row = self.rows[i]
+        if row is None:
+            return self._kept[i]
+        n = int(self.lengths[i])
+        return (row.ticket.adapter, (row.ticket.prompt + row.out)[:n]) if n else None
+
+    def _longest_prefix(self, ticket: Ticket) -> tuple[int | None, int]:
+        """The row whose slots hold the longest prefix of the prompt under the same adapter, and its length. The
+        prompt's last token is always prefilled: its logits give the first sample."""
+        prompt, best, src = ticket.prompt, 0, None
+        limit = len(prompt) - 1
+        for i in range(len(self.rows)):
+            held = self._held(i)
+            if held is None or held[0] != ticket.adapter:
+                continue
+            tokens, n = held[1], 0
+            stop = min(limit, len(tokens))
+            while n < stop and tokens[n] == prompt[n]:
+                n += 1
+            if n > best:
+                best, src = n, i
+        return src, best
+
+    def _shelve(self, i: int, avoid: set[int | None]) -> None:
+        """Move free row i's kept prefix into the highest free row that holds none (else over an older one), so that
+        new requests still take the lowest rows (a decode step runs over rows 0..highest busy) and the prefix stays."""
+        spare = [j for j in range(len(self.rows)) if self.rows[j] is None and j != i and j not in avoid]
+        empty = [j for j in spare if self._kept[j] is None]
+        older = [j for j in spare if self._kept[j] is not None and self._kept_at[j] < self._kept_at[i]]
+        dst = empty[-1] if empty else min(older, key=lambda j: self._kept_at[j]) if older else None
+        if dst is None:
+            return
+        n = len(self._kept[i][1])
+        self.cache.copy_row(i, dst, n)
+        self._kept[dst], self._kept_at[dst] = self._kept[i], self._kept_at[i]
+        self.lengths[dst] = n
+
+    def _free(self, i: int) -> None:
+        """Free row i; with reuse_prefix it remembers what its slots hold (a dummy decode row writes after them)."""
+        held = self._held(i) if self.reuse_prefix else None
+        self.rows[i] = None
+        if held is not None:
+            held = (held[0], held[1][: self.max_len - 1])
+        self._kept[i] = held
+        self._kept_at[i], self._clock = self._clock, self._clock + 1
+        self.lengths[i] = len(held[1]) if held else 0
+
+    def forget_prefixes(self, *adapters: str) -> None:
+        """Drop the remembered prefixes: all, or those of these adapters (before a name is reused for other weights)."""
+        for i, held in enumerate(self._kept):
+            if held is not None and (not adapters or held[0] in adapters):
+                self._kept[i] = None
+                self.lengths[i] = 0
 
     def _prefill(self) -> None:
         """The next chunk of every waiting prompt, up to `prefill_chunk` tokens, as one batch; a prompt that is then
@@ -439,6 +520,7 @@ class BatchScheduler:
         row = self.rows[i]
         t = row.ticket
         row.n_generated += 1
+        row.out.append(token)
         self.stats.generated_tokens += 1
         if not t.params.ignore_eos and token in (t.stop_ids if t.stop_ids is not None else self.eos_ids):
             self._finish(i, "stop")
@@ -455,13 +537,13 @@ class BatchScheduler:
 
     def _finish(self, i: int, reason: str) -> None:
         row = self.rows[i]
-        self.rows[i] = None
-        self.lengths[i] = 0
+        self._free(i)
         _call(row.ticket, row.ticket.sink.finish, row.index, reason)
 
     def fail_running(self, error: Exception) -> None:
-        """Fail every running request and free all rows (after an unexpected error in a step)."""
+        """Fail every running request and free all rows (after an unexpected error in a step: no prefix is kept)."""
         self._fail_where(lambda t: True, error)
+        self.forget_prefixes()
 
     def fail_all(self, error: Exception) -> None:
         """Fail the running requests and those still waiting for a row (shutdown)."""
@@ -478,8 +560,7 @@ class BatchScheduler:
         for i, r in enumerate(self.rows):
             if r is not None and pred(r.ticket):
                 tickets[id(r.ticket)] = r.ticket
-                self.rows[i] = None
-                self.lengths[i] = 0
+                self._free(i)
         for t in tickets.values():
             _call(t, t.sink.fail, error)
 

@@ -56,6 +56,9 @@ class ServeConfig:
     """A streamed choice sends its text at most this often (the first text and the end go at once): fewer, larger
     chunks cost the server and the client less per token, which on a shared CPU the model's threads get back (vLLM's
     stream_interval, in time). 0: one chunk per token."""
+    prefix_cache: bool = True
+    """Start each prompt from the longest prefix of it that a cache row already holds (a chat's earlier turns, the
+    system prompt): only the rest is prefilled (BatchScheduler.reuse_prefix)."""
     kernels: bool = True
     """Use pippin's CPU kernels."""
     threads: int | None = None

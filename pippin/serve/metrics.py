@@ -126,6 +126,7 @@ GAUGE_HELP = {
     "pippin_kv_cache_bytes": "Memory of the preallocated KV cache.",
     "pippin_decode_steps_total": "Decode steps run.",
     "pippin_busy_seconds_total": "Time the model spent in prefill and decode (its rate is the utilisation).",
+    "pippin_prefix_reused_tokens_total": "Prompt tokens taken from a prefix already in the cache instead of prefilled.",
     "pippin_adapter_cache_hits_total": "Adapter lookups answered from memory.",
     "pippin_adapter_cache_misses_total": "Adapter lookups that read the adapter from disk.",
     "pippin_adapter_swaps_total": "Adapters copied into a model slot.",

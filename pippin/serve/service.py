@@ -95,6 +95,7 @@ def load_base(spec: str, config: ServeConfig, *, adapters_dir: str | os.PathLike
         eos_ids=sorted(eos),
         kv8=uses_kv8(loaded),
         kernels=config.kernels,
+        reuse_prefix=config.prefix_cache,
     )
     return Base(name=name, loaded=loaded, tokenizer=loaded.tokenizer, store=store, scheduler=sched, created=now())
 
@@ -340,6 +341,7 @@ class Service:
             if busy:
                 raise ApiError(f"Adapter {adapter!r} is in use by {busy} request(s); retry when they finish.", status=409)
             base.store.remove(adapter)  # a runtime-loaded name is unregistered; root folders stay servable
+            base.scheduler.forget_prefixes(adapter)  # the name may come back with other weights
 
         await asyncio.wrap_future(self.worker.call(unload))
         return f"{base.name}:{adapter}"
@@ -368,6 +370,7 @@ class Service:
                 ("pippin_kv_cache_bytes", lab, kv),
                 ("pippin_decode_steps_total", lab, s.stats.steps),
                 ("pippin_busy_seconds_total", lab, round(s.stats.busy_s, 3)),
+                ("pippin_prefix_reused_tokens_total", lab, s.stats.reused_tokens),
                 ("pippin_adapter_cache_hits_total", lab, st.hits),
                 ("pippin_adapter_cache_misses_total", lab, st.misses),
                 ("pippin_adapter_swaps_total", lab, st.swaps),

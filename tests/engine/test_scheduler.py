@@ -312,3 +312,67 @@ def test_deadlines_fail_waiting_requests_and_end_running_ones():
     run_until_idle(sched)
     assert running.reasons == {0: "length"} and len(running.tokens[0]) == n < 30
     assert later.reasons == {0: "length"} and len(later.tokens[0]) == 3
+
+
+@pytest.mark.parametrize("kv8", [False, True])
+def test_reuse_prefix_prefills_only_what_no_row_holds_and_equals_a_full_prefill(kv8):
+    """reuse_prefix: a chat's next turn (the prompt, its reply, a new message) prefills only its new tokens. The row it
+    comes from kept its slots while it rode along as a dummy under another row's decoding; a prefix held by another
+    row is copied into the new one. Every reply equals the same request on a scheduler that prefills everything."""
+    model = tiny_model(seed=4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    ref = BatchScheduler(model, max_batch=4, max_len=128, kv8=kv8)
+    sched = BatchScheduler(model, max_batch=4, max_len=128, kv8=kv8, reuse_prefix=True)
+
+    def run(s: BatchScheduler, prompt: list[int]) -> list[int]:
+        rec = Recorder()
+        s.submit(prompt, params, sink=rec)
+        run_until_idle(s)
+        return rec.tokens[0]
+
+    first, a, b = [3, 4, 5, 6, 7], Recorder(), Recorder()
+    sched.submit(first, params, sink=a)
+    sched.submit([9, 9], SamplingParams(max_new_tokens=20, ignore_eos=True), sink=b)
+    sched.step()
+    while sched.rows[0] is not None:
+        sched.step()
+    n_held = len(first) + 7  # the last reply token was sampled, never fed
+    held = [t[:, 0, :, :n_held].clone() for t in sched.cache._buffers()]
+    for _ in range(5):  # row 1 decodes, row 0 rides along as a dummy
+        sched.step()
+    assert sched.rows[1] is not None and int(sched.lengths[0]) == n_held
+    assert all(torch.equal(t[:, 0, :, :n_held], h) for t, h in zip(sched.cache._buffers(), held))
+    run_until_idle(sched)
+    assert sched.stats.reused_tokens == 0 and a.tokens[0] == run(ref, first)
+
+    turn2 = first + a.tokens[0] + [11, 12]
+    assert run(sched, turn2) == run(ref, turn2)
+    assert sched.stats.reused_tokens == n_held
+    other = [9, 9] + b.tokens[0][:3] + [1]  # row 1's prefix, started in row 0: copied across
+    assert run(sched, other) == run(ref, other)
+    assert sched.stats.reused_tokens == n_held + 5
+    same = list(other)  # the whole prompt is held: its last token is still prefilled, for the first sample's logits
+    assert run(sched, same) == run(ref, same)
+    assert sched.stats.reused_tokens == n_held + 5 + len(same) - 1
+
+
+def test_reuse_prefix_never_crosses_adapters_and_forgets_one_adapter():
+    model, store = served(n_slots=3)
+    store.put(random_adapter(model, "a", seed=1))
+    sched = BatchScheduler(model, max_batch=2, max_len=64, adapters=store, reuse_prefix=True)
+    ref = Engine(model, max_batch=1, max_len=64, adapters=store)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 9]
+    # row 0 takes each request; the prefix it held moves up to row 1 while that holds none or an older one
+    for adapter, reused in ((None, 0), ("a", 0), ("a", 4), (None, 4), ("a", 0)):
+        rec = Recorder()
+        before = sched.stats.reused_tokens
+        sched.submit(prompt, params, sink=rec, adapter=adapter)
+        run_until_idle(sched)
+        assert sched.stats.reused_tokens - before == reused
+        assert rec.tokens[0] == alone(ref, prompt, params, adapter)
+    assert [h[0] for h in sched._kept] == ["a", None]
+    sched.forget_prefixes("a")
+    assert [h and h[0] for h in sched._kept] == [None, None] and sched._kept[1] is not None and int(sched.lengths[0]) == 0
+    sched.fail_running(PippinError("test"))  # after a failed step nothing is kept
+    assert sched._kept == [None, None] and int(sched.lengths.sum()) == 0

@@ -93,6 +93,21 @@ def test_chat_streaming_deltas_add_up_to_the_whole_reply(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # really streamed
 
 
+def test_a_chats_next_turn_reuses_the_cached_prefix_and_answers_the_same(client, live, reference):
+    """The prefix cache (on by default): turn 2's prompt starts with turn 1's prompt and reply, which a cache row
+    holds, so at least turn 1's prompt is not prefilled again; the reply still equals the engine alone."""
+    stats = live.service.bases["tiny"].scheduler.stats
+    turn1 = [{"role": "user", "content": "tell me about the sea"}]
+    reply = client.chat.completions.create(model="tiny", messages=turn1, max_tokens=10, temperature=0).choices[0].message.content
+    turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "and the shore"}]
+    before = stats.reused_tokens
+    got = client.chat.completions.create(model="tiny", messages=turn2, max_tokens=10, temperature=0).choices[0].message.content
+    assert stats.reused_tokens - before >= len(reference.tokenizer.encode_chat(turn1))
+    assert got == reference(reference.tokenizer.encode_chat(turn2), 10)
+    text = httpx.get(live.url + "/metrics").text
+    assert re.search(r'^pippin_prefix_reused_tokens_total\{model="tiny"\} [1-9]', text, re.M)
+
+
 def test_continuous_usage_counts_the_tokens_on_every_chunk(client):
     """stream_options.continuous_usage_stats (vLLM's): each chunk carries the counts so far, so a client can count
     tokens when a chunk holds several; the counts climb to the final usage."""

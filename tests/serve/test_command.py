@@ -36,6 +36,7 @@ def test_flags_become_the_config():
     with pytest.raises(PippinError, match="max_batch"):
         serve.config_from_args(parse("--max-batch", "0"))
     assert serve.config_from_args(parse("--stream-interval-ms", "15")).stream_interval_ms == 15
+    assert serve.config_from_args(parse()).prefix_cache and not serve.config_from_args(parse("--no-prefix-cache")).prefix_cache
     with pytest.raises(PippinError, match="stream_interval_ms"):
         serve.config_from_args(parse("--stream-interval-ms", "-1"))
 
@@ -56,10 +57,12 @@ def test_the_models_load_and_warm_up_on_the_worker_thread(tiny_dir, monkeypatch)
         return real(*a, **kw)
 
     monkeypatch.setattr(service_mod, "load_base", recording)
+    workers = lambda: {t for t in threading.enumerate() if t.name == "pippin-worker"}  # noqa: E731 - other servers' too
+    before = workers()
     with pytest.raises(PippinError):
         service_mod.Service.from_config(tiny_config(models=[str(tiny_dir / "missing")]))
     assert seen == ["pippin-worker"]
-    assert not [t for t in threading.enumerate() if t.name == "pippin-worker"]
+    assert workers() == before
     svc = service_mod.Service.from_config(tiny_config(models=[f"tiny={tiny_dir}"]))
     try:
         assert seen == ["pippin-worker"] * 2 and svc.worker.alive and list(svc.bases) == ["tiny"]
