@@ -6,7 +6,8 @@ request naming an adapter in turn (or none). Reports total generated tok/s, p50/
 the server's resident memory sampled every second (flat memory = no leak). Speculative decoding is
 benchmarks/speculative.py. `--single N` first times N rounds of one streamed request
 through the official openai client against `pippin generate` on the same model and prompt (tok/s after the first
-token, TTFT, and whether the texts are identical), interleaved.
+token, TTFT, and whether the texts are identical: always with --no-prefix-cache; with the cache, whose reused keys
+round differently, they can part at a near-tie), interleaved.
   python benchmarks/serving.py --model PATH --clients 1,16 --seconds 60 --out docs/benchmarks/serving.json
   python benchmarks/serving.py --model PATH --clients '' --single 5 --max-tokens 128 --out docs/benchmarks/stream.json
 """
@@ -246,12 +247,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--stream-interval-ms", type=float, default=None, help="the server's --stream-interval-ms (default: its own)")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="the server's --no-prefix-cache (served text then equals the engine's)")
     ap.add_argument("--single", type=int, default=0, help="rounds of one streamed request against `pippin generate` (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     flags = ["--model", f"bench={args.model}", "--threads", str(args.threads), "--max-batch", str(args.max_batch)]
     if args.stream_interval_ms is not None:
         flags += ["--stream-interval-ms", str(args.stream_interval_ms)]
+    if args.no_prefix_cache:
+        flags.append("--no-prefix-cache")
     proc, url = start_server(flags)
     try:
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"].startswith("bench")]
@@ -271,6 +275,7 @@ def main() -> None:
     report = {
         **run_header(args.threads),
         "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None else ServeConfig().stream_interval_ms,
+        "prefix_cache": not args.no_prefix_cache,
         "models": models,
         "single_stream": single,
         "runs": runs,
