@@ -52,3 +52,17 @@ def test_real_model_concurrent_requests_equal_each_alone(real_server):
     steps = real_server.service.default.scheduler.stats.steps - before
     assert together == alone
     assert steps < 3 * 24  # they shared decode steps
+
+
+def test_real_model_second_turn_reuses_the_first_and_stays_on_topic(real_server):
+    """The prefix cache on the real model: turn 2 prefills only what turn 1 did not leave in the cache, and the answer
+    still follows the conversation."""
+    client = openai.OpenAI(base_url=real_server.api, api_key="unused", max_retries=0, timeout=120)
+    stats = real_server.service.default.scheduler.stats
+    turn1 = [{"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(model="smollm2-135m-instruct", messages=turn1, temperature=0, max_tokens=24)
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And of Italy?"}]
+    before = stats.reused_tokens
+    second = client.chat.completions.create(model="smollm2-135m-instruct", messages=turn2, temperature=0, max_tokens=24)
+    assert stats.reused_tokens - before >= first.usage.prompt_tokens
+    assert "Rome" in second.choices[0].message.content
