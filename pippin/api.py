@@ -125,10 +125,15 @@ def self_generated_text(model: torch.nn.Module, tokenizer: Tokenizer, *, n_seqs:
 
 
 def read_text_source(source: str, model: torch.nn.Module, tokenizer: Tokenizer) -> str:
-    """A calibration/distillation text argument: a file path, or 'self[:N]' for N sequences the model writes itself."""
+    """A calibration/distillation text argument: a file path, 'self[:N]' for N sequences the model writes itself, or
+    'docstrings[:N]' for the docstrings of N standard-library modules (technical prose)."""
     if source == "self" or source.startswith("self:"):
         n = int(source.partition(":")[2] or 16)
         return self_generated_text(model, tokenizer, n_seqs=n)
+    if source == "docstrings" or source.startswith("docstrings:"):
+        from pippin.quant.calibrate import stdlib_docstrings
+
+        return stdlib_docstrings(int(source.partition(":")[2] or 200))
     from pippin.quant.calibrate import read_calibration_text
 
     return read_calibration_text(source)

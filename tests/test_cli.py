@@ -77,11 +77,12 @@ def test_compress_with_rotations_in_sequential_order_keeps_what_the_model_says(t
     plan.write_text(json.dumps({"layers.3.mlp.down_proj": 4, "layers.7.self_attn.q_proj": 4}))
     readme = str(Path(__file__).resolve().parents[1] / "README.md")  # calibration text: any English will do
     out = tmp_path / "rot"
-    r = pippin("compress", "--calib", readme, "--plan", str(plan), "--rotate", "--sequential", "--hessian-seqs", "2",
-               "--calib-seqs", "2", "--no-fidelity", "--out", str(out))  # fmt: skip
+    r = pippin("compress", "--calib", readme, "--calib", "docstrings:3", "--plan", str(plan), "--rotate", "--sequential",
+               "--hessian-seqs", "2", "--calib-seqs", "2", "--no-fidelity", "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    rotation = json.loads((out / "config.json").read_text())["quantization"]["rotation"]
-    assert rotation == {"method": "hadamard", "seed": 0, "down_input": True}
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert quant["rotation"] == {"method": "hadamard", "seed": 0, "down_input": True}
+    assert quant["calibration"] == [readme, "docstrings:3"]  # two sources, mixed window by window
     model, ref = load_any(out).model, load_any(None)
     assert isinstance(model.lm_head, RotatedHead)
     assert model.layers[3].mlp.down_proj.in_signs.shape == (1536,)  # R4: 12 x 128

@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="model to compress (default: the default model)")
     p.add_argument("--bpw", type=float, default=3.5, help="target average bits per weight, all weights counted")
     p.add_argument(
-        "--calib", required=True, help="calibration text: .txt, .json/.jsonl rows with text fields, or 'self[:N]' (the model's own text)"
+        "--calib",
+        required=True,
+        action="append",
+        help="calibration text: .txt, .json/.jsonl rows with text fields, 'self[:N]' (the model's own text) or 'docstrings[:N]' "
+        "(N standard-library modules' docstrings); repeat it to mix sources, window by window",
     )
     p.add_argument("--plan", default=None, help="JSON {layer: bits} to apply instead of allocating")
     p.add_argument("--bits", default="2,3,4", help="candidate bit widths for the allocator")
@@ -69,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     from pippin.api import load_any, read_text_source
     from pippin.io import remove, write_json_atomic
     from pippin.model.checkpoint import pippin_home, save_pippin
+    from pippin.quant.calibrate import mixed_windows
     from pippin.quant.compress import SENSITIVITY_FILE, CompressConfig, compress_, load_plan, quantization_meta, sensitivity_record
 
     loaded = load_any(args.model, progress=True)
-    text = read_text_source(args.calib, loaded.model, loaded.tokenizer)
+    sources = [loaded.tokenizer.encode(read_text_source(c, loaded.model, loaded.tokenizer)) for c in args.calib]
     cfg = CompressConfig(
         bpw=args.bpw,
         candidate_bits=tuple(int(b) for b in args.bits.split(",")),
@@ -90,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         act8=args.act8,
         kv8=args.kv8,
     )
-    report = compress_(loaded.model, loaded.tokenizer.encode(text), cfg, progress=True)
+    tokens = sources[0] if len(sources) == 1 else mixed_windows(sources, seq_len=cfg.seq_len)
+    report = compress_(loaded.model, tokens, cfg, progress=True)
     # Relative errors: of the weights, and (with error feedback) of the layer's outputs on the calibration inputs.
     print(f"{'layer':<40} {'bits':>4} {'weight err':>10} {'output err':>10}")
     for row in report.layers:
@@ -104,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(out / "fidelity", ignore_errors=True)  # a report on the model this one replaces
     if any((out / "adapters").glob("*/adapter_model.safetensors")):
         print(f"warning: the adapters in {out / 'adapters'} were trained on the model this one replaces; retrain them", file=sys.stderr)
-    save_pippin(loaded, out, extra_meta={"quantization": quantization_meta(report, cfg), "name": f"{name}-{args.bpw:g}bpw"})
+    quant = {**quantization_meta(report, cfg), "calibration": args.calib}
+    save_pippin(loaded, out, extra_meta={"quantization": quant, "name": f"{name}-{args.bpw:g}bpw"})
     write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
     if report.costs:  # the allocator's per-layer estimates, for `pippin talaria`; a given plan has none
         write_json_atomic(out / SENSITIVITY_FILE, sensitivity_record(report, cfg))

@@ -44,6 +44,45 @@ def read_calibration_text(path: str | Path) -> str:
     return "\n\n".join(texts)
 
 
+def stdlib_docstrings(n_modules: int = 200) -> str:
+    """The docstrings (module, classes, functions) of the first n standard-library modules by name: technical prose
+    that ships with Python, read from the sources with `ast` (nothing is imported). The fidelity measure's technical
+    text, the language reference in `pydoc_data`, is left out."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
+    files += sorted(
+        p / "__init__.py"
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(("_", "pydoc_data", "test", "site-packages")) and (p / "__init__.py").is_file()
+    )  # noqa: E501
+    texts = []
+    for path in sorted(files, key=lambda p: p.parent.name if p.name == "__init__.py" else p.stem)[:n_modules]:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError:
+            continue
+        nodes = [tree] + [d for d in ast.walk(tree) if isinstance(d, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        texts += [d for node in nodes if (d := ast.get_docstring(node)) and len(d) > 40]
+    if not texts:
+        raise PippinError(f"No standard-library sources with docstrings under {root}.")
+    return "\n\n".join(texts)
+
+
+def mixed_windows(sources: Sequence[Sequence[int]], *, seq_len: int) -> list[int]:
+    """Windows of seq_len tokens taken from each source in turn (one that runs out drops out), concatenated: the first
+    n windows, which is what calibration reads, then draw on every source (chat, prose, code...), not on the first."""
+    cuts = [[list(s[i : i + seq_len]) for i in range(0, len(s), seq_len)] for s in sources]
+    out: list[int] = []
+    for k in range(max((len(c) for c in cuts), default=0)):
+        for c in cuts:
+            if k < len(c):
+                out += c[k]
+    return out
+
+
 def calibration_batches(tokens: list[int], *, seq_len: int, n_seqs: int, min_tokens: int = 256) -> torch.Tensor:
     """(n, seq_len) windows of the calibration tokens; too little text is a clear error."""
     if len(tokens) < min_tokens:

@@ -432,3 +432,28 @@ def test_palettized_embedding_serves_lookup_and_head_and_reloads(tmp_path, embed
 
     again = load_pippin(tmp_path, prepare=_prepare).model
     torch.testing.assert_close(again(tokens), model(tokens))
+
+
+def test_mixed_calibration_takes_windows_from_every_source_in_turn():
+    from pippin.quant.calibrate import calibration_batches, mixed_windows
+
+    a, b, c = list(range(0, 10)), list(range(100, 104)), list(range(200, 207))
+    assert mixed_windows([a, b, c], seq_len=4) == [0, 1, 2, 3, 100, 101, 102, 103, 200, 201, 202, 203, 4, 5, 6, 7, 204, 205, 206, 8, 9]
+    first = calibration_batches(mixed_windows([a * 30, b * 70], seq_len=4), seq_len=4, n_seqs=2)
+    assert first.tolist() == [[0, 1, 2, 3], [100, 101, 102, 103]]  # what calibration reads covers both sources
+
+
+def test_stdlib_docstrings_are_read_without_importing_and_leave_the_fidelity_text_out():
+    import sys
+
+    from pippin.quant.calibrate import stdlib_docstrings
+
+    assert len(stdlib_docstrings(1000)) > 500_000  # every module, parsed: not one imported (this one prints, that one
+    assert "this" not in sys.modules and "antigravity" not in sys.modules  # opens a browser)
+    text = stdlib_docstrings(12)
+    assert text == stdlib_docstrings(12) and len(text) > 10_000  # deterministic, and real prose
+    assert "Abstract Base Classes" in text  # abc, the first module by name
+    assert len(stdlib_docstrings(20)) > len(text)
+    from pydoc_data.topics import topics
+
+    assert not any(topics[k][:200] in text for k in list(topics)[:50])  # the fidelity measure's technical text
