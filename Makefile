@@ -143,6 +143,10 @@ bench-rl: bench-setup
 bench-serving: bench-setup compressed adapters
 	$(PY) benchmarks/serving.py --model $(BASE35) --clients 1,16 --seconds 60,240 --out docs/benchmarks/serving.json
 	$(PY) benchmarks/speculative.py --target $(SERVE_MODEL) --draft $(BASE35) --k 2,3,4 --rounds 3 --out docs/benchmarks/speculative.json
+	$(PY) benchmarks/serving.py --model $(SERVE_MODEL) --clients 1,16 --seconds 30,60 --single 3 --max-tokens 128 \
+	  --out docs/benchmarks/serving-stream-5.4bpw.json
+	$(PY) benchmarks/serving_turns.py --model $(SERVE_MODEL) --turns 8 --rounds 3 --max-tokens 64 --out docs/benchmarks/serving-turns.json
+	$(PY) benchmarks/prefix_fidelity.py --model $(SERVE_MODEL) --out docs/benchmarks/prefix-fidelity.json
 
 # Hardening, long form (~15 min): 32 misbehaving streaming clients for 5 minutes, then schemathesis with 500
 # generated requests per operation and mode (CI runs 10).
