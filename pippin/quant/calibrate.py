@@ -52,12 +52,9 @@ def stdlib_docstrings(n_modules: int = 200) -> str:
     import sysconfig
 
     root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("_", "pydoc_data", "test", "site-packages")
     files = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
-    files += sorted(
-        p / "__init__.py"
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(("_", "pydoc_data", "test", "site-packages")) and (p / "__init__.py").is_file()
-    )  # noqa: E501
+    files += sorted(p / "__init__.py" for p in root.iterdir() if not p.name.startswith(skip) and (p / "__init__.py").is_file())
     texts = []
     for path in sorted(files, key=lambda p: p.parent.name if p.name == "__init__.py" else p.stem)[:n_modules]:
         try:
