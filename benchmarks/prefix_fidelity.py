@@ -24,14 +24,13 @@ from serving_turns import MESSAGES  # noqa: E402
 
 
 @torch.inference_mode()
-def compare(lm, fp, first: str, second: str, reply_tokens: int) -> dict:  # noqa: ANN001 - LoadedModels
+def compare(lm, fwd, fp_fwd, first: str, second: str, reply_tokens: int) -> dict:  # noqa: ANN001 - a LoadedModel, FusedDecoders
+    """One two-turn chat: turn 2's new positions after the cached turn 1, against a full prefill and full precision."""
     from pippin.engine.generate import decode_step
     from pippin.engine.kv_cache import KVCache
-    from pippin.kernels.decoder import FusedDecoder
     from pippin.serve.service import uses_kv8
 
     model, tok = lm.model, lm.tokenizer
-    fwd = FusedDecoder.from_model(model)
     kv8 = uses_kv8(lm)
 
     def logits_after(cache: KVCache, ids: list[int], start: int, f=fwd) -> torch.Tensor:  # noqa: ANN001
@@ -59,7 +58,7 @@ def compare(lm, fp, first: str, second: str, reply_tokens: int) -> dict:  # noqa
     cache.lengths = torch.tensor([n])
     reused = logits_after(cache, p2[n:], n)
     full = logits_after(KVCache(model.config, batch_size=1, max_len=2048, kv8=kv8), p2, 0)[n:]
-    ref = logits_after(KVCache(fp.model.config, batch_size=1, max_len=2048), p2, 0, FusedDecoder.from_model(fp.model))[n:]
+    ref = logits_after(KVCache(fp_fwd.model.config, batch_size=1, max_len=2048), p2, 0, fp_fwd)[n:]
     kl = _kl(full, reused)
     return {"reused": n, "new": len(p2) - n, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "top1": float((full.argmax(-1) == reused.argmax(-1)).double().mean()),
@@ -80,12 +79,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from pippin.api import load_any
+    from pippin.kernels.decoder import FusedDecoder
 
     torch.set_num_threads(args.threads)
-    lm, fp = load_any(args.model), load_any("default")
+    lm = load_any(args.model)
+    fwd, fp_fwd = FusedDecoder.from_model(lm.model), FusedDecoder.from_model(load_any("default").model)
     rows = []
     for a, b in zip(MESSAGES, MESSAGES[1:]):
-        rows.append(compare(lm, fp, a, b, args.reply_tokens))
+        rows.append(compare(lm, fwd, fp_fwd, a, b, args.reply_tokens))
         print(rows[-1], file=sys.stderr, flush=True)
     positions = sum(r["new"] for r in rows)
     summary = {

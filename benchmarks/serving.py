@@ -45,19 +45,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
-    """`pippin serve FLAGS` on a free loopback port (queue 64), once /health answers: the process and its URL."""
+def start_server(flags: list[str], tree: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`pippin serve FLAGS` on a free loopback port (queue 64), once /health answers: the process and its URL. tree: run
+    the pippin of that source tree (e.g. a `git worktree` of an older commit) instead of this one."""
     port = free_port()
     cmd = [sys.executable, "-m", "pippin", "serve", "--port", str(port), "--max-queue", "64", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ})
+    env, cwd = dict(os.environ), None
+    if tree is not None:
+        cwd = str(Path(tree).resolve())
+        env["PYTHONPATH"] = cwd
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
-    return proc, url
+    proc.terminate()
+    raise SystemExit(f"`pippin serve {' '.join(flags)}` did not answer /health within about 5 minutes")
 
 
 def run_header(threads: int) -> dict:
@@ -158,17 +164,18 @@ def _median(xs: list[float]) -> float | None:
     return xs[len(xs) // 2] if xs else None
 
 
-def served_once(url: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed chat completion through the official openai client, timed as its user sees it."""
+def served_once(url: str, prompt: str | list[dict], max_tokens: int) -> dict:
+    """One streamed chat completion (a user message, or a whole conversation) through the official openai client, timed
+    as its user sees it."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none")
     t0 = time.perf_counter()
     first = last = None
-    text, n = [], 0
+    text, n, n_prompt = [], 0, 0
     stream = client.chat.completions.create(
         model="bench",
-        messages=[{"role": "user", "content": prompt}],
+        messages=[{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
         max_tokens=max_tokens,
         temperature=0,
         stream=True,
@@ -180,8 +187,14 @@ def served_once(url: str, prompt: str, max_tokens: int) -> dict:
             first = first or last
             text.append(chunk.choices[0].delta.content)
         if chunk.usage:
-            n = chunk.usage.completion_tokens
-    return {"ttft_s": first - t0, "tok_s": (n - 1) / (last - first) if n > 1 else None, "tokens": n, "text": "".join(text)}
+            n, n_prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+    return {
+        "ttft_s": first - t0 if first else None,
+        "tok_s": (n - 1) / (last - first) if n > 1 and last > first else None,
+        "tokens": n,
+        "prompt_tokens": n_prompt,
+        "text": "".join(text),
+    }
 
 
 def engine_once(model: str, prompt: str, max_tokens: int, threads: int) -> dict:

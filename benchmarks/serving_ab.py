@@ -11,33 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import PROMPTS, engine_once, free_port, run_header, served_once  # noqa: E402
-
-
-def start(model: str, tree: str, flags: list[str], threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pippin", "serve", "--port", str(port), "--model", f"bench={model}", "--threads", str(threads), *flags]
-    tree = str(Path(tree).resolve())
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": tree}, cwd=tree)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"the server from {tree} did not start")
+from serving import PROMPTS, engine_once, run_header, served_once, start_server  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +33,8 @@ def main() -> None:
         for spec in args.server:
             label, _, rest = spec.partition("=")
             tree, _, flags = rest.partition("|")
-            servers[label] = start(args.model, tree, flags.split(), args.threads)
+            base = ["--model", f"bench={args.model}", "--threads", str(args.threads)]
+            servers[label] = start_server([*base, *flags.split()], tree=tree)
             served_once(servers[label][1], PROMPTS[0], 16)  # warm
         ratios: dict[str, list[float]] = {k: [] for k in servers}
         engine = []

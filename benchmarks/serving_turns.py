@@ -14,11 +14,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import run_header, start_server  # noqa: E402
+from serving import run_header, served_once, start_server  # noqa: E402
 
 MESSAGES = [
     "I am planning a trip to the mountains next month. What should I pack?",
@@ -30,24 +29,6 @@ MESSAGES = [
     "How early should I start walking each day?",
     "Summarize our plan in two sentences.",
 ]
-
-
-def turn(url: str, messages: list[dict], max_tokens: int) -> dict:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key="none")
-    t0 = time.perf_counter()
-    first, text, usage = None, [], None
-    stream = client.chat.completions.create(
-        model="bench", messages=messages, max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True}
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            text.append(chunk.choices[0].delta.content)
-        if chunk.usage:
-            usage = chunk.usage
-    return {"ttft_s": first - t0 if first else None, "prompt_tokens": usage.prompt_tokens, "text": "".join(text)}
 
 
 def main() -> None:
@@ -69,7 +50,7 @@ def main() -> None:
                 order = list(servers) if (r + t) % 2 == 0 else list(servers)[::-1]
                 for k in order:
                     history[k].append({"role": "user", "content": MESSAGES[t]})
-                    out = turn(servers[k][1], history[k], args.max_tokens)
+                    out = served_once(servers[k][1], history[k], args.max_tokens)
                     history[k].append({"role": "assistant", "content": out["text"]})
                     rows.append({"round": r, "turn": t + 1, "server": k, **out})
                 same = rows[-1]["text"] == rows[-2]["text"]
