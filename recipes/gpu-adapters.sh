@@ -53,8 +53,9 @@ step() {
   echo "$name $(($(date +%s) - t0)) s" | tee -a "$OUT/timings.txt"
 }
 
-[ -f "$BASE/config.json" ] || step compress "$PY" -m pippin compress --calib "$CALIB" --bpw 3.5 --embed-bits 4 --rotate \
-  --sequential --act8 --no-fidelity --out "$BASE"
+# `make compressed-3.5`'s recipe; compression and its LUT tuning run on the CPU (16 cores there).
+[ -f "$BASE/config.json" ] || step compress "$PY" -m pippin compress --calib "$CALIB" --calib docstrings --hessian-seqs 64 \
+  --bpw 3.5 --embed-bits 4 --rotate --sequential --act8 --tune-steps 50 --no-fidelity --out "$BASE"
 DATA=(--model "$BASE" --teacher default --format alpaca --data "$CALIB" --limit "$LIMIT" --teacher-replies 128 --text-data "$CALIB"
   --seq-len 256 --batch-size "$BATCH" --device "$DEVICE" --bf16 --adapters-dir "$ADAPTERS")
 step blockwise "$PY" -m pippin adapter train recovery-blockwise "${DATA[@]}" --init-residual --objective blockwise \

@@ -65,8 +65,9 @@ def test_convert_gguf_to_pippin(tmp_path):
 
 @pytest.mark.real
 def test_compress_with_rotations_in_sequential_order_keeps_what_the_model_says(tmp_path):
-    """--rotate --sequential on the default model with a two-layer plan: the checkpoint records its rotation, reloads
-    with the rotated head, and answers as full precision does (the rotations themselves change nothing)."""
+    """--rotate --sequential --tune-steps on the default model with a two-layer plan: the checkpoint records its
+    rotation and its LUT tuning, reloads with the rotated head, and answers as full precision does (the rotations
+    themselves change nothing)."""
     import torch
     import torch.nn.functional as F
 
@@ -78,9 +79,12 @@ def test_compress_with_rotations_in_sequential_order_keeps_what_the_model_says(t
     readme = str(Path(__file__).resolve().parents[1] / "README.md")  # calibration text: any English will do
     out = tmp_path / "rot"
     r = pippin("compress", "--calib", readme, "--calib", "docstrings:3", "--plan", str(plan), "--rotate", "--sequential",
-               "--hessian-seqs", "2", "--calib-seqs", "2", "--no-fidelity", "--out", str(out))  # fmt: skip
+               "--hessian-seqs", "2", "--calib-seqs", "2", "--tune-steps", "2", "--no-fidelity", "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr
     quant = json.loads((out / "config.json").read_text())["quantization"]
+    assert quant["lut_tuning"]["steps"] == 2 and quant["lut_tuning"]["windows"] >= 4
+    assert len((out / "lut_tuning.jsonl").read_text().splitlines()) == 2
+    assert not (out / "lut-tuning-checkpoint").exists()  # the model is saved: nothing left to resume
     assert quant["rotation"] == {"method": "hadamard", "seed": 0, "down_input": True}
     assert quant["calibration"] == [readme, "docstrings:3"]  # two sources, mixed window by window
     model, ref = load_any(out).model, load_any(None)

@@ -3,7 +3,8 @@
 Indices are chosen with GPTQ-style error feedback on the calibration inputs unless `--no-error-feedback`;
 `--rotate` folds Hadamard rotations into the weights first (and rotates down_proj's input online, unless
 `--no-rotate-down`), `--sequential` fits each block on the inputs of the
-model as already quantized.
+model as already quantized, and `--tune-steps N` then trains the LUTs and row scales end to end against the
+uncompressed model (pippin.train.lut_tuning).
 Prints the per-layer bits and the measured bpw (every stored byte counted), writes the plan as JSON
 next to the checkpoint, and the allocator's per-layer estimates as sensitivity.json (`pippin talaria` reads them);
 `--plan plan.json` applies an edited plan instead of allocating.
@@ -59,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sequential", action="store_true", help="quantize block by block on the inputs of the model as already quantized (GPTQ)"
     )
+    p.add_argument(
+        "--tune-steps",
+        type=int,
+        default=0,
+        help="then train the LUTs and row scales end to end, distilling full precision on calibration windows (0: off; "
+        "pippin.train.lut_tuning)",
+    )
+    p.add_argument("--tune-lr", type=float, default=1e-3, help="LUT tuning's peak Adam step, relative to each tensor's RMS")
     p.add_argument("--out", default=None, help="output folder (default: $PIPPIN_HOME/models/<name>-<bpw>bpw)")
     p.add_argument(
         "--no-fidelity",
@@ -96,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         kv8=args.kv8,
     )
     tokens = sources[0] if len(sources) == 1 else mixed_windows(sources, seq_len=cfg.seq_len)
+    name = loaded.meta.get("name", Path(str(loaded.path)).name)
+    out = Path(args.out) if args.out else pippin_home() / "models" / f"{name}-{args.bpw:g}bpw"
     report = compress_(loaded.model, tokens, cfg, progress=True)
     # Relative errors: of the weights, and (with error feedback) of the layer's outputs on the calibration inputs.
     print(f"{'layer':<40} {'bits':>4} {'weight err':>10} {'output err':>10}")
@@ -105,22 +116,51 @@ def run(args: argparse.Namespace) -> int:
     hist = Counter(report.plan.values())
     print("bits: " + ", ".join(f"{b}-bit x{n}" for b, n in sorted(hist.items())))
     print(f"measured bpw: {report.bpw:.3f} over all weights (linears alone: {report.linear_bpw:.3f})")
-    name = loaded.meta.get("name", Path(str(loaded.path)).name)
-    out = Path(args.out) if args.out else pippin_home() / "models" / f"{name}-{args.bpw:g}bpw"
+    quant = {**quantization_meta(report, cfg), "calibration": args.calib}
+    if args.tune_steps:
+        quant["lut_tuning"] = _tune(loaded.model, args, tokens, cfg.seq_len, out)
     shutil.rmtree(out / "fidelity", ignore_errors=True)  # a report on the model this one replaces
     if any((out / "adapters").glob("*/adapter_model.safetensors")):
         print(f"warning: the adapters in {out / 'adapters'} were trained on the model this one replaces; retrain them", file=sys.stderr)
-    quant = {**quantization_meta(report, cfg), "calibration": args.calib}
     save_pippin(loaded, out, extra_meta={"quantization": quant, "name": f"{name}-{args.bpw:g}bpw"})
     write_json_atomic(out / "plan.json", {"plan": report.plan, "bpw": report.bpw})
     if report.costs:  # the allocator's per-layer estimates, for `pippin talaria`; a given plan has none
         write_json_atomic(out / SENSITIVITY_FILE, sensitivity_record(report, cfg))
     else:
         remove(out / SENSITIVITY_FILE)  # estimates for the model this one replaces
+    shutil.rmtree(out / TUNE_CHECKPOINT, ignore_errors=True)  # the tuned model is saved: nothing left to resume
     print(f"wrote {out}")
     if args.fidelity:
         report_fidelity(out, args.model, args.data)
     return 0
+
+
+TUNE_CHECKPOINT = "lut-tuning-checkpoint"
+
+
+def _tune(model, args: argparse.Namespace, tokens: list[int], seq_len: int, out: Path) -> dict:  # noqa: ANN001 - the compressed model
+    """Tune the compressed model's LUTs against the model it came from on the calibration windows (resumable under
+    OUT); the record config.json keeps."""
+    import torch
+
+    from pippin.api import load_any
+    from pippin.errors import PippinError
+    from pippin.train.lut_tuning import LutTuneConfig, tune_luts, write_log
+
+    tcfg = LutTuneConfig(steps=args.tune_steps, lr=args.tune_lr)
+    n = len(tokens) // (seq_len + 1)
+    if n < tcfg.batch_size:
+        raise PippinError(
+            f"LUT tuning needs at least {tcfg.batch_size} calibration windows of {seq_len + 1} tokens; the calibration has {n}."
+        )
+    windows = torch.tensor(tokens[: n * (seq_len + 1)]).view(n, seq_len + 1)
+    teacher = load_any(args.model).model
+    res = tune_luts(model, teacher, windows, tcfg, checkpoint=out / TUNE_CHECKPOINT)
+    write_log(out / "lut_tuning.jsonl", res)
+    last = res.losses[-10:]
+    kl = f"KL on the last {len(last)} batches {sum(last) / len(last):.4f} (first {res.losses[0]:.4f})"
+    print(f"LUT tuning: {res.n_params} values, {res.steps} steps in {res.seconds:.0f} s; {kl}")
+    return {"steps": tcfg.steps, "lr": tcfg.lr, "batch_size": tcfg.batch_size, "seq_len": seq_len, "windows": n, "seed": tcfg.seed}
 
 
 def report_fidelity(out: Path, source: str | None, data: str | None) -> None:

@@ -61,6 +61,8 @@ class PalettizedLinear(nn.Module):
         self._w_kernel: torch.Tensor | None = None
         self._w_kernel_src: tuple[int, ...] | None = None
         self.register_buffer("in_signs", torch.ones(in_features, dtype=torch.int8) if rotate_input else None)
+        self.index_cache: torch.Tensor | None = None
+        """(N, K) int64 indices, unpacked once, while the LUTs train (pippin.train.lut_tuning sets and clears it)."""
         self._rotation: tuple[tuple[int, int], HadamardTransform] | None = None
 
     @classmethod
@@ -95,14 +97,20 @@ class PalettizedLinear(nn.Module):
         return w if rot is None else rot(w, inverse=True)
 
     def stored_weight(self) -> torch.Tensor:
-        """The LUT weight as stored (W R for an input-rotated layer), dense (N, K) fp32."""
+        """The LUT weight as stored (W R for an input-rotated layer), dense (N, K) fp32; differentiable in the LUT and
+        row scales when they are being trained (pippin.train.lut_tuning)."""
         k = ops()
-        if k is not None:
+        if k is not None and not self.tuning():
             w = k.lut_dequant(self.packed, self.lut, self.bits, self.group_size)
         else:
-            idx = unpack(self.packed, self.bits, self.in_features)
+            idx = self.index_cache if self.index_cache is not None else unpack(self.packed, self.bits, self.in_features)
             w = self.lut.float().repeat_interleave(self.group_size, dim=0).gather(1, idx)
         return w if self.row_scale is None else w * self.row_scale.float()[:, None]
+
+    def tuning(self) -> bool:
+        """Gradients flow to the LUT or the row scales: only the plain PyTorch paths (the kernels have no backward)."""
+        rows = self.row_scale is not None and self.row_scale.requires_grad
+        return torch.is_grad_enabled() and (self.lut.requires_grad or rows)
 
     @property
     def weight(self) -> torch.Tensor:  # for code that inspects .weight (shape, dtype)
@@ -218,7 +226,7 @@ class PalettizedLinear(nn.Module):
                 w, lut_i8, scale, bits = self.act8_kernel_args()
                 return k.lut_gemv_act8(x, w, lut_i8, scale, bits, self.group_size)
             return self._act8_reference(x)
-        if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS:
+        if k is not None and x.numel() // x.shape[-1] <= FAST_MAX_ROWS and not self.tuning():
             return k.lut_gemv(x, self.packed, self.lut32(), self.bits, self.group_size, self.row_scale32())
         return F.linear(x, self.stored_weight())
 
@@ -271,7 +279,8 @@ class PalettizedEmbedding(PalettizedLinear):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         flat = tokens.reshape(-1)
-        idx = unpack(self.packed[flat], self.bits, self.in_features)  # (n, dim) LUT indices
+        # (n, dim) LUT indices
+        idx = self.index_cache[flat] if self.index_cache is not None else unpack(self.packed[flat], self.bits, self.in_features)
         rows = self.lut[flat // self.group_size].float().gather(1, idx)
         if self.row_scale is not None:
             rows = rows * self.row_scale[flat].float()[:, None]
