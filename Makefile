@@ -48,8 +48,8 @@ compressed: model
 
 # AFM's budget: 3.5 bpw with a 4-bit LUT embedding (row-scaled), Hadamard rotations folded into the weights and
 # GPTQ's sequential order, calibrated on chat and standard-library docstrings (64 windows, half each), then its LUTs
-# and row scales tuned end to end against full precision (50 steps): the base the adapters are trained on (~25 min
-# once; a killed tuning resumes).
+# and row scales tuned end to end against full precision (50 steps): the base the adapters are trained on (~30 min
+# once, its fidelity measure included; a killed tuning resumes).
 BASE35      ?= $(QDIR)/smollm2-135m-instruct-3.5bpw-rot
 compressed-3.5: model
 	@test -f $(call done,$(BASE35)) || $(VENV)/bin/pippin compress --calib $(CALIB_SRC) --calib docstrings --hessian-seqs 64 --bpw 3.5 \

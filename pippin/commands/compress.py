@@ -141,19 +141,13 @@ TUNE_CHECKPOINT = "lut-tuning-checkpoint"
 def _tune(model, args: argparse.Namespace, tokens: list[int], seq_len: int, out: Path) -> dict:  # noqa: ANN001 - the compressed model
     """Tune the compressed model's LUTs against the model it came from on the calibration windows (resumable under
     OUT); the record config.json keeps."""
-    import torch
-
     from pippin.api import load_any
-    from pippin.errors import PippinError
+    from pippin.quant.calibrate import calibration_batches
     from pippin.train.lut_tuning import LutTuneConfig, tune_luts, write_log
 
     tcfg = LutTuneConfig(steps=args.tune_steps, lr=args.tune_lr)
-    n = len(tokens) // (seq_len + 1)
-    if n < tcfg.batch_size:
-        raise PippinError(
-            f"LUT tuning needs at least {tcfg.batch_size} calibration windows of {seq_len + 1} tokens; the calibration has {n}."
-        )
-    windows = torch.tensor(tokens[: n * (seq_len + 1)]).view(n, seq_len + 1)
+    windows = calibration_batches(tokens, seq_len=seq_len + 1, n_seqs=len(tokens))  # every window: inputs and targets
+    n = len(windows)
     teacher = load_any(args.model).model
     res = tune_luts(model, teacher, windows, tcfg, checkpoint=out / TUNE_CHECKPOINT)
     write_log(out / "lut_tuning.jsonl", res)
