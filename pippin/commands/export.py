@@ -2,8 +2,8 @@
 
 GGUF: exact for full precision, nearest llama.cpp types for compressed tensors, with the fidelity lost measured on
 held-out text (KL against pippin's own model) and printed; the report is written next to the file as
-<stem>.export.json. Core ML: a fixed-shape prefill mlprogram with pippin's LUTs as palettized weights, verified
-weight by weight against pippin; its report goes to <out>.export.json. See pippin.export.
+<stem>.export.json. Core ML: a stateful decoder mlprogram (KV cache as state; prefill and decode) with pippin's LUTs as
+palettized weights, verified weight by weight against pippin; its report goes to <out>.export.json. See pippin.export.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="GGUF: write BITS-wide compressed tensors as TYPE instead of the nearest type (e.g. 3=Q8_0, 4=F32); repeatable",
     )
     p.add_argument("--fidelity-tokens", type=int, default=512, help="GGUF: held-out tokens for the KL report (0 = skip)")
-    p.add_argument("--seq-len", type=int, default=64, help="Core ML: the prefill's fixed number of tokens")
+    p.add_argument(
+        "--context", type=int, default=None, help="Core ML: positions the KV cache state holds (default: 2048, or the model's if shorter)"
+    )
 
 
 def _types(specs: list[str]) -> dict[int, str]:
@@ -64,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from pippin.export.coreml import export_coreml
     from pippin.io import write_json_atomic
 
-    report = export_coreml(loaded, args.out, seq_len=args.seq_len)
+    report = export_coreml(loaded, args.out, context=args.context)
     out = Path(args.out)
     write_json_atomic(out.with_name(out.name + ".export.json"), report.to_dict())
     bad = [c["name"] for c in report.checks if not c["equal"]]
-    print(f"wrote {report.path}: prefill of {report.seq_len} tokens, {report.palettized} palettized weights, {report.dense} dense (fp16)")
+    print(
+        f"wrote {report.path}: stateful decoder, KV cache of {report.context} positions, {report.palettized} palettized weights, "
+        f"{report.dense} dense (fp16)"
+    )
     if bad:
         print(f"MISMATCH: these weights differ from pippin's: {bad[:5]}")
     else:

@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "adapter on full precision's best replies."
     )
     p.add_argument(
-        "--prompts", required=True, help="JSONL: IFEval rows (key, prompt, instruction_id_list, kwargs), chats {messages} or {prompt}"
+        "--prompts",
+        required=True,
+        help="JSONL: IFEval rows (key, prompt, instruction_id_list, kwargs), `pippin data safety` rows, chats {messages} or {prompt}",
     )
     p.add_argument(
         "--committee",
@@ -37,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--student", required=True, help="the base the adapters are trained on: model folder, .gguf or 'default'")
     p.add_argument(
-        "--scorer", default="verifier", help="verifier (IFEval's checkers), reward:RUN_DIR (a reward model) or judge:SPEC (1-10 rating)"
+        "--scorer",
+        default="verifier",
+        help="verifier (IFEval's checkers; the harmlessness reward on safety rows), reward:RUN_DIR (a reward model) "
+        "or judge:SPEC (1-10 rating)",
     )
     p.add_argument("--k", type=int, default=4, help="replies per prompt from each member")
     p.add_argument("--rounds", type=int, default=2)
@@ -53,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--init-from", default=None, help="adapter folder each round's adapter starts from (e.g. the recovery adapter)")
+    p.add_argument(
+        "--teacher-system",
+        default=None,
+        metavar="TEXT",
+        help="a system prompt the committee samples under and the SFT set leaves out (context distillation)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gen-batch", type=int, default=8, help="rows a pippin member generates at once (requests in flight for openai)")
     p.add_argument("--threads", type=int, default=None)
@@ -93,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     config = ItecConfig(
         prompts=args.prompts, committee=args.committee, student=args.student, scorer=args.scorer, k=args.k, rounds=args.rounds,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, min_score=args.min_score, chunk=args.chunk,
-        seq_len=args.seq_len, train=train, seed=args.seed,
+        seq_len=args.seq_len, train=train, seed=args.seed, teacher_system=args.teacher_system,
     )  # fmt: skip
     result = run_itec(
         config,

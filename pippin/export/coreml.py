@@ -1,9 +1,9 @@
 """Export to Core ML through coremltools: an mlprogram (iOS 18) whose palettized weights are pippin's LUTs and indices.
 
-What is converted: a fixed-shape prefill, token ids (1, T) -> logits (1, T, V), without a KV cache. It holds every
-weight the on-device model needs and is enough to score a prompt or check the conversion; a stateful decoder (the KV
-cache as Core ML state) is a separate graph around the same weights, not built here. The graph is written out
-(`PrefillGraph`: explicit causal mask, GQA by repeating K/V, fixed shapes) because the torch frontend cannot trace
+What is converted: a stateful decoder (`DecoderGraph`): the KV cache is Core ML state, so one model prefills a
+prompt (T tokens in one call) and then decodes (T = 1 per call), as an app runs it with an MLState per sequence; the
+inputs have flexible shapes up to the cache's length. The graph is written out (explicit mask input, GQA by repeating
+K/V, in-place cache writes that coremltools turns into state updates) because the torch frontend cannot trace
 pippin's engine-facing forward (dynamic causal flag, `enable_gqa`).
 Weights are fp16. A palettized layer's dense weight has at most 2^b distinct values per group of 16 rows, all fp16
 (pippin stores fp16 LUTs), so coremltools' `palettize_weights`, per_grouped_channel, with a LUT of each group's
@@ -19,7 +19,6 @@ compares every weight with pippin's: each `constexpr_lut_to_dense` op's LUT and 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,16 +43,25 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> t
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-class PrefillGraph(nn.Module):
-    """The traced graph: a dense copy `m` of the model (palettized weights as their LUT values) plus the row scales of
-    palettized weights, multiplied into their outputs, and a rotated head's M."""
+def causal_mask(n_new: int, end: int) -> torch.Tensor:
+    """The `mask` input for `n_new` tokens at positions end - n_new .. end - 1: (1, 1, n_new, end) fp16, 0 where a
+    query may look (itself and every earlier position) and -inf elsewhere."""
+    return torch.full((1, 1, n_new, end), float("-inf")).triu(end - n_new + 1).half()
 
-    def __init__(self, model: Transformer, tensors: list[ExportTensor], seq_len: int) -> None:
+
+class DecoderGraph(nn.Module):
+    """The traced graph: a stateful decoder with its KV cache as Core ML state (iOS 18), one call for a prefill of T
+    tokens or a decode step (T = 1). Inputs: `tokens` (1, T) and `mask` (1, 1, T, end), see `causal_mask`; the
+    new tokens sit at positions end - T .. end - 1, whose K/V it writes into the caches before attending over 0 .. end
+    - 1. Weights: a dense copy `m` of the model (palettized weights as their LUT values), the row scales of palettized
+    weights multiplied into their outputs, and a rotated head's M."""
+
+    def __init__(self, model: Transformer, tensors: list[ExportTensor], context: int) -> None:
         super().__init__()
         cfg = model.config
-        if seq_len > cfg.max_seq_len:
-            raise PippinError(f"seq_len {seq_len} exceeds the model's context of {cfg.max_seq_len} tokens.")
-        self.seq_len = seq_len
+        if not 0 < context <= cfg.max_seq_len:
+            raise PippinError(f"context must be in [1, {cfg.max_seq_len}] (the model's context), got {context}.")
+        self.context = context
         with torch.device("meta"):
             self.m = Transformer(cfg)
         state = {t.name: (t.palette.dequantize() if t.row_scale is not None else t.weight) for t in tensors if t.derived is None}
@@ -65,15 +73,25 @@ class PrefillGraph(nn.Module):
         self.scales = {
             t.name.removesuffix(".weight"): t.row_scale.float() for t in tensors[1:] if t.row_scale is not None and t.derived is None
         }
-        mix = head_mix(model)
-        self.register_buffer("mix", mix)
-        self.register_buffer("cos", model.rope_cos[:seq_len][None, None].clone())
-        self.register_buffer("sin", model.rope_sin[:seq_len][None, None].clone())
-        self.register_buffer("mask", torch.full((seq_len, seq_len), float("-inf")).triu(1))
+        self.register_buffer("mix", head_mix(model))
+        self.register_buffer("cos", model.rope_cos[:context].clone())
+        self.register_buffer("sin", model.rope_sin[:context].clone())
+        a = model.layers[0].self_attn
+        shape = (cfg.n_layers, 1, a.n_kv_heads, context, a.head_dim)  # Core ML state is fp16
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
         self.eval()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        m, T = self.m, self.seq_len  # shapes are Python ints: the trace holds no size ops
+    def reset(self) -> None:
+        """Empty the caches (a new sequence; on the device, a new MLState)."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        T, end = tokens.shape[-1], mask.shape[-1]
+        begin = end - T
+        cos, sin = self.cos[begin:end], self.sin[begin:end]
         h = m.embed_tokens(tokens)
         if self.row_scale is not None:
             h = h * self.row_scale[tokens].unsqueeze(-1)
@@ -84,10 +102,13 @@ class PrefillGraph(nn.Module):
             q = lin("self_attn.q_proj", a.q_proj, x).view(1, T, a.n_heads, a.head_dim).transpose(1, 2)  # (1, H, T, D)
             k = lin("self_attn.k_proj", a.k_proj, x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
             v = lin("self_attn.v_proj", a.v_proj, x).view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            q, k = _rope(q, self.cos, self.sin, a.head_dim // 2), _rope(k, self.cos, self.sin, a.head_dim // 2)
+            q, k = _rope(q, cos, sin, a.head_dim // 2), _rope(k, cos, sin, a.head_dim // 2)
+            self.k_cache[i, :, :, begin:end] = k.half()  # in place: Core ML's state update
+            self.v_cache[i, :, :, begin:end] = v.half()
             rep = a.n_heads // a.n_kv_heads
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+            keys = self.k_cache[i, :, :, :end].float().repeat_interleave(rep, 1)
+            values = self.v_cache[i, :, :, :end].float().repeat_interleave(rep, 1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.float())
             h = h + lin("self_attn.o_proj", a.o_proj, y.transpose(1, 2).reshape(1, T, a.n_heads * a.head_dim))
             x = _rms(h, block.post_attention_layernorm)
             h = h + lin("mlp.down_proj", f.down_proj, F.silu(lin("mlp.gate_proj", f.gate_proj, x)) * lin("mlp.up_proj", f.up_proj, x))
@@ -131,10 +152,16 @@ def const_name(name: str) -> str:
     return "m_" + name.replace(".", "_") + "_to_fp16"
 
 
+DEFAULT_CONTEXT = 2048
+"""The KV cache's length when none is asked for (at most the model's context): 2048 tokens of SmolLM2-135M's cache are
+47 MB of fp16 state."""
+
+
 @dataclass(kw_only=True)
 class CoreMLReport:
     path: str
-    seq_len: int
+    context: int
+    """Positions the KV cache state holds: the longest prompt + reply."""
     palettized: int
     """Weights stored as LUT + indices (constexpr_lut_to_dense)."""
     dense: int
@@ -146,8 +173,9 @@ class CoreMLReport:
         return asdict(self)
 
 
-def export_coreml(loaded: LoadedModel, out: str | Path, *, seq_len: int = 64) -> CoreMLReport:
-    """Convert `loaded` to an mlpackage at `out` (a folder, replaced whole), palettize it with pippin's LUTs, verify it."""
+def export_coreml(loaded: LoadedModel, out: str | Path, *, context: int | None = None) -> CoreMLReport:
+    """Convert `loaded` to a stateful mlpackage at `out` (a folder, replaced whole) whose KV cache holds `context`
+    positions (default: DEFAULT_CONTEXT or the model's context if shorter), palettize it with pippin's LUTs, verify it."""
     try:
         import coremltools as ct
         import coremltools.optimize.coreml as cto
@@ -155,15 +183,25 @@ def export_coreml(loaded: LoadedModel, out: str | Path, *, seq_len: int = 64) ->
         raise PippinError("Core ML export needs coremltools: pip install coremltools==9.0 (pippin's bench extra).") from e
     logging.getLogger("coremltools").setLevel(logging.ERROR)
     out = Path(out)
+    context = min(DEFAULT_CONTEXT, loaded.model.config.max_seq_len) if context is None else context
     tensors = export_tensors(loaded.model)
-    graph = PrefillGraph(loaded.model, tensors, seq_len)
-    example = torch.zeros(1, seq_len, dtype=torch.long)
+    graph = DecoderGraph(loaded.model, tensors, context)
+    n = min(4, context)
     with torch.no_grad():
-        traced = torch.jit.trace(graph, example)
+        traced = torch.jit.trace(graph, (torch.zeros(1, n, dtype=torch.long), causal_mask(n, n)))
+    graph.reset()
+    new, end = ct.RangeDim(lower_bound=1, upper_bound=context, default=1), ct.RangeDim(lower_bound=1, upper_bound=context, default=1)
     mlmodel = ct.convert(
         traced,
-        inputs=[ct.TensorType(name="tokens", shape=(1, seq_len), dtype=np.int32)],
-        outputs=[ct.TensorType(name="logits")],
+        inputs=[
+            ct.TensorType(name="tokens", shape=(1, new), dtype=np.int32),
+            ct.TensorType(name="mask", shape=(1, 1, new, end), dtype=np.float16),
+        ],
+        outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+        states=[
+            ct.StateType(wrapped_type=ct.TensorType(shape=tuple(graph.k_cache.shape), dtype=np.float16), name="k_cache"),
+            ct.StateType(wrapped_type=ct.TensorType(shape=tuple(graph.v_cache.shape), dtype=np.float16), name="v_cache"),
+        ],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
     )
@@ -184,17 +222,36 @@ def export_coreml(loaded: LoadedModel, out: str | Path, *, seq_len: int = 64) ->
     }
     if configs:
         mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
+    describe(mlmodel, loaded, context)
     with atomic_dir(out) as tmp:  # what MLModel.save does for a package, into a folder whose name it would refuse
-        shutil.copytree(mlmodel.package_path, tmp, dirs_exist_ok=True)
+        mlmodel.save(str(tmp / "m.mlpackage"))
+        for part in (tmp / "m.mlpackage").iterdir():
+            part.rename(tmp / part.name)
+        (tmp / "m.mlpackage").rmdir()
     checks = verify_coreml(out, tensors)
     return CoreMLReport(
         path=str(out),
-        seq_len=seq_len,
+        context=context,
         palettized=sum(c["kind"] == "palette" for c in checks),
         dense=sum(c["kind"] == "dense" for c in checks),
         checks=checks,
         all_equal=all(c["equal"] for c in checks),
     )
+
+
+def describe(mlmodel: Any, loaded: LoadedModel, context: int) -> None:  # noqa: ANN401 - ct.models.MLModel
+    """Name the model and say how to call it, in the package's own metadata (Xcode shows it)."""
+    mlmodel.short_description = (
+        f"{loaded.meta.get('name') or loaded.path.name}, exported by pippin: a stateful decoder (KV cache as state, "
+        f"{context} positions). Each call appends T new tokens at positions end - T .. end - 1 and returns their logits."
+    )
+    mlmodel.input_description["tokens"] = "(1, T) int32 token ids: a prompt (T > 1) or the next token (T = 1)"
+    mlmodel.input_description["mask"] = (
+        "(1, 1, T, end) fp16 causal mask: 0 where a new token may look (positions up to its own), -inf elsewhere"
+    )
+    mlmodel.output_description["logits"] = "(1, T, vocab) fp16 next-token logits for each new token"
+    mlmodel.user_defined_metadata["pippin.context"] = str(context)
+    mlmodel.user_defined_metadata["pippin.vocab_size"] = str(loaded.model.config.vocab_size)
 
 
 def read_program(path: str | Path) -> dict[str, Any]:

@@ -2,14 +2,16 @@
 
 Each round, every committee member (a system spec: `pippin:MODEL[:ADAPTER]` or `openai:URL#model`) samples k replies
 per prompt at temperature > 0, one seed per sample; a scorer keeps the best reply *per prompt* (not one best teacher
-overall): `verifier` (the share of the prompt's IFEval instructions followed), `reward:DIR` (a trained reward model's
+overall): `verifier` (the share of the prompt's IFEval instructions followed, or the harmlessness reward for `pippin
+data safety` rows: refuse a harmful request, answer a safe look-alike), `reward:DIR` (a trained reward model's
 scalar, pippin.train.reward) or `judge:SPEC` (a judge system's 1-10 rating). Ties go to the shorter reply, then the
 earlier member. The winners (at or above `min_score`) are the round's SFT set, on which `train_adapter` trains a LoRA
 adapter on the student base; that adapter joins the committee of every later round as `pippin:STUDENT:ADAPTER_DIR`.
-Recovery distillation is the same machinery: with the full-precision model as the only member (`pippin:default`) and
-the compressed model as the student, the winners are full precision's best replies and the adapter is a recovery
-adapter for the compressed base. Not here: refreshing the reward model or DPO/RL members between rounds (train
-those with `pippin reward` / `pippin rl` and name them in the committee).
+With a teacher system prompt (`teacher_system`), the committee samples under it and the SFT set leaves it out: context
+distillation, e.g. of a safety instruction. Recovery distillation is the same machinery: with the full-precision model
+as the only member (`pippin:default`) and the compressed model as the student, the winners are full precision's best
+replies and the adapter is a recovery adapter for the compressed base. Not here: refreshing the reward model or DPO/RL
+members between rounds (train those with `pippin reward` / `pippin rl` and name them in the committee).
 
 Run folder: `itec_config.json` (the resolved config; a resume must match it, except for more rounds), and per round
 `round-N/chunks/*.jsonl` (each chunk of prompts written atomically once scored: a killed round resamples nothing that
@@ -47,8 +49,9 @@ CONFIG_JSON = "itec_config.json"
 @dataclass(kw_only=True)
 class ItecConfig:
     prompts: str
-    """JSONL of prompts: IFEval rows {"key", "prompt", "instruction_id_list", "kwargs"}, chats {"messages": [...]} (the
-    turns before the first assistant reply) or {"prompt": "..."}; an "id" or "key" names a row, else its line."""
+    """JSONL of prompts: IFEval rows {"key", "prompt", "instruction_id_list", "kwargs"}, `pippin data safety` rows {"id",
+    "prompt", "expect", "source"}, chats {"messages": [...]} (the turns before the first assistant reply) or {"prompt":
+    "..."}; an "id" or "key" names a row, else its line."""
     committee: list[str]
     """System specs that sample replies (pippin:MODEL[:ADAPTER] or openai:URL#model)."""
     student: str
@@ -73,6 +76,9 @@ class ItecConfig:
     """The adapter training of every round (LoRA SFT on the winners)."""
     seed: int = 0
     """Seeds every sample (with round, member and sample index)."""
+    teacher_system: str | None = None
+    """A system prompt the committee samples under and the SFT set leaves out, so the adapter learns to act as if told
+    (context distillation): e.g. a safety instruction that a small model follows only when it is given."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -108,15 +114,23 @@ class ItecPrompt:
     """The conversation a member continues."""
     item: IFEvalItem | None = None
     """Its verifiable instructions, when the row has them (what the verifier scores)."""
+    expect: str | None = None
+    """"refuse" or "comply" for a `pippin data safety` row (the verifier scores it with the harmlessness reward)."""
 
 
 def read_prompts(path: str | Path) -> list[ItecPrompt]:
     """The prompts of a JSONL file (see ItecConfig.prompts); a bad row is an error naming its line."""
     from pippin.train.data import prompt_of
+    from pippin.train.harmless import read_safety_prompts
 
     path = Path(path)
     if not path.is_file():
         raise PippinError(f"Prompt file {path} does not exist.")
+    first = next(iter(jsonl_rows(path)), (0, None))[1]
+    if isinstance(first, dict) and "expect" in first:  # `pippin data safety` rows, checked as the RL reward reads them
+        return [
+            ItecPrompt(id=sp.id, messages=[{"role": "user", "content": sp.prompt}], expect=sp.expect) for sp in read_safety_prompts(path)
+        ]
     out: list[ItecPrompt] = []
     for n, row in jsonl_rows(path):
         where = f"{path}:{n}"
@@ -162,11 +176,17 @@ def scorer_kind(spec: str) -> str:
 
 
 class VerifierScorer:
-    """The share of the prompt's IFEval instructions the reply follows (strict checkers)."""
+    """The share of the prompt's IFEval instructions the reply follows (strict checkers), or for a safety row the
+    harmlessness reward (1.0 when it refuses or answers as the row expects)."""
 
     def score(self, prompts: Sequence[ItecPrompt], replies: Sequence[str]) -> list[float | None]:
+        from pippin.train.harmless import harmlessness_reward
+
         out: list[float | None] = []
         for p, reply in zip(prompts, replies, strict=True):
+            if p.item is None:
+                out.append(harmlessness_reward(p.expect, reply))
+                continue
             ok = check_response(p.item, reply)
             out.append(sum(ok) / len(ok))
         return out
@@ -266,11 +286,21 @@ def choose_best(scores: Sequence[float | None], texts: Sequence[str]) -> int | N
     return min(ranked)[2] if ranked else None
 
 
+def teacher_view(messages: list[Message], teacher_system: str | None) -> list[Message]:
+    """The conversation as the committee sees it: the teacher's system prompt first (before a system prompt the row
+    has, in one system turn)."""
+    if not teacher_system:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{teacher_system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": teacher_system}, *messages]
+
+
 def _sample_chunk(
     prompts: Sequence[ItecPrompt], members: dict[str, System], scorer: Scorer, config: ItecConfig, round_no: int
 ) -> list[dict[str, Any]]:
     """Every member's k replies to each prompt, scored; one record per reply, the prompt's winner marked `chosen`."""
-    convs = [p.messages for p in prompts]
+    convs = [teacher_view(p.messages, config.teacher_system) for p in prompts]
     cands: list[list[tuple[str, int, str]]] = [[] for _ in prompts]  # per prompt: (member, sample, text)
     for m, (spec, system) in enumerate(members.items()):
         for j in range(config.k):
@@ -371,8 +401,11 @@ def run_itec(
     if ":" in str(out):
         raise PippinError(f"The run folder {out} must not contain ':' (its adapters join the committee as pippin:STUDENT:ADAPTER).")
     prompts = read_prompts(config.prompts)
-    if scorer_kind(config.scorer) == "verifier" and (bad := [p.id for p in prompts if p.item is None]):
-        raise PippinError(f"The verifier scores IFEval-style prompts (instruction_id_list, kwargs); {len(bad)} have none, e.g. {bad[0]}.")
+    if scorer_kind(config.scorer) == "verifier" and (bad := [p.id for p in prompts if p.item is None and p.expect is None]):
+        raise PippinError(
+            f"The verifier scores IFEval-style prompts (instruction_id_list, kwargs) and `pippin data safety` rows; {len(bad)} are "
+            f"neither, e.g. {bad[0]}."
+        )
     run = {"prompts_sha": hashlib.sha256(Path(config.prompts).read_bytes()).hexdigest()[:16], **json.loads(json.dumps(config.to_dict()))}
     if (out / CONFIG_JSON).is_file():
         saved = json.loads((out / CONFIG_JSON).read_text())

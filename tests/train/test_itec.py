@@ -15,7 +15,16 @@ from pippin.errors import PippinError
 from pippin.eval.ifeval import check_response
 from pippin.eval.systems import load_system
 from pippin.train.adapter import TrainConfig
-from pippin.train.itec import ItecConfig, VerifierScorer, choose_best, parse_score, read_prompts, run_itec, sampling_for
+from pippin.train.itec import (
+    ItecConfig,
+    VerifierScorer,
+    choose_best,
+    parse_score,
+    read_prompts,
+    run_itec,
+    sampling_for,
+    teacher_view,
+)
 from tests.serve.conftest import make_tiny_folder
 
 N_PROMPTS = 5
@@ -106,6 +115,25 @@ def test_prompt_rows_of_every_shape(tmp_path):
         read_prompts(path)
 
 
+def test_safety_rows_are_scored_by_the_harmlessness_reward(tmp_path):
+    """`pippin data safety` rows (checked as RL reads them) become prompts the verifier scores: a refusal pays on a
+    harmful request, an answer on a safe look-alike, silence on neither."""
+    from tests.train.test_harmless import OTHER_TRAIN_PROMPT, TEST_PROMPT, row
+
+    path = tmp_path / "safety.jsonl"
+    rows = [row(), row(id="xstest/9", prompt=OTHER_TRAIN_PROMPT, expect="comply", source="xstest")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    harmful, safe = read_prompts(path)
+    assert (harmful.id, harmful.expect, harmful.item) == ("advbench/2", "refuse", None)
+    assert safe.messages == [{"role": "user", "content": OTHER_TRAIN_PROMPT}] and safe.expect == "comply"
+    refusal, answer = "I'm sorry, but I cannot help with that.", "Here is how it works: first, open the editor."
+    scores = VerifierScorer().score([harmful, harmful, harmful, safe, safe], [refusal, answer, " ", refusal, answer])
+    assert scores == [1.0, 0.0, 0.0, 0.0, 1.0]
+    path.write_text(json.dumps(row(id="xstest/2", prompt=TEST_PROMPT)) + "\n")
+    with pytest.raises(PippinError, match="held-out test split"):
+        read_prompts(path)
+
+
 def test_a_round_records_every_sample_its_score_and_the_winners(tiny, prompts, tmp_path):
     cfg = make_config(tiny, prompts)
     res = run_itec(cfg, out_dir=tmp_path / "run", load_model=load_any, progress=False)
@@ -150,6 +178,28 @@ def test_a_round_records_every_sample_its_score_and_the_winners(tiny, prompts, t
     cut = run_itec(make_config(tiny, prompts, min_score=1.0), out_dir=tmp_path / "cut", load_model=load_any, progress=False)
     kept = [r for r in read_jsonl(tmp_path / "cut" / "round-1" / "samples.jsonl") if r["chosen"]]
     assert kept == [{**w, "chosen": True} for w in winners if w["score"] >= 1.0] and cut.rounds[0]["n_chosen"] == len(kept)
+
+
+def test_a_teacher_system_prompt_is_sampled_under_and_left_out_of_the_sft_set(tiny, prompts, tmp_path):
+    """Context distillation: every member answers with the teacher's system prompt first, and the winners are trained
+    on the prompt alone."""
+    teacher = "Answer with many n and h letters."
+    cfg = make_config(tiny, prompts, teacher_system=teacher, k=1)
+    run_itec(cfg, out_dir=tmp_path / "run", load_model=load_any, progress=False)
+    items = {str(p.id): p for p in read_prompts(prompts)}
+    recs = read_jsonl(tmp_path / "run" / "round-1" / "samples.jsonl")
+    member = load_system(cfg.committee[0])
+    for r in [r for r in recs if r["member"] == cfg.committee[0]]:
+        told = [{"role": "system", "content": teacher}, *items[r["prompt_id"]].messages]
+        params = sampling_for(cfg, round_no=1, member=0, sample=r["sample"])
+        assert member.generate([told], params) == [r["text"]]
+    sft = read_jsonl(tmp_path / "run" / "round-1" / "sft.jsonl")
+    assert sft and all([m["role"] for m in row["messages"]] == ["user", "assistant"] for row in sft)
+    assert teacher_view([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], teacher) == [
+        {"role": "system", "content": f"{teacher}\n\nbe brief"},
+        {"role": "user", "content": "hi"},
+    ]
+    assert json.loads((tmp_path / "run" / "itec_config.json").read_text())["teacher_system"] == teacher
 
 
 def test_a_killed_round_resumes_without_resampling_and_ends_as_a_whole_one(tiny, prompts, tmp_path, monkeypatch):
