@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prompts",
+        action="append",
         required=True,
-        help="JSONL: IFEval rows (key, prompt, instruction_id_list, kwargs), `pippin data safety` rows, chats {messages} or {prompt}",
+        help="JSONL: IFEval rows (key, prompt, instruction_id_list, kwargs), `pippin data safety` rows, chats {messages} or "
+        "{prompt}; repeatable (the files' ids must not collide)",
     )
     p.add_argument(
         "--committee",

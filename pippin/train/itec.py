@@ -48,8 +48,9 @@ CONFIG_JSON = "itec_config.json"
 
 @dataclass(kw_only=True)
 class ItecConfig:
-    prompts: str
-    """JSONL of prompts: IFEval rows {"key", "prompt", "instruction_id_list", "kwargs"}, `pippin data safety` rows {"id",
+    prompts: list[str]
+    """JSONL files of prompts, read in order (several mix kinds, e.g. safety rows beside benign instruction rows; one
+    path alone is taken as a list of one): IFEval rows {"key", "prompt", "instruction_id_list", "kwargs"}, `pippin data safety` rows {"id",
     "prompt", "expect", "source"}, chats {"messages": [...]} (the turns before the first assistant reply) or {"prompt":
     "..."}; an "id" or "key" names a row, else its line."""
     committee: list[str]
@@ -83,6 +84,9 @@ class ItecConfig:
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        self.prompts = [str(self.prompts)] if isinstance(self.prompts, str | Path) else [str(p) for p in self.prompts]
+        if not self.prompts:
+            raise PippinError("iTeC needs at least one prompt file (--prompts FILE).")
         self.committee = list(self.committee)
         if not self.committee:
             raise PippinError("The committee needs at least one member (--committee SPEC).")
@@ -400,15 +404,21 @@ def run_itec(
     out = Path(out_dir)
     if ":" in str(out):
         raise PippinError(f"The run folder {out} must not contain ':' (its adapters join the committee as pippin:STUDENT:ADAPTER).")
-    prompts = read_prompts(config.prompts)
+    prompts = [p for path in config.prompts for p in read_prompts(path)]
+    if len(config.prompts) > 1 and len(ids := [p.id for p in prompts]) > len(set(ids)):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise PippinError(f"Prompt ids must be unique across the --prompts files; {len(twice)} appear twice, e.g. {twice[0]!r}.")
     if scorer_kind(config.scorer) == "verifier" and (bad := [p.id for p in prompts if p.item is None and p.expect is None]):
         raise PippinError(
             f"The verifier scores IFEval-style prompts (instruction_id_list, kwargs) and `pippin data safety` rows; {len(bad)} are "
             f"neither, e.g. {bad[0]}."
         )
-    run = {"prompts_sha": hashlib.sha256(Path(config.prompts).read_bytes()).hexdigest()[:16], **json.loads(json.dumps(config.to_dict()))}
+    digest = hashlib.sha256(b"".join(Path(p).read_bytes() for p in config.prompts)).hexdigest()[:16]
+    run = {"prompts_sha": digest, **json.loads(json.dumps(config.to_dict()))}
     if (out / CONFIG_JSON).is_file():
         saved = json.loads((out / CONFIG_JSON).read_text())
+        if isinstance(saved.get("prompts"), str):  # written when the config held one file
+            saved["prompts"] = [saved["prompts"]]
         changed = sorted(k for k in saved.keys() | run.keys() if k != "rounds" and saved.get(k) != run.get(k))  # more rounds extend a run
         if changed:
             raise PippinError(f"{out} holds an iTeC run with another config ({', '.join(changed)} differ); use another --out or delete it.")

@@ -50,9 +50,10 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
-def make_config(tiny: Path, prompts: Path, **overrides) -> ItecConfig:
+def make_config(tiny: Path, prompts: Path | list, **overrides) -> ItecConfig:
     kw = dict(
-        prompts=str(prompts), committee=[f"pippin:{tiny}", f"pippin:{tiny}:polite"], student=str(tiny), k=2, rounds=1,
+        prompts=[str(p) for p in prompts] if isinstance(prompts, list) else str(prompts),
+        committee=[f"pippin:{tiny}", f"pippin:{tiny}:polite"], student=str(tiny), k=2, rounds=1,
         temperature=1.0, max_new_tokens=10, chunk=2, seq_len=128,
         train=TrainConfig(lora={"rank": 4, "alpha": 8.0}, steps=3, batch_size=2, lr=5e-2, warmup_steps=1, save_every=1),
     )  # fmt: skip
@@ -132,6 +133,39 @@ def test_safety_rows_are_scored_by_the_harmlessness_reward(tmp_path):
     path.write_text(json.dumps(row(id="xstest/2", prompt=TEST_PROMPT)) + "\n")
     with pytest.raises(PippinError, match="held-out test split"):
         read_prompts(path)
+
+
+def test_several_prompt_files_mix_kinds_and_resume_a_one_file_run(tiny, prompts, tmp_path):
+    """IFEval-style rows and safety rows in one round, each scored by its own verifier; ids that collide across files
+    are refused; a run whose saved config named one file as a string (before --prompts took several) resumes."""
+    from tests.train.test_harmless import OTHER_TRAIN_PROMPT, row
+
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text(
+        "".join(json.dumps(r) + "\n" for r in [row(), row(id="xstest/9", prompt=OTHER_TRAIN_PROMPT, expect="comply", source="xstest")])
+    )
+    cfg = make_config(tiny, [str(prompts), str(safety)], committee=[f"pippin:{tiny}"], k=1)
+    run_itec(cfg, out_dir=tmp_path / "run", load_model=load_any, progress=False)
+    recs = read_jsonl(tmp_path / "run" / "round-1" / "samples.jsonl")
+    items = {p.id: p for f in (prompts, safety) for p in read_prompts(f)}
+    assert {r["prompt_id"] for r in recs} == set(items) and len(recs) == N_PROMPTS + 2
+    assert [r["score"] for r in recs] == VerifierScorer().score([items[r["prompt_id"]] for r in recs], [r["text"] for r in recs])
+    saved = json.loads((tmp_path / "run" / "itec_config.json").read_text())
+    assert saved["prompts"] == [str(prompts), str(safety)]
+    with pytest.raises(PippinError, match="unique across the --prompts files"):
+        run_itec(make_config(tiny, [prompts, prompts]), out_dir=tmp_path / "twice", load_model=load_any, progress=False)
+    one = make_config(tiny, prompts, committee=[f"pippin:{tiny}"], k=1)
+    assert one.prompts == [str(prompts)]
+    run_itec(one, out_dir=tmp_path / "old", load_model=load_any, progress=False)
+    old = json.loads((tmp_path / "old" / "itec_config.json").read_text())
+    (tmp_path / "old" / "itec_config.json").write_text(json.dumps({**old, "prompts": str(prompts)}))
+    res = run_itec(
+        make_config(tiny, prompts, committee=[f"pippin:{tiny}"], k=1, rounds=2),
+        out_dir=tmp_path / "old",
+        load_model=load_any,
+        progress=False,
+    )
+    assert [r["round"] for r in res.rounds] == [1, 2]
 
 
 def test_a_round_records_every_sample_its_score_and_the_winners(tiny, prompts, tmp_path):
