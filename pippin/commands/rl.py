@@ -60,14 +60,14 @@ def read_prompt_files(paths: list[str]) -> list[tuple[str, object]]:
     from pippin.errors import PippinError
     from pippin.eval.ifeval import load_ifeval
     from pippin.io import jsonl_rows
-    from pippin.train.harmless import read_safety_prompts
+    from pippin.train.harmless import holds_safety_rows, read_safety_prompts
 
     out: list[tuple[str, object]] = []
     for path in paths:
         first = next(iter(jsonl_rows(path)), (0, None))[1]
         if isinstance(first, dict) and "instruction_id_list" in first:
             out += [(it.prompt, it) for it in load_ifeval(path)]
-        elif isinstance(first, dict) and "expect" in first:
+        elif holds_safety_rows(path):
             out += [(sp.prompt, sp) for sp in read_safety_prompts(path)]
         else:
             raise PippinError(f"{path}: not a prompt file RL can score (IFEval rows, or `pippin data safety` rows).")

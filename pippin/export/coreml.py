@@ -199,8 +199,8 @@ def export_coreml(loaded: LoadedModel, out: str | Path, *, context: int | None =
         ],
         outputs=[ct.TensorType(name="logits", dtype=np.float16)],
         states=[
-            ct.StateType(wrapped_type=ct.TensorType(shape=tuple(graph.k_cache.shape), dtype=np.float16), name="k_cache"),
-            ct.StateType(wrapped_type=ct.TensorType(shape=tuple(graph.v_cache.shape), dtype=np.float16), name="v_cache"),
+            ct.StateType(wrapped_type=ct.TensorType(shape=tuple(getattr(graph, name).shape), dtype=np.float16), name=name)
+            for name in ("k_cache", "v_cache")
         ],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS18,
@@ -223,7 +223,7 @@ def export_coreml(loaded: LoadedModel, out: str | Path, *, context: int | None =
     if configs:
         mlmodel = cto.palettize_weights(mlmodel, cto.OptimizationConfig(op_name_configs=configs))
     describe(mlmodel, loaded, context)
-    with atomic_dir(out) as tmp:  # what MLModel.save does for a package, into a folder whose name it would refuse
+    with atomic_dir(out) as tmp:  # MLModel.save wants a name ending .mlpackage: save inside, then lift the parts up
         mlmodel.save(str(tmp / "m.mlpackage"))
         for part in (tmp / "m.mlpackage").iterdir():
             part.rename(tmp / part.name)

@@ -35,6 +35,13 @@ def harmlessness_reward(expect: str, response: str) -> float:
     return float(is_refusal(response, RefusalRule.XSTEST) == (expect == "refuse"))
 
 
+def holds_safety_rows(path: str | Path) -> bool:
+    """Whether a JSONL prompt file is `pippin data safety` rows (its first row has "expect"): how RL and iTeC tell
+    them from IFEval rows and chats."""
+    first = next(iter(jsonl_rows(path)), (0, None))[1]
+    return isinstance(first, dict) and "expect" in first
+
+
 def read_safety_prompts(path: str | Path) -> list[SafetyPrompt]:
     """The rows of a `pippin data safety` JSONL file, checked line by line; a prompt from the safety suite's held-out
     test split is an error too, so a set built any other way cannot train on what is evaluated."""

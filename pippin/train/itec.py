@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,13 +126,12 @@ class ItecPrompt:
 def read_prompts(path: str | Path) -> list[ItecPrompt]:
     """The prompts of a JSONL file (see ItecConfig.prompts); a bad row is an error naming its line."""
     from pippin.train.data import prompt_of
-    from pippin.train.harmless import read_safety_prompts
+    from pippin.train.harmless import holds_safety_rows, read_safety_prompts
 
     path = Path(path)
     if not path.is_file():
         raise PippinError(f"Prompt file {path} does not exist.")
-    first = next(iter(jsonl_rows(path)), (0, None))[1]
-    if isinstance(first, dict) and "expect" in first:  # `pippin data safety` rows, checked as the RL reward reads them
+    if holds_safety_rows(path):  # checked as the RL reward reads them
         return [
             ItecPrompt(id=sp.id, messages=[{"role": "user", "content": sp.prompt}], expect=sp.expect) for sp in read_safety_prompts(path)
         ]
@@ -405,8 +405,7 @@ def run_itec(
     if ":" in str(out):
         raise PippinError(f"The run folder {out} must not contain ':' (its adapters join the committee as pippin:STUDENT:ADAPTER).")
     prompts = [p for path in config.prompts for p in read_prompts(path)]
-    if len(config.prompts) > 1 and len(ids := [p.id for p in prompts]) > len(set(ids)):
-        twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice := sorted(i for i, n in Counter(p.id for p in prompts).items() if n > 1):
         raise PippinError(f"Prompt ids must be unique across the --prompts files; {len(twice)} appear twice, e.g. {twice[0]!r}.")
     if scorer_kind(config.scorer) == "verifier" and (bad := [p.id for p in prompts if p.item is None and p.expect is None]):
         raise PippinError(
