@@ -3,6 +3,7 @@
   pippin rl --model M --data ifp/train.jsonl --out DIR [--algo mdloo|rloo] [--iterations N]
   pippin rl --model M --data ifp/train.jsonl --data safety/train.jsonl --val-data ifp/validation.jsonl --out DIR
   pippin rl --model M --data prompts.jsonl --reward verifier --reward runs/rm --out DIR
+  pippin rl --data ifp/train.jsonl --init-from runs/itec/round-1/adapter --out DIR     (RL after SFT, as AFM)
 
 Prompt files are IFEval's JSONL (`pippin data ifprompts`: a reply earns the share of its prompt's instructions that
 IFEval's strict checkers pass) or `pippin data safety` rows (the harmlessness reward: refuse the harmful, answer the
@@ -37,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", choices=["mdloo", "rloo"], default="mdloo")
     p.add_argument("--full", action="store_true", help="train all weights (full-precision models) instead of a LoRA adapter")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    p.add_argument(
+        "--init-from", default=None, metavar="ADAPTER",
+        help="start from this adapter (e.g. an iTeC or SFT round's) and keep the KL to it, not to the bare base",
+    )  # fmt: skip
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--prompts-per-iteration", type=int, default=8)
     p.add_argument("--samples", type=int, default=4, help="K: responses per prompt (the leave-one-out baseline)")
@@ -139,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         algo=args.algo, iterations=args.iterations, prompts_per_iteration=args.prompts_per_iteration, samples=args.samples,
         beta=args.beta, alpha=args.alpha, inner_steps=args.inner_steps, lr=args.lr or (1e-5 if args.full else 2e-4),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, lora=None if args.full else LoraConfig(rank=args.rank),
+        init_from=args.init_from,
         minibatch=args.minibatch, bf16=args.bf16, val_every=args.val_every if val_prompts else 0, save_every=args.save_every,
         seed=args.seed,
     )  # fmt: skip

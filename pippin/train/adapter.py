@@ -194,7 +194,7 @@ def train_adapter(
         for mod, m in mods.items():
             m.load_slot(0, *residual[mod], config.lora.scaling)
     if config.init_from:
-        _load_init(model, mods, config, fingerprint)
+        load_init(model, config.init_from, config.lora, fingerprint=fingerprint)
     # Block-wise targets are the teacher's hidden states, which must live in the student's (maybe rotated) basis.
     if config.objective is Objective.BLOCKWISE:
         teacher = reference_like(teacher, model)
@@ -234,20 +234,22 @@ def train_adapter(
     )
 
 
-def _load_init(model: nn.Module, mods: dict, config: TrainConfig, fingerprint: str) -> None:
-    init = load_adapter(config.init_from)
-    check_compatible(init, model, fingerprint=fingerprint, max_rank=config.lora.rank)
-    if (init.config.alpha, init.config.use_rslora) != (config.lora.alpha, config.lora.use_rslora):
+def load_init(model: nn.Module, path: str | Path, lora: LoraConfig, *, fingerprint: str, slot: int = 0) -> None:
+    """Load the adapter at `path` into slot `slot` of `model`'s LoRA modules (modules it lacks get a zero update),
+    refusing one trained on another base or at another rank, alpha or rslora than `lora`."""
+    init = load_adapter(path)
+    check_compatible(init, model, fingerprint=fingerprint, max_rank=lora.rank)
+    if (init.config.alpha, init.config.use_rslora) != (lora.alpha, lora.use_rslora):
         raise PippinError(
-            f"init_from adapter uses alpha={init.config.alpha}, rslora={init.config.use_rslora}; train with the same "
-            "settings, or the saved adapter's scale would not match the one it was trained at."
+            f"The starting adapter {path} uses alpha={init.config.alpha}, rslora={init.config.use_rslora}; train with the "
+            "same settings, or the saved adapter's scale would not match the one it was trained at."
         )
     with torch.no_grad():
-        for mod, m in mods.items():
+        for mod, m in lora_modules(model).items():
             A, B = init.weights.get(mod, (None, None))
-            if A is not None and A.shape[0] != config.lora.rank:
-                raise PippinError(f"init_from adapter has rank {A.shape[0]}, but this run trains rank {config.lora.rank}.")
-            m.load_slot(0, A, B, init.scales.get(mod, config.lora.scaling) if A is not None else config.lora.scaling)
+            if A is not None and A.shape[0] != lora.rank:
+                raise PippinError(f"The starting adapter {path} has rank {A.shape[0]}, but this run trains rank {lora.rank}.")
+            m.load_slot(slot, A, B, init.scales.get(mod, lora.scaling) if A is not None else lora.scaling)
 
 
 def _steps(model, teacher, examples, config, name, params, opt, ckpt, run_hash, start, losses, amp, device, progress) -> list[dict]:  # noqa: ANN001, PLR0913

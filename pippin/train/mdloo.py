@@ -13,7 +13,9 @@ are sums over the response tokens, its end-of-turn token included (so stopping i
 The policy is a LoRA adapter by default (on a full-precision or a compressed base: the on-device setting), or the full
 weights of a full-precision model. Samples come from the batched engine on the CPU kernels: for LoRA, from a second
 view of the model that shares every base tensor and holds the adapter as an fp16 serving slot, refreshed each
-iteration; the reference policy is the base itself (the adapter switched off).
+iteration; the reference policy is the base itself (the adapter switched off). A run may start from a trained
+adapter (`init_from`, e.g. iTeC's or SFT's), as AFM's RL starts from the SFT model: the policy's adapter then starts
+as a copy of it and the reference is the base with it, frozen, in a view that shares the base's tensors.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pippin.adapters.lora import LoraConfig, apply_lora, base_fingerprint, lora_modules, routing_of
+from pippin.adapters.peft_format import WEIGHTS_FILE
 from pippin.engine.engine import Engine
 from pippin.engine.sampling import SamplingParams, sample
 from pippin.errors import PippinError
 from pippin.model.transformer import Transformer
-from pippin.train.adapter import set_act8
+from pippin.train.adapter import load_init, set_act8
 
 SAMPLE_ROWS = 16
 """Rows per engine batch: up to this many the decode steps run on the CPU kernels."""
@@ -114,6 +117,9 @@ class RLConfig:
     temperature: float = 1.0
     lora: LoraConfig | None = field(default_factory=LoraConfig)
     """The policy is this LoRA adapter on the frozen base; None trains the full weights (full-precision models only)."""
+    init_from: str | None = None
+    """An adapter folder trained on this base (same rank and alpha) that the policy starts from and the KL is taken
+    to (the reference is the base with it); None starts from the base."""
     minibatch: int = 8
     """Sequences per forward/backward pass (memory only: each step's gradient is over all the iteration's samples)."""
     bf16: bool = False
@@ -130,6 +136,10 @@ class RLConfig:
             self.lora = LoraConfig(**self.lora)
         if self.samples < 2:
             raise PippinError(f"RL needs at least 2 samples per prompt for the leave-one-out baseline, got {self.samples}.")
+        if self.init_from is not None and self.lora is None:
+            raise PippinError(
+                "Starting from an adapter trains a LoRA policy; for full weights, merge it into the model first (`pippin adapter merge`)."
+            )
         if min(self.iterations, self.prompts_per_iteration, self.minibatch, self.inner_steps, self.save_every) < 1:
             raise PippinError("iterations, prompts_per_iteration, minibatch, inner_steps and save_every must be >= 1.")
 
@@ -211,6 +221,17 @@ class _Sampler:
         return out
 
 
+def _start_view(model: Transformer, lora: LoraConfig, path: str, fingerprint: str) -> Transformer:
+    """The reference policy of a run that starts from an adapter: a view of `model` sharing every base tensor, with
+    the adapter frozen in its one serving slot (fp16, as saved)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, shared)
+    apply_lora(view, lora, n_slots=2)
+    load_init(view, path, lora, fingerprint=fingerprint, slot=1)
+    routing_of(view).set(1)
+    return view.to(next(model.parameters()).device).eval().requires_grad_(False)
+
+
 def _sample_uncached(model: Transformer, prompts: list[list[int]], params: SamplingParams, eos_ids: Sequence[int]) -> list[list[int]]:
     """Sampling without a KV cache, on the model's device, with the engine's per-row seeds (each row's generator
     seeded with params.seed, sampling on the CPU), so on the CPU it draws what the engine draws."""
@@ -279,16 +300,21 @@ def train_rl(
         raise PippinError("A LoRA policy's reference is its own base; do not pass one.")
     fingerprint = base_fingerprint(policy)
     sampler = _Sampler(policy, config.lora)
+    start_view = _start_view(policy, config.lora, config.init_from, fingerprint) if config.init_from else None
     if config.lora is not None:
         with torch.random.fork_rng(devices=[]):  # the adapter's random init follows the run's seed, not the caller's RNG
             torch.manual_seed(config.seed)
             apply_lora(policy, config.lora, trainable=True)
+        if config.init_from:
+            load_init(policy, config.init_from, config.lora, fingerprint=fingerprint)
         routing = routing_of(policy)
     params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     result = RLResult()
     digest = hashlib.sha256(json.dumps([[list(p) for p in prompts], [list(p) for p in val_prompts]]).encode()).hexdigest()[:16]
     run = {"config": config.to_dict(), "prompts": digest, "base": fingerprint, "reward": reward_spec}
+    if config.init_from:  # the starting adapter's bytes, not only its path, name the run
+        run["init_from"] = hashlib.sha256((Path(config.init_from) / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if ckpt is not None and (meta := resume(ckpt, run=run, params=params, optimizer=opt)) is not None:
         result.history = [RLStats(**h) for h in meta["history"]]
@@ -297,6 +323,8 @@ def train_rl(
     device = next(policy.parameters()).device
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if config.bf16 else nullcontext
     act8 = set_act8(policy, False)  # the policy's passes see the weights without activation rounding
+    if start_view is not None:
+        set_act8(start_view, False)
 
     def logprobs(model: Transformer, p: list, y: list, *, entropy: bool = False):  # noqa: ANN202
         mb = config.minibatch
@@ -347,7 +375,9 @@ def train_rl(
             r = torch.tensor([reward(p, [t for t in y if t not in stop]) for p, y in zip(flat_p, flat_r)], device=device)
             with torch.no_grad(), autocast():
                 logp_old, ent = logprobs(policy, flat_p, flat_r, entropy=True)
-                if config.lora is not None:
+                if start_view is not None:
+                    logp_ref = logprobs(start_view, flat_p, flat_r)
+                elif config.lora is not None:
                     routing.slot = None  # the base alone is the reference policy
                     logp_ref = logprobs(policy, flat_p, flat_r)
                     routing.slot = 0

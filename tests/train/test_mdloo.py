@@ -122,6 +122,50 @@ def test_the_sampler_shares_the_base_and_runs_the_trained_adapter():
     assert sampler.sample([[5, 6, 7]], SamplingParams(max_new_tokens=6, temperature=0.0), eos_ids=[gen[k]]) == [gen[: k + 1]]
 
 
+def _saved_adapter(tmp_path, base, lora):
+    """A random adapter for `base` (values fp16 holds exactly), saved as a folder with the base's fingerprint."""
+    from pippin.adapters.lora import apply_lora, base_fingerprint, remove_lora_
+    from pippin.adapters.peft_format import adapter_from_model, save_adapter
+
+    fingerprint = base_fingerprint(base)
+    torch.manual_seed(11)
+    apply_lora(base, lora, trainable=True)
+    with torch.no_grad():
+        for m in lora_modules(base).values():
+            m.lora_B.normal_(0, 0.2)
+    adapter = adapter_from_model(base, lora, name="start", meta={"base_fingerprint": fingerprint})
+    remove_lora_(base)
+    return save_adapter(adapter, tmp_path / "start", base_model="tiny")
+
+
+def test_a_run_from_an_adapter_starts_at_it_and_keeps_the_kl_to_it(tmp_path):
+    """The policy starts as the adapter (lr 0 leaves it there), the KL of the first samples to the reference is zero,
+    while the bare base is far from them: the reference is the base with the starting adapter, not the base."""
+    from pippin.adapters.peft_format import load_adapter
+
+    lora = LoraConfig(rank=4)
+    path = _saved_adapter(tmp_path, tiny_model(seed=3), lora)
+    start = load_adapter(path)
+    seen: list[dict] = []
+    policy = tiny_model(seed=3)
+    cfg = RLConfig(iterations=2, prompts_per_iteration=3, samples=3, lr=0.0, max_new_tokens=6, lora=lora, init_from=str(path))
+    res = train_rl(policy, PROMPTS, EVEN, cfg, on_samples=lambda it, rows: seen.extend(rows))
+    assert all(abs(s.mean_kl) < 1e-4 for s in res.history), [s.mean_kl for s in res.history]
+    for name, m in lora_modules(policy).items():
+        A, B = start.weights[name]
+        assert torch.equal(m.lora_A[0], A.float()) and torch.equal(m.lora_B[0], B.float())
+    # The same samples under the bare base: far from the starting policy, so a KL to the base would not be zero.
+    base = tiny_model(seed=3)
+    p, y = [r["prompt"] for r in seen], [r["response"] for r in seen]
+    with torch.no_grad():
+        gap = sequence_logprobs(policy, p, y) - sequence_logprobs(base, p, y)
+    assert float(gap.mean()) > 0.5, float(gap.mean())
+    with pytest.raises(PippinError, match="merge it into the model"):
+        RLConfig(lora=None, init_from=str(path))
+    with pytest.raises(PippinError, match="not on this one"):  # an adapter of another base is refused before any work
+        train_rl(tiny_model(seed=4), PROMPTS, EVEN, RLConfig(iterations=1, lora=lora, init_from=str(path)))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampling_without_the_engine_draws_what_the_engine_draws(temperature):
     """The uncached sampler (what a GPU runs) against the engine on the kernels, with the same per-row seeds."""
@@ -218,6 +262,9 @@ def test_the_rl_command_trains_an_adapter_on_mixed_verifiers_and_full_weights(tm
     assert adapter.meta["base_fingerprint"] == base_fingerprint(base) and adapter.meta["rl"]["algo"] == "mdloo"
     assert adapter.meta["rl"]["guard"] == {"min_words": 5, "min_distinct": 0.35}  # on by default, recorded
     assert any(bool(B.abs().sum()) for _, B in adapter.weights.values())  # the adapter moved off its zero start
+    again = _rl(tmp_path, *data, "--out", str(tmp_path / "rl2"), "--init-from", str(tmp_path / "rl" / "adapter"), "--lr", "1e-2")
+    assert abs(again["history"][0]["mean_kl"]) < 1e-4  # RL from the first run's adapter: the KL is to that adapter
+    assert load_adapter(tmp_path / "rl2" / "adapter").meta["rl"]["init_from"] == str(tmp_path / "rl" / "adapter")
     out = _rl(tmp_path, *data[:4], "--out", str(tmp_path / "full"), "--full", "--lr", "1e-3", "--no-guard")
     trained = load_any(tmp_path / "full" / "model")
     assert trained.meta["rl"]["lora"] is None and trained.meta["rl"]["guard"] is None and trained.tokenizer is not None
