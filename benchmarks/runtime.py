@@ -201,7 +201,7 @@ def llama_cpp_engine(threads: int, flash_attn: bool, ftype: str | None = None):
 
 COMPRESSED = os.environ.get("PIPPIN_BENCH_COMPRESSED", "~/.cache/pippin/models/smollm2-135m-instruct-3.5bpw-rot")
 """The 3.5 bpw checkpoint (`make compressed-3.5`); the 4-bit one is `make bench-models`' bench-4bit."""
-SERVED = os.environ.get("PIPPIN_BENCH_SERVED", "~/.cache/pippin/models/smollm2-135m-instruct-5.4bpw")
+SERVED = os.environ.get("PIPPIN_BENCH_SERVED", "~/.cache/pippin/models/smollm2-135m-instruct-5.4bpw-tuned")
 """What `make run` serves (`make compressed`): 4/6-bit LUTs, a 6-bit embedding, rotations (5.4 bpw)."""
 FOUR_BIT = os.environ.get("PIPPIN_BENCH_4BIT", "~/.cache/pippin/models/bench-4bit")
 MIXED_46 = os.environ.get("PIPPIN_BENCH_46", "~/.cache/pippin/models/bench-5.4bpw-46")

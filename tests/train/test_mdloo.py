@@ -1,6 +1,7 @@
 """MDLOO and RLOO: the leave-one-out advantage, the sequence log-probabilities and the two losses against direct
 computations; a tiny policy (a LoRA adapter, on a dense or a compressed base, or the full weights) that learns to
-please a verifier while the KL to its reference grows from zero; the sampler's view against the policy; resume."""
+please a verifier while the KL to its reference grows from zero; a run that starts from an adapter and keeps the KL to
+it; the sampler's view against the policy; resume."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def test_the_sampler_shares_the_base_and_runs_the_trained_adapter():
 
 
 def _saved_adapter(tmp_path, base, lora):
-    """A random adapter for `base` (values fp16 holds exactly), saved as a folder with the base's fingerprint."""
+    """A random adapter for `base`, saved (fp16) as a folder that records the base's fingerprint."""
     from pippin.adapters.lora import apply_lora, base_fingerprint, remove_lora_
     from pippin.adapters.peft_format import adapter_from_model, save_adapter
 
