@@ -44,7 +44,8 @@ class LlamaSystem:
         self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads, verbose=False)
         self.tokenizer = tokenizer
         self.spec = f"llama.cpp:{label}"
-        self.identity = f"{self.spec}@{path.stat().st_size}"  # llama.cpp's quantizer is deterministic
+        # The cache key of its replies: llama.cpp's quantizer is deterministic for one version of it.
+        self.identity = f"{self.spec}@{path.stat().st_size}@llama-cpp-python-{llama_cpp.__version__}"
         self.bpw = path.stat().st_size * 8 / N_PARAMS
 
     def _eval(self, ids: list[int]) -> np.ndarray:
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="report folder (results.json, report.md)")
     args = ap.parse_args()
+    import llama_cpp
+
+    from pippin.kernels import cpu_name
 
     reference = load_system(args.against)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,10 +108,6 @@ def main() -> None:
         result = fidelity.run(ctx)
     for s in systems:
         result.metrics[s.spec]["bpw"] = s.bpw
-    import llama_cpp
-
-    from pippin.kernels import cpu_name
-
     result.settings |= {
         "cpu": cpu_name(),
         "llama_cpp_python": llama_cpp.__version__,
